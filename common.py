@@ -491,7 +491,7 @@ def teacher_index(
     output_dir: str | Path = "output",
     max_seq_length: int | None = None,
     batch_size: int = 32,
-    chunk_size: int = 20_000,
+    chunk_size: int = 1024,
     devices: list[str] | None = None,
 ):
     """The teacher's document embeddings for a corpus, built once and cached under output/index/.
@@ -526,6 +526,8 @@ def teacher_index(
 
     ids = sorted(corpus)
     texts = [doc_text(corpus[i]) for i in ids]
+    # encode longest-first in small chunks: little padding per batch, and a progress bar that moves
+    order = sorted(range(len(ids)), key=lambda i: -len(texts[i]))
     INDEX_COUNTER["builds"] += 1
     import time
 
@@ -538,12 +540,14 @@ def teacher_index(
             emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim))
             bar = tqdm(total=len(ids), desc=f"teacher index {dataset_folder.name}", unit="doc")
             for start in range(0, len(ids), chunk_size):
-                chunk = texts[start : start + chunk_size]
+                rows = order[start : start + chunk_size]
                 with torch.inference_mode():
-                    emb[start : start + len(chunk)] = teacher.encode_document(
-                        chunk, batch_size=batch_size, convert_to_numpy=True, pool=pool, show_progress_bar=False
-                    )
-                bar.update(len(chunk))
+                    out = teacher.encode_document(
+                        [texts[i] for i in rows], batch_size=batch_size, convert_to_numpy=True, pool=pool,
+                        show_progress_bar=False,
+                    )  # fmt: skip
+                emb[rows] = out
+                bar.update(len(rows))
             bar.close()
             emb.flush()
             del emb

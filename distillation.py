@@ -224,20 +224,30 @@ def load_queries(args) -> tuple[list[str], list[str], list[str]]:
 
 
 def teacher_labels(teacher, teacher_name, teacher_path, texts, args) -> tuple[np.ndarray, bool]:
-    """Teacher query embeddings (encode_query), cached in fp16 under output/labels/, keyed by what changes them."""
-    key = {
+    """Teacher query embeddings (encode_query), cached in fp16 under output/labels/.
+
+    The folder is keyed by everything that changes a label (teacher id and content fingerprint, max length,
+    prompt, normalization); inside it each cached set is named by the hash of its texts (which covers the
+    file content and the sample), and a new sample is served from any cached superset.
+    """
+    settings = {
         "teacher": teacher_name,
         "teacher_fingerprint": common.model_fingerprint(teacher_path),
         **common.encoder_settings(teacher, "query"),
-        "texts_sha256": common.sha256_texts(texts),  # covers file content and the sample
-        "num_texts": len(texts),
     }
-    digest = common.sha256_texts([json.dumps(key, sort_keys=True)])[:20]
     folder = Path(args.output_path) / "labels" / common.slug(teacher_name)
+    folder = folder / common.sha256_texts([json.dumps(settings, sort_keys=True)])[:16]
+    digest = common.sha256_texts(texts)[:24]
     path = folder / f"{digest}.npy"
     if path.exists():
         logger.info("reusing cached teacher labels %s (%d queries)", path, len(texts))
         return np.load(path).astype(np.float32), True
+    for other in sorted(folder.glob("*.texts.json")):
+        cached = {t: i for i, t in enumerate(json.loads(other.read_text()))}
+        if all(t in cached for t in texts):
+            logger.info("serving %d labels from cached superset %s", len(texts), other.name)
+            emb = np.load(other.with_name(other.name.replace(".texts.json", ".npy")), mmap_mode="r")
+            return np.asarray(emb[[cached[t] for t in texts]], dtype=np.float32), True
     import torch
 
     t0 = time.perf_counter()
@@ -252,13 +262,19 @@ def teacher_labels(teacher, teacher_name, teacher_path, texts, args) -> tuple[np
             teacher.stop_multi_process_pool(pool)
     secs = time.perf_counter() - t0
     logger.info("labelled %d queries in %.1fs (%.0f queries/s)", len(texts), secs, len(texts) / secs)
+    save_labels(folder, digest, texts, emb, {**settings, "seconds": round(secs, 2), "queries_per_second": len(texts) / secs})
+    return emb.astype(np.float32), False
+
+
+def save_labels(folder: Path, digest: str, texts: list[str], emb: np.ndarray, meta: dict) -> None:
+    """Write texts and meta first, the .npy last and atomically: the .npy's presence means complete."""
     folder.mkdir(parents=True, exist_ok=True)
+    common.write_json(folder / f"{digest}.json", {**meta, "num_texts": len(texts)})
     fd, tmp = tempfile.mkstemp(dir=folder, suffix=".npy.tmp")
     with os.fdopen(fd, "wb") as f:
-        np.save(f, emb.astype(np.float16))
-    os.replace(tmp, path)
-    common.write_json(path.with_suffix(".json"), {**key, "seconds": round(secs, 2), "queries_per_second": len(texts) / secs})
-    return emb.astype(np.float32), False
+        np.save(f, emb.astype(np.float16))  # fp16 is plenty for targets of unit-norm vectors
+    common.write_json(folder / f"{digest}.texts.json", texts)
+    os.replace(tmp, folder / f"{digest}.npy")
 
 
 # ----------------------------------------------------------------------------- training
