@@ -348,7 +348,7 @@ def read_queries(path: str | Path) -> dict[str, str]:
                     cols = line.split("\t")
                     if len(cols) != 2:
                         raise UsageError(
-                            f"{path}:{lineno}: expected 'id<TAB>text', found {len(cols)} columns; fix or drop that line"
+                            f"{path}:{lineno}: expected 'id<TAB>text', found {len(cols)} columns; fix that line"
                         )
                     qid, text = cols
                 else:
@@ -425,7 +425,9 @@ def load_beir(folder: str | Path, split: str = "test"):
     folder = Path(folder)
     for rel in ("corpus.jsonl", "queries.jsonl", f"qrels/{split}.tsv"):
         if not (folder / rel).is_file():
-            raise UsageError(f"{folder / rel} missing; a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+            raise UsageError(
+                f"{folder / rel} missing; a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/{split}.tsv"
+            )
     for rel, keys in (("corpus.jsonl", ("_id", "text")), ("queries.jsonl", ("_id", "text"))):
         bad = _first_bad_jsonl_line(folder / rel, keys)
         if bad:

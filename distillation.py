@@ -4,7 +4,8 @@ The teacher's document encoder and index stay as they are; the student learns to
 the teacher would (MSE or cosine between student and teacher query embeddings).
 
     # 2-layer [0, L-1] student of all-MiniLM-L6-v2 on MS MARCO train queries
-    python3 distillation.py --teacher_model sentence-transformers/all-MiniLM-L6-v2 --num_layers 2 --train_queries msmarco
+    python3 distillation.py --teacher_model sentence-transformers/all-MiniLM-L6-v2 --num_layers 2 \\
+        --train_queries msmarco
     # explicit layers, offline, on a local query file
     python3 distillation.py --teacher_model sentence-transformers/all-mpnet-base-v2 --layers 0 11 \\
         --train_queries ../shared/data/queries/msmarco-train-sample.tsv --output_path output
@@ -49,15 +50,25 @@ def parse_args(argv=None):
     g.add_argument("--layers", type=int, nargs="+", help="teacher layer ids to keep, e.g. 0 11")
     g.add_argument("--num_layers", type=int, default=2, help="layers to keep when --layers is not given")
     g.add_argument("--layer_strategy", default="top_bottom", choices=STRATEGIES)
-    g.add_argument("--student_model_init_list", nargs="+", default=[], help="HF ids/paths for --student_model_init pretrained")
+    g.add_argument(
+        "--student_model_init_list", nargs="+", default=[], help="HF ids/paths for --student_model_init pretrained"
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--train_queries", nargs="+", default=["msmarco"], help="'msmarco' or files (tsv id<TAB>text, jsonl, txt)")
+    g.add_argument(
+        "--train_queries", nargs="+", default=["msmarco"], help="'msmarco' or files (tsv id<TAB>text, jsonl, txt)"
+    )
     g.add_argument("--max_train_queries", type=int, default=None, help="seeded sample of this many training queries")
-    g.add_argument("--dev_queries", default=None, help="validation query file (default: held-out slice of the training data)")
+    g.add_argument(
+        "--dev_queries", default=None, help="validation query file (default: held-out slice of the training data)"
+    )
     g.add_argument("--num_dev_queries", type=int, default=1000, help="size of the held-out slice")
     g.add_argument("--data_dir", default=common.DATA_DIR, help="where downloads go and local copies are looked for")
-    g.add_argument("--max_seq_length", type=int, default=128,
-                   help="query max length for labels and student (padding is per batch, so it only caps long queries)")
+    g.add_argument(
+        "--max_seq_length",
+        type=int,
+        default=128,
+        help="query max length for labels and student (padding is per batch, so it only caps long queries)",
+    )
     g = p.add_argument_group("training (paper defaults)")
     g.add_argument("--loss", default="mse", choices=["mse", "cosine"], help="mse (paper) or cosine (direction only)")
     g.add_argument("--per_device_train_batch_size", type=int, default=128)
@@ -112,7 +123,7 @@ def choose_layers(total: int, num_layers: int, strategy: str = "top_bottom") -> 
 
 
 def find_layers(hf_model):
-    """(parent module, attribute name, config field) holding the transformer blocks of a BERT/MPNet/RoBERTa/DistilBERT."""
+    """(parent, attribute, depth field, blocks) of a BERT/MPNet/RoBERTa/DistilBERT model's transformer layers."""
     for path, field in LAYER_LAYOUTS:
         obj = hf_model
         *parents, last = path.split(".")
@@ -217,7 +228,9 @@ def load_queries(args) -> tuple[list[str], list[str], list[str]]:
     if args.max_train_queries and len(texts) > args.max_train_queries:
         texts = random.Random(args.seed + 1).sample(texts, args.max_train_queries)
     if not texts:
-        raise UsageError(f"no training queries left in {[str(f) for f in files]} after dropping empties/duplicates/dev")
+        raise UsageError(
+            f"no training queries left in {[str(f) for f in files]} after dropping empties/duplicates/dev"
+        )
     if not dev:
         raise UsageError("no validation queries; pass --dev_queries FILE or more training queries")
     return texts, dev, [str(f) for f in files]
@@ -262,7 +275,9 @@ def teacher_labels(teacher, teacher_name, teacher_path, texts, args) -> tuple[np
             teacher.stop_multi_process_pool(pool)
     secs = time.perf_counter() - t0
     logger.info("labelled %d queries in %.1fs (%.0f queries/s)", len(texts), secs, len(texts) / secs)
-    save_labels(folder, digest, texts, emb, {**settings, "seconds": round(secs, 2), "queries_per_second": len(texts) / secs})
+    save_labels(
+        folder, digest, texts, emb, {**settings, "seconds": round(secs, 2), "queries_per_second": len(texts) / secs}
+    )
     return emb.astype(np.float32), False
 
 
@@ -293,7 +308,9 @@ def make_evaluator(dev_texts, dev_labels, batch_size):
         def __call__(self, model, output_path=None, epoch=-1, steps=-1):
             metrics = super().__call__(model, output_path, epoch, steps)
             emb = self.embed_inputs(model, self.target_sentences)
-            cos = (emb * dev_labels).sum(1) / (np.linalg.norm(emb, axis=1) * np.linalg.norm(dev_labels, axis=1) + 1e-12)
+            cos = (emb * dev_labels).sum(1) / (
+                np.linalg.norm(emb, axis=1) * np.linalg.norm(dev_labels, axis=1) + 1e-12
+            )
             metrics[f"{self.name}_cosine"] = float(cos.mean())
             self.store_metrics_in_model_card_data(model, {f"{self.name}_cosine": float(cos.mean())}, epoch, steps)
             return metrics
@@ -309,7 +326,9 @@ def train_student(student, name, run_dir, train_texts, train_labels, evaluator, 
 
     student.max_seq_length = args.max_seq_length
     train_ds = Dataset.from_dict({"query": train_texts, "label": train_labels})
-    loss = losses.MSELoss(student) if args.loss == "mse" else losses.EmbedDistillLoss(student, distance_metric="cosine")
+    loss = (
+        losses.MSELoss(student) if args.loss == "mse" else losses.EmbedDistillLoss(student, distance_metric="cosine")
+    )
     steps_per_epoch = -(-len(train_texts) // args.per_device_train_batch_size)
     total_steps = max(1, int(steps_per_epoch * args.num_train_epochs))
     warmup = min(args.warmup_steps, total_steps // 10)
@@ -344,8 +363,13 @@ def train_student(student, name, run_dir, train_texts, train_labels, evaluator, 
         dataloader_drop_last=False,
     )
     logger.info(
-        "training %s: %d queries, %d steps (warmup %d), lr %g, loss %s", name, len(train_texts), total_steps, warmup,
-        args.learning_rate, args.loss,
+        "training %s: %d queries, %d steps (warmup %d), lr %g, loss %s",
+        name,
+        len(train_texts),
+        total_steps,
+        warmup,
+        args.learning_rate,
+        args.loss,
     )
     trainer = SentenceTransformerTrainer(
         model=student, args=targs, train_dataset=train_ds, loss=loss, evaluator=evaluator
@@ -410,7 +434,11 @@ def main(argv=None) -> dict:
         if args.run_name and len(students) > 1:
             run_name = f"{args.run_name}-{default_name}"
         run_dir = Path(args.output_path) / run_name
-        if run_dir.exists() and any(run_dir.iterdir()) and not (args.overwrite_output_dir or args.resume_from_checkpoint):
+        if (
+            run_dir.exists()
+            and any(run_dir.iterdir())
+            and not (args.overwrite_output_dir or args.resume_from_checkpoint)
+        ):
             raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
         runs.append((run_dir, student, info))
 

@@ -32,7 +32,9 @@ logger = logging.getLogger("qdistill.retrieval")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--teacher_model", default=common.PAPER_TEACHER, help="HF id or folder; its index is searched")
-    p.add_argument("--models", nargs="*", default=[], help="student models (HF ids or folders such as output/RUN/final)")
+    p.add_argument(
+        "--models", nargs="*", default=[], help="student models (HF ids or folders such as output/RUN/final)"
+    )
     p.add_argument("--datasets", nargs="+", required=True, help="BEIR names or BEIR-format folders")
     p.add_argument("--data_dir", default=common.DATA_DIR, help="where BEIR names are looked for / downloaded to")
     p.add_argument("--split", default=None, help="qrels split (default: test; dev for msmarco)")
@@ -73,7 +75,9 @@ def build_faiss(doc_emb: np.ndarray, kind: str, seed: int = 42, chunk: int = 100
         nbits = int(min(8, max(1, np.floor(np.log2(max(n / 39, 2))))))
         index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
-        sample = np.ascontiguousarray(doc_emb[np.sort(rng.choice(n, min(n, 100_000), replace=False))], dtype=np.float32)
+        sample = np.ascontiguousarray(
+            doc_emb[np.sort(rng.choice(n, min(n, 100_000), replace=False))], dtype=np.float32
+        )
         index.train(sample)
         index.nprobe = max(1, nlist // 8)
     for start in range(0, n, chunk):  # add in chunks: the memmap never needs to be fully in RAM
@@ -168,7 +172,9 @@ def group_rows(rows: list[dict]) -> list[dict]:
     extra = []
     for (model, group), ms in groups.items():
         keys = set.intersection(*(set(m) for m in ms))
-        extra.append({"model": model, "dataset": group, "metrics": {k: float(np.mean([m[k] for m in ms])) for k in keys}})
+        extra.append(
+            {"model": model, "dataset": group, "metrics": {k: float(np.mean([m[k] for m in ms])) for k in keys}}
+        )
     return [r for r in rows if not r.get("group")] + extra
 
 
@@ -272,9 +278,9 @@ def main(argv=None) -> dict:
                 teacher_ndcg = metrics["NDCG@10"]
             else:
                 if teacher_ndcg is None:
-                    teacher_ndcg = json.loads((out_root / common.slug(args.teacher_model) / f"{dname}.json").read_text())[
-                        "metrics"
-                    ]["NDCG@10"]
+                    teacher_ndcg = json.loads(
+                        (out_root / common.slug(args.teacher_model) / f"{dname}.json").read_text()
+                    )["metrics"]["NDCG@10"]
                 record["retention_ndcg@10"] = metrics["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
             common.write_json(path, record)
             if args.save_run:

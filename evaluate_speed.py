@@ -35,7 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--queries", required=True, help="BEIR name/folder (its queries) or a query file")
     p.add_argument("--data_dir", default=common.DATA_DIR)
     p.add_argument("--num_queries", type=int, default=300, help="queries timed per round (seeded sample)")
-    p.add_argument("--devices", nargs="+", default=["cpu"], help="cpu and/or cuda; a missing GPU is skipped with a note")
+    p.add_argument(
+        "--devices", nargs="+", default=["cpu"], help="cpu and/or cuda; a missing GPU is skipped with a note"
+    )
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 32])
     p.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"], help="fp16/bf16: GPU")
     p.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8"], help="int8: dynamic, CPU")
@@ -72,7 +74,11 @@ def load_query_texts(spec: str, data_dir: str) -> list[str]:
 def model_facts(model) -> dict:
     config = getattr(getattr(model[0], "auto_model", None), "config", None)
     layers = getattr(config, "num_hidden_layers", getattr(config, "n_layers", None)) if config else 0
-    return {"layers": layers, "params": int(sum(p.numel() for p in model.parameters())), "dim": model.get_embedding_dimension()}
+    return {
+        "layers": layers,
+        "params": int(sum(p.numel() for p in model.parameters())),
+        "dim": model.get_embedding_dimension(),
+    }
 
 
 def make_variant(model, path, device: str, precision: str, quantize: str):
@@ -135,7 +141,8 @@ def markdown(rows: list[dict]) -> str:
         sp_txt = f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "-"
         lines.append(
             f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['device']} | {r['variant']} | "
-            f"{r['batch_size']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['queries_per_second']:.0f} | "
+            f"{r['batch_size']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"{r['queries_per_second']:.0f} | "
             f"{sp_txt} | {r['cosine_vs_fp32']:.4f} |"
         )
     return "\n".join(lines) + "\n"
@@ -256,7 +263,8 @@ def main(argv=None) -> dict:
                     rows.append(row)
                     logger.info(
                         "%s %s %s b=%d %s: p50 %.2f ms, %.0f q/s%s", n, device, v, bs, mode, row["p50_ms"],
-                        row["queries_per_second"], f", speedup {row['speedup']['median']:.2f}x" if "speedup" in row else "",
+                        row["queries_per_second"],
+                        f", speedup {row['speedup']['median']:.2f}x" if "speedup" in row else "",
                     )  # fmt: skip
         for n, _ in base.items():
             with contextlib.suppress(Exception):

@@ -123,7 +123,8 @@ def test_refuses_to_overwrite_and_projection_student(tiny_bert, tmp_path):
     small = make_tiny(tmp_path / "small", "bert", hidden=16, layers=1)
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
     argv = _args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "pretrained",
-                 "--student_model_init_list", small, "--run_name", "proj", "--per_device_train_batch_size", "8")  # fmt: skip
+                 "--student_model_init_list", small, "--run_name", "proj",
+                 "--per_device_train_batch_size", "8")  # fmt: skip
     out = distillation.main(argv)["runs"][0]
     final = SentenceTransformer(out["final_path"], device="cpu")
     assert final.get_embedding_dimension() == 32
@@ -136,7 +137,9 @@ def test_refuses_to_overwrite_and_projection_student(tiny_bert, tmp_path):
 
 def test_held_out_dev_is_disjoint_and_seeded(tmp_path):
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i}\n" for i in range(200)))
-    args = distillation.parse_args(["--train_queries", queries, "--num_dev_queries", "20", "--max_train_queries", "50"])
+    args = distillation.parse_args(
+        ["--train_queries", queries, "--num_dev_queries", "20", "--max_train_queries", "50"]
+    )
     train, dev, _ = distillation.load_queries(args)
     assert len(dev) == 20 and len(train) == 50 and not set(train) & set(dev)
     assert (train, dev) == distillation.load_queries(args)[:2]

