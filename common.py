@@ -473,6 +473,29 @@ def load_beir(folder: str | Path, split: str = "test"):
     return corpus, queries, clean, stats
 
 
+def load_corpus(path: str | Path) -> tuple[dict, Path]:
+    """A corpus alone: a BEIR folder (its corpus.jsonl) or an MS MARCO-style collection tsv (pid<TAB>text)."""
+    path = Path(path)
+    file = path / "corpus.jsonl" if path.is_dir() else path
+    if not file.is_file():
+        raise UsageError(f"corpus {file} not found; pass a BEIR folder or a collection tsv (pid<TAB>text)")
+    corpus = {}
+    if file.suffix == ".jsonl":
+        bad = _first_bad_jsonl_line(file, ("_id", "text"))
+        if bad:
+            raise UsageError(f"malformed line {bad}; fix the corpus file")
+        with open(file, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    d = json.loads(line)
+                    corpus[str(d["_id"])] = {"title": d.get("title", ""), "text": d["text"]}
+    else:
+        corpus = {k: {"title": "", "text": v} for k, v in read_queries(file).items()}  # same id<TAB>text layout
+    if not corpus:
+        raise UsageError(f"corpus {file} holds no documents")
+    return corpus, file
+
+
 def doc_text(doc: dict) -> str:
     # beir's DenseRetrievalExactSearch joins title and text with a space
     return (doc.get("title", "") + " " + doc.get("text", "")).strip()
@@ -489,7 +512,7 @@ def teacher_index(
     teacher_name: str,
     teacher_path: str | Path,
     corpus: dict,
-    dataset_folder: str | Path,
+    corpus_file: str | Path,
     output_dir: str | Path = "output",
     max_seq_length: int | None = None,
     batch_size: int = 32,
@@ -503,19 +526,21 @@ def teacher_index(
     import torch
     from tqdm.auto import tqdm
 
-    dataset_folder = Path(dataset_folder)
+    corpus_file = Path(corpus_file)
+    # a BEIR folder's corpus.jsonl is named after its folder, a collection tsv after itself
+    name = corpus_file.parent.resolve().name if corpus_file.name == "corpus.jsonl" else corpus_file.stem
     old_len = teacher.max_seq_length
     if max_seq_length:
         teacher.max_seq_length = max_seq_length
     key = {
         "teacher": teacher_name,
         "teacher_fingerprint": model_fingerprint(teacher_path),
-        "corpus_sha256": sha256_file(dataset_folder / "corpus.jsonl"),
+        "corpus_sha256": sha256_file(corpus_file),
         **encoder_settings(teacher, "document"),
         "sentence_transformers": __import__("sentence_transformers").__version__,
         "transformers": __import__("transformers").__version__,
     }
-    folder = Path(output_dir) / "index" / slug(teacher_name) / slug(dataset_folder.resolve().name)
+    folder = Path(output_dir) / "index" / slug(teacher_name) / slug(name)
     meta_path = folder / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -540,7 +565,7 @@ def teacher_index(
         with atomic_dir(folder) as tmp:
             # memmap + chunks keep peak RAM bounded for corpora of millions of documents
             emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim))
-            bar = tqdm(total=len(ids), desc=f"teacher index {dataset_folder.name}", unit="doc")
+            bar = tqdm(total=len(ids), desc=f"teacher index {name}", unit="doc")
             for start in range(0, len(ids), chunk_size):
                 rows = order[start : start + chunk_size]
                 with torch.inference_mode():

@@ -31,6 +31,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 import common
 from common import UsageError
@@ -38,6 +41,23 @@ from common import UsageError
 logger = logging.getLogger("qdistill.distillation")
 
 STRATEGIES = ("top_bottom", "bottom", "top", "uniform")
+EMBED_TERMS, SCORE_TERMS = ("mse", "cosine"), ("kl", "margin_mse")
+
+
+def parse_loss(spec: str) -> dict[str, float]:
+    """'mse' -> {'mse': 1.0}; 'mse:1.0,kl:5.0' -> {'mse': 1.0, 'kl': 5.0}."""
+    terms = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in EMBED_TERMS + SCORE_TERMS:
+            raise argparse.ArgumentTypeError(f"unknown loss term {name!r}; use {', '.join(EMBED_TERMS + SCORE_TERMS)}")
+        try:
+            terms[name] = float(weight) if weight else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"loss weight {weight!r} is not a number (e.g. mse:1.0,kl:5.0)") from None
+    return terms
+
+
 # where each architecture keeps its transformer blocks (attribute path on the HF model) and its depth field
 LAYER_LAYOUTS = [("encoder.layer", "num_hidden_layers"), ("transformer.layer", "n_layers")]
 
@@ -46,7 +66,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("teacher and student")
     g.add_argument("--teacher_model", default=common.PAPER_TEACHER, help="HF id or local SentenceTransformer folder")
-    g.add_argument("--student_model_init", default="layer_reduction", choices=["layer_reduction", "pretrained"])
+    g.add_argument("--student_model_init", default="layer_reduction",
+                   choices=["layer_reduction", "pretrained", "static"],
+                   help="layer_reduction (teacher's layers), pretrained (--student_model_init_list) or static "
+                   "(StaticEmbedding initialised from the teacher's own per-token outputs)")  # fmt: skip
     g.add_argument("--layers", type=int, nargs="+", help="teacher layer ids to keep, e.g. 0 11")
     g.add_argument("--num_layers", type=int, default=2, help="layers to keep when --layers is not given")
     g.add_argument("--layer_strategy", default="top_bottom", choices=STRATEGIES)
@@ -70,7 +93,18 @@ def parse_args(argv=None):
         help="query max length for labels and student (padding is per batch, so it only caps long queries)",
     )
     g = p.add_argument_group("training (paper defaults)")
-    g.add_argument("--loss", default="mse", choices=["mse", "cosine"], help="mse (paper) or cosine (direction only)")
+    g.add_argument("--loss", default="mse", type=parse_loss,
+                   help="mse (paper), cosine (direction only), or weighted terms, e.g. mse:1.0,kl:5.0 "
+                   "(kl and margin_mse need --score_corpus)")  # fmt: skip
+    g.add_argument("--score_corpus", default=None, help="BEIR folder or collection tsv whose teacher embeddings "
+                   "the kl/margin_mse terms score against (not an evaluation set you report on)")  # fmt: skip
+    g.add_argument("--kl_temperature", type=float, default=0.05, help="softmax temperature of the kl term")
+    g.add_argument("--kl_top_k", type=int, default=32, help="teacher top-k documents per query for kl/margin_mse")
+    g.add_argument("--kl_negatives", type=int, default=32, help="random corpus documents added per query")
+    g.add_argument("--freeze_embeddings", action="store_true",
+                   help="keep the teacher's token embeddings fixed: tokens unseen in training stay consistent with "
+                   "the rest, and each step is cheaper")  # fmt: skip
+    g.add_argument("--augment", type=int, default=0, help="perturbed variants per training query (mask/drop/swap)")
     g.add_argument("--per_device_train_batch_size", type=int, default=128)
     g.add_argument("--per_device_eval_batch_size", type=int, default=128)
     g.add_argument("--learning_rate", type=float, default=1e-4)
@@ -92,6 +126,11 @@ def parse_args(argv=None):
     g.add_argument("--run_name", default=None, help="default: derived from teacher and student")
     g.add_argument("--overwrite_output_dir", action="store_true")
     g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    g.add_argument(
+        "--save_asymmetric",
+        action="store_true",
+        help="also save <run>/asymmetric: a Router model, encode_query = student, encode_document = teacher",
+    )
     g.add_argument("--push_to_hub", action="store_true")
     g.add_argument("--hub_model_id", default=None)
     g.add_argument("--log_level", default="info")
@@ -102,6 +141,10 @@ def parse_args(argv=None):
         p.error("--push_to_hub needs --hub_model_id")
     if args.num_layers < 1:
         p.error("--num_layers must be >= 1")
+    if any(t in args.loss for t in SCORE_TERMS) and not args.score_corpus:
+        p.error("--loss terms kl/margin_mse need --score_corpus (a BEIR folder or collection tsv)")
+    if args.augment < 0:
+        p.error("--augment must be >= 0")
     return args
 
 
@@ -179,6 +222,161 @@ def pretrained_student(name: str, teacher, device: str, models_dir: str):
     student.prompts = dict(teacher.prompts)  # the student answers for the teacher's query side
     student.similarity_fn_name = teacher.similarity_fn_name
     return student
+
+
+def static_student(teacher, device: str, batch_size: int = 512):
+    """A StaticEmbedding student whose row for each token is the teacher's own embedding of that token alone.
+
+    No PCA: the table stays in the teacher's embedding space, so it can be aligned with the same losses.
+    """
+    import torch
+    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tqdm.auto import tqdm
+
+    tok = teacher.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise UsageError("--student_model_init static needs a teacher with a fast (tokenizers) tokenizer")
+    vocab = len(tok)
+    specials = [i for i in (tok.cls_token_id, tok.sep_token_id) if i is not None]
+    rows = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, vocab, batch_size), desc="static student: teacher per-token outputs"):
+            ids = torch.arange(start, min(start + batch_size, vocab))
+            # [CLS] token [SEP], as the teacher sees a one-token query
+            input_ids = torch.stack([torch.tensor([*specials[:1], int(i), *specials[1:]]) for i in ids]).to(device)
+            feats = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            if "token_type_ids" in tok.model_input_names:
+                feats["token_type_ids"] = torch.zeros_like(input_ids)
+            rows.append(teacher(feats)["sentence_embedding"].float().cpu())
+    table = torch.cat(rows)
+    # every one-token input shares [CLS]/[SEP], a common component that swamps the token: centring removes it
+    # (on MS MARCO queries, cosine to the teacher before training 0.39 -> 0.55), a translation within its space
+    table = table - table.mean(0, keepdim=True)
+    # its own copy of the tokenizer: the teacher's HF tokenizer turns padding back on whenever it encodes, and
+    # padded ids would leak into StaticEmbedding's bag-of-tokens mean
+    from tokenizers import Tokenizer
+
+    static = StaticEmbedding(Tokenizer.from_str(tok.backend_tokenizer.to_str()), embedding_weights=table)
+    modules = [static]
+    if common.encoder_settings(teacher, "query")["normalize"]:
+        modules.append(models.Normalize())
+    student = SentenceTransformer(modules=modules, device=device, similarity_fn_name=teacher.similarity_fn_name)
+    student.prompts = dict(teacher.prompts)
+    return student
+
+
+def augment_queries(texts: list[str], n: int, mask_token: str, seed: int) -> list[str]:
+    """n seeded perturbations per query (EmbedDistill 4.3): mask a word, drop a word, or swap two neighbours."""
+    rng = random.Random(seed)
+    out = []
+    for t in texts:
+        words = t.split()
+        for _ in range(n):
+            w = list(words)
+            op = rng.choice(("mask", "drop", "swap")) if len(w) > 1 else "mask"
+            i = rng.randrange(len(w))
+            if op == "mask":
+                w[i] = mask_token
+            elif op == "drop":
+                del w[i]
+            else:
+                j = min(i + 1, len(w) - 1) if i < len(w) - 1 else i - 1
+                w[i], w[j] = w[j], w[i]
+            out.append(" ".join(w))
+    return out
+
+
+# ----------------------------------------------------------------------------- score-based distillation
+
+
+class QueryDistillLoss(nn.Module):
+    """Weighted sum of embedding terms (mse, cosine) and score terms (kl, margin_mse) against fixed doc embeddings.
+
+    Score terms use the teacher's document embeddings of --score_corpus: per query, the teacher's top-k
+    documents plus random ones are scored by teacher and student query embeddings (EmbedDistill's score
+    matching: KL between the two softmaxes; Margin-MSE: teacher top-1 vs one sampled candidate).
+    """
+
+    def __init__(self, model, weights, docs=None, similarity="cosine", temperature=0.05, top_k=32, negatives=32,
+                 seed=42):  # fmt: skip
+        super().__init__()
+        self.model, self.weights, self.similarity = model, weights, similarity
+        self.temperature, self.top_k, self.negatives = temperature, top_k, negatives
+        self.docs = None if docs is None else torch.as_tensor(np.asarray(docs), dtype=torch.float32)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.last_terms = {}
+
+    def forward(self, sentence_features, labels):
+        s = self.model(sentence_features[0])["sentence_embedding"]
+        t = labels.to(s.dtype)
+        terms = {}
+        if "mse" in self.weights:
+            terms["mse"] = F.mse_loss(s, t)
+        if "cosine" in self.weights:
+            terms["cosine"] = (1 - F.cosine_similarity(s, t, dim=-1)).mean()
+        if any(k in self.weights for k in SCORE_TERMS):
+            t_sc, s_sc = candidate_scores(self, s, t)
+            if "kl" in self.weights:
+                terms["kl"] = kl_term(s_sc, t_sc, self.temperature)
+            if "margin_mse" in self.weights:
+                j = torch.randint(1, t_sc.shape[1], (t_sc.shape[0], 1), generator=self.gen).to(s.device)
+                terms["margin_mse"] = F.mse_loss(s_sc[:, :1] - s_sc.gather(1, j), t_sc[:, :1] - t_sc.gather(1, j))
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return sum(self.weights[k] * v for k, v in terms.items())
+
+    def get_config_dict(self):
+        return {
+            "weights": self.weights,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "negatives": self.negatives,
+        }
+
+
+def kl_term(s_sc, t_sc, tau):
+    """KL(teacher || student) over candidate softmaxes, scaled by tau^2 so its gradient does not vanish."""
+    return F.kl_div(F.log_softmax(s_sc / tau, -1), F.log_softmax(t_sc / tau, -1), log_target=True,
+                    reduction="batchmean") * tau**2  # fmt: skip
+
+
+def candidate_scores(loss, s, t, chunk: int = 262_144):
+    """(teacher scores, student scores) over each query's candidates: teacher top-k + random corpus docs.
+
+    Column 0 is the teacher's top-1 document. The corpus is scanned in chunks so big corpora fit in memory.
+    """
+    docs = loss.docs.to(s.device) if loss.docs.device != s.device else loss.docs
+    loss.docs = docs
+    if loss.similarity == "cosine":
+        s, t = F.normalize(s, dim=-1), F.normalize(t, dim=-1)
+    with torch.no_grad():
+        k = min(loss.top_k, docs.shape[0])
+        best_v, best_i = None, None
+        for start in range(0, docs.shape[0], chunk):
+            v, i = (t @ docs[start : start + chunk].T).topk(min(k, docs[start : start + chunk].shape[0]), dim=1)
+            i = i + start
+            if best_v is not None:
+                v, order = torch.cat([best_v, v], 1).topk(k, dim=1)
+                i = torch.cat([best_i, i], 1).gather(1, order)
+            best_v, best_i = v, i
+        rand = torch.randint(0, docs.shape[0], (t.shape[0], loss.negatives), generator=loss.gen).to(s.device)
+        cand = torch.cat([best_i, rand], 1)
+    cand_emb = docs[cand]  # (batch, candidates, dim)
+    t_sc = torch.einsum("bd,bkd->bk", t, cand_emb)
+    s_sc = torch.einsum("bd,bkd->bk", s, cand_emb)
+    return t_sc, s_sc
+
+
+def score_corpus_embeddings(teacher, args, teacher_path):
+    """The teacher's document embeddings of --score_corpus (cached like an evaluation index)."""
+    corpus, file = common.load_corpus(args.score_corpus)
+    if (file.parent / "qrels").is_dir():
+        logger.warning(
+            "!!! --score_corpus %s is an evaluation dataset: its documents shape training; do not report "
+            "results on it as held-out !!!", file.parent,
+        )  # fmt: skip
+    emb, _, _ = common.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
+    return emb
 
 
 # ----------------------------------------------------------------------------- queries and labels
@@ -295,8 +493,12 @@ def save_labels(folder: Path, digest: str, texts: list[str], emb: np.ndarray, me
 # ----------------------------------------------------------------------------- training
 
 
-def make_evaluator(dev_texts, dev_labels, batch_size):
-    """MSEEvaluator on cached teacher labels, encoding with encode_query (the teacher's query prompt)."""
+def make_evaluator(dev_texts, dev_labels, batch_size, score_loss=None):
+    """MSEEvaluator on cached teacher labels, encoding with encode_query (the teacher's query prompt).
+
+    Also reports the mean cosine to the teacher and, with a score loss, the KL to the teacher's candidate
+    distribution on the same held-out queries (fixed candidates: the generator is re-seeded each call).
+    """
     from sentence_transformers.sentence_transformer.evaluation import MSEEvaluator
 
     class CachedMSEEvaluator(MSEEvaluator):
@@ -311,24 +513,36 @@ def make_evaluator(dev_texts, dev_labels, batch_size):
             cos = (emb * dev_labels).sum(1) / (
                 np.linalg.norm(emb, axis=1) * np.linalg.norm(dev_labels, axis=1) + 1e-12
             )
-            metrics[f"{self.name}_cosine"] = float(cos.mean())
-            self.store_metrics_in_model_card_data(model, {f"{self.name}_cosine": float(cos.mean())}, epoch, steps)
+            extra = {f"{self.name}_cosine": float(cos.mean())}
+            if score_loss is not None and score_loss.docs is not None:
+                score_loss.gen.manual_seed(12345)
+                with torch.no_grad():
+                    t_sc, s_sc = candidate_scores(score_loss, torch.as_tensor(emb), torch.as_tensor(dev_labels))
+                    extra[f"{self.name}_negative_kl"] = -float(kl_term(s_sc, t_sc, score_loss.temperature))
+            metrics.update(extra)
+            self.store_metrics_in_model_card_data(model, extra, epoch, steps)
             return metrics
 
     return CachedMSEEvaluator(dev_texts, dev_texts, teacher_model=None, batch_size=batch_size, name="dev")
 
 
-def train_student(student, name, run_dir, train_texts, train_labels, evaluator, args, device) -> dict:
-    import torch
-    from datasets import Dataset
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+def make_loss(student, args, docs=None, similarity="cosine"):
+    """sentence-transformers' losses for one embedding term; QueryDistillLoss for weighted or score terms."""
     from sentence_transformers.sentence_transformer import losses
 
-    student.max_seq_length = args.max_seq_length
+    if args.loss == {"mse": 1.0}:
+        return losses.MSELoss(student)
+    if args.loss == {"cosine": 1.0}:
+        return losses.EmbedDistillLoss(student, distance_metric="cosine")
+    return QueryDistillLoss(student, args.loss, docs, similarity, args.kl_temperature, args.kl_top_k,
+                            args.kl_negatives, args.seed)  # fmt: skip
+
+
+def train_student(student, name, run_dir, train_texts, train_labels, evaluator, loss, args, device) -> dict:
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
     train_ds = Dataset.from_dict({"query": train_texts, "label": train_labels})
-    loss = (
-        losses.MSELoss(student) if args.loss == "mse" else losses.EmbedDistillLoss(student, distance_metric="cosine")
-    )
     steps_per_epoch = -(-len(train_texts) // args.per_device_train_batch_size)
     total_steps = max(1, int(steps_per_epoch * args.num_train_epochs))
     warmup = min(args.warmup_steps, total_steps // 10)
@@ -355,7 +569,8 @@ def train_student(student, name, run_dir, train_texts, train_labels, evaluator, 
         save_steps=eval_steps,
         save_total_limit=args.save_total_limit,
         load_best_model_at_end=True,  # the best validation checkpoint becomes final/
-        metric_for_best_model="eval_dev_negative_mse",
+        # the best validation checkpoint: by MSE to the teacher, or by KL when no embedding term is trained
+        metric_for_best_model="eval_dev_negative_mse" if set(args.loss) & set(EMBED_TERMS) else "eval_dev_negative_kl",
         greater_is_better=True,
         logging_steps=args.logging_steps,
         report_to="none",
@@ -396,6 +611,18 @@ def train_student(student, name, run_dir, train_texts, train_labels, evaluator, 
     }
 
 
+def save_asymmetric(student, teacher, path):
+    """One folder, one SentenceTransformer: encode_query runs the student, encode_document the teacher."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Router
+
+    router = Router.for_query_document(query_modules=list(student), document_modules=list(teacher))
+    model = SentenceTransformer(modules=[router], device=str(teacher.device), prompts=dict(teacher.prompts),
+                                similarity_fn_name=teacher.similarity_fn_name)  # fmt: skip
+    with common.atomic_dir(path) as tmp:
+        model.save(str(tmp))
+
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -412,6 +639,7 @@ def main(argv=None) -> dict:
     common.check_writable(args.output_path)
     train_texts, dev_texts, files = load_queries(args)  # bad query files fail before any model loads
     teacher, teacher_path = common.load_model(args.teacher_model, device=device, models_dir="downloads/models")
+    doc_max_len = teacher.max_seq_length  # the document side keeps its own length
     teacher.max_seq_length = args.max_seq_length
 
     # students first: bad layer ids fail before any labelling
@@ -420,8 +648,13 @@ def main(argv=None) -> dict:
         total = num_teacher_layers(teacher)
         keep = sorted(args.layers) if args.layers else choose_layers(total, args.num_layers, args.layer_strategy)
         student = layer_reduced_student(teacher, keep)
+        if args.freeze_embeddings:
+            student[0].auto_model.embeddings.requires_grad_(False)
         default_name = f"{common.slug(Path(args.teacher_model).name)}-L{'-'.join(map(str, keep))}"
         students.append((default_name, student, {"layers": keep, "teacher_layers": total}))
+    elif args.student_model_init == "static":
+        student = static_student(teacher, device, args.label_batch_size)
+        students.append((f"{common.slug(Path(args.teacher_model).name)}-static", student, {"student_init": "static"}))
     else:
         for name in args.student_model_init_list:
             student = pretrained_student(name, teacher, device, "downloads/models")
@@ -442,10 +675,16 @@ def main(argv=None) -> dict:
             raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
         runs.append((run_dir, student, info))
 
+    n_aug = 0
+    if args.augment:  # variants are labelled by the teacher like any query, for embedding matching
+        variants = augment_queries(train_texts, args.augment, teacher.tokenizer.mask_token or "[MASK]", args.seed)
+        logger.info("--augment %d: %d originals + %d variants", args.augment, len(train_texts), len(variants))
+        train_texts, n_aug = train_texts + variants, len(variants)
     logger.info("%d training queries, %d validation queries from %s", len(train_texts), len(dev_texts), files)
     train_labels, train_cached = teacher_labels(teacher, args.teacher_model, teacher_path, train_texts, args)
     dev_labels, dev_cached = teacher_labels(teacher, args.teacher_model, teacher_path, dev_texts, args)
-    evaluator = make_evaluator(dev_texts, dev_labels, args.per_device_eval_batch_size)
+    docs = score_corpus_embeddings(teacher, args, teacher_path) if args.score_corpus else None
+    sim = common.similarity_name(teacher)
 
     results = []
     for run_dir, student, info in runs:
@@ -458,12 +697,21 @@ def main(argv=None) -> dict:
         config.update(student=info, teacher_path=str(teacher_path), train_files=files, device=device)
         common.write_json(run_dir / "config.json", config)  # first, so a crashed run still says what it was
 
-        student.max_seq_length = args.max_seq_length
+        if args.student_model_init != "static":
+            student.max_seq_length = args.max_seq_length
+        loss = make_loss(student, args, docs, sim)
+        evaluator = make_evaluator(
+            dev_texts, dev_labels, args.per_device_eval_batch_size, loss if docs is not None else None
+        )
         initial = evaluator(student)
-        train = train_student(student, run_dir.name, run_dir, train_texts, train_labels, evaluator, args, device)
+        train = train_student(student, run_dir.name, run_dir, train_texts, train_labels, evaluator, loss, args, device)
         final = evaluator(student)
         with common.atomic_dir(run_dir / "final") as tmp:
             student.save(str(tmp), model_name=run_dir.name)
+        if args.save_asymmetric:
+            teacher.max_seq_length = doc_max_len
+            save_asymmetric(student, teacher, run_dir / "asymmetric")
+            teacher.max_seq_length = args.max_seq_length
         metrics = {
             "run_dir": str(run_dir),
             "final_path": str(run_dir / "final"),
@@ -474,6 +722,12 @@ def main(argv=None) -> dict:
             "dev_mse": -final["dev_negative_mse"] / 100,
             "dev_cosine": final["dev_cosine"],
             "labels_from_cache": {"train": train_cached, "dev": dev_cached},
+            "augmented_variants": n_aug,
+            **(
+                {"initial_dev_kl": -initial["dev_negative_kl"], "dev_kl": -final["dev_negative_kl"]}
+                if "dev_negative_kl" in final
+                else {}
+            ),  # fmt: skip
             **train,
         }
         common.write_json(run_dir / "metrics.json", {**metrics, "config": config})

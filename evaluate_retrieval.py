@@ -204,7 +204,7 @@ def main(argv=None) -> dict:
         split = args.split or ("dev" if dname == "msmarco" else "test")
         corpus, queries, qrels, data_stats = common.load_beir(folder, split)
         doc_emb, doc_ids, index_meta = common.teacher_index(
-            teacher, args.teacher_model, teacher_path, corpus, folder, args.output_path,
+            teacher, args.teacher_model, teacher_path, corpus, folder / "corpus.jsonl", args.output_path,
             args.corpus_max_seq_length, args.corpus_batch_size, devices=args.encode_devices,
         )  # fmt: skip
         index_key = common.sha256_texts([json.dumps(index_meta["key"], sort_keys=True)])[:16]

@@ -195,7 +195,9 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
     dres = DenseRetrievalExactSearch(Pair(), batch_size=64, corpus_chunk_size=10_000)
     beir_res = dres.search(sub_corpus, sub_queries, top_k=10, score_function="cos_sim")
 
-    emb, ids, _ = common.teacher_index(teacher, "teacher-sub", MINILM_LOCAL, sub_corpus, sub, shared_output)
+    emb, ids, _ = common.teacher_index(
+        teacher, "teacher-sub", MINILM_LOCAL, sub_corpus, sub / "corpus.jsonl", shared_output
+    )
     q_ids = sorted(sub_queries)
     q = student.encode_query([sub_queries[x] for x in q_ids])
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
