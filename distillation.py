@@ -104,6 +104,17 @@ def parse_args(argv=None):
     g.add_argument("--freeze_embeddings", action="store_true",
                    help="keep the teacher's token embeddings fixed: tokens unseen in training stay consistent with "
                    "the rest, and each step is cheaper")  # fmt: skip
+    g.add_argument("--margin_triples", default=None,
+                   help="Margin-MSE triples in the published format "
+                   "pos_score<TAB>neg_score<TAB>qid<TAB>pid_pos<TAB>pid_neg; "
+                   "query texts from --train_queries (id<TAB>text), passages from --triples_collection")  # fmt: skip
+    g.add_argument("--triples_collection", default=None, help="pid<TAB>text passages for --margin_triples")
+    g.add_argument(
+        "--margin_scale",
+        type=float,
+        default=1.0,
+        help="multiplies the file's margins (cross-encoder logits) into the teacher's score range",
+    )
     g.add_argument("--augment", type=int, default=0, help="perturbed variants per training query (mask/drop/swap)")
     g.add_argument("--per_device_train_batch_size", type=int, default=128)
     g.add_argument("--per_device_eval_batch_size", type=int, default=128)
@@ -141,10 +152,14 @@ def parse_args(argv=None):
         p.error("--push_to_hub needs --hub_model_id")
     if args.num_layers < 1:
         p.error("--num_layers must be >= 1")
-    if any(t in args.loss for t in SCORE_TERMS) and not args.score_corpus:
+    if any(t in args.loss for t in SCORE_TERMS) and not (args.score_corpus or args.margin_triples):
         p.error("--loss terms kl/margin_mse need --score_corpus (a BEIR folder or collection tsv)")
     if args.augment < 0:
         p.error("--augment must be >= 0")
+    if args.margin_triples and not args.triples_collection:
+        p.error("--margin_triples needs --triples_collection (pid<TAB>text)")
+    if args.margin_triples and args.augment:
+        p.error("--augment applies to plain query training, not to --margin_triples")
     return args
 
 
@@ -305,11 +320,14 @@ class QueryDistillLoss(nn.Module):
         self.temperature, self.top_k, self.negatives = temperature, top_k, negatives
         self.docs = None if docs is None else torch.as_tensor(np.asarray(docs), dtype=torch.float32)
         self.gen = torch.Generator().manual_seed(seed)
+        self.margin_scale = 1.0
         self.last_terms = {}
 
     def forward(self, sentence_features, labels):
         s = self.model(sentence_features[0])["sentence_embedding"]
-        t = labels.to(s.dtype)
+        # the collator hands over one label tensor: [teacher embedding | pos row, neg row, margin] for triples
+        dim = s.shape[-1]
+        t, triple = labels[:, :dim].to(s.dtype), labels[:, dim:]
         terms = {}
         if "mse" in self.weights:
             terms["mse"] = F.mse_loss(s, t)
@@ -319,7 +337,12 @@ class QueryDistillLoss(nn.Module):
             t_sc, s_sc = candidate_scores(self, s, t)
             if "kl" in self.weights:
                 terms["kl"] = kl_term(s_sc, t_sc, self.temperature)
-            if "margin_mse" in self.weights:
+            if "margin_mse" in self.weights and triple.shape[1] == 3:  # published triples: given margins
+                pos, neg = self.docs[triple[:, 0].long()], self.docs[triple[:, 1].long()]
+                s_n = F.normalize(s, dim=-1) if self.similarity == "cosine" else s
+                margin_s = (s_n * pos).sum(-1) - (s_n * neg).sum(-1)
+                terms["margin_mse"] = F.mse_loss(margin_s, triple[:, 2].to(s.dtype) * self.margin_scale)
+            elif "margin_mse" in self.weights:  # teacher's own margin: top-1 vs a sampled candidate
                 j = torch.randint(1, t_sc.shape[1], (t_sc.shape[0], 1), generator=self.gen).to(s.device)
                 terms["margin_mse"] = F.mse_loss(s_sc[:, :1] - s_sc.gather(1, j), t_sc[:, :1] - t_sc.gather(1, j))
         self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
@@ -365,6 +388,49 @@ def candidate_scores(loss, s, t, chunk: int = 262_144):
     t_sc = torch.einsum("bd,bkd->bk", t, cand_emb)
     s_sc = torch.einsum("bd,bkd->bk", s, cand_emb)
     return t_sc, s_sc
+
+
+def read_triples(args, train_texts: list[str]):
+    """Published Margin-MSE triples -> (query text per triple, doc texts, [pos row, neg row, margin] per triple).
+
+    Ids resolve through the query file (--train_queries) and the collection; triples whose query is a
+    validation query, or whose ids are unknown, are dropped and counted.
+    """
+    path = Path(args.margin_triples)
+    if not path.is_file():
+        raise UsageError(f"--margin_triples {path} not found")
+    id2q = {}
+    for f in args.train_queries:
+        id2q.update(common.read_queries(f))
+    allowed = {t.lower() for t in train_texts}
+    collection = common.read_queries(args.triples_collection)  # same pid<TAB>text layout
+    rows, queries, pids, dropped = [], [], {}, 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 5:
+                raise UsageError(f"{path}:{lineno}: expected pos_score<TAB>neg_score<TAB>qid<TAB>pid_pos<TAB>pid_neg")
+            try:
+                pos_s, neg_s = float(cols[0]), float(cols[1])
+            except ValueError:
+                raise UsageError(f"{path}:{lineno}: scores must be numbers") from None
+            q = " ".join(id2q.get(cols[2], "").split())
+            if q.lower() not in allowed or cols[3] not in collection or cols[4] not in collection:
+                dropped += 1
+                continue
+            for p in cols[3:5]:
+                pids.setdefault(p, len(pids))
+            queries.append(q)
+            rows.append([pids[cols[3]], pids[cols[4]], pos_s - neg_s])
+    if dropped:
+        logger.warning("%s: dropped %d triples (validation query or unknown id)", path.name, dropped)
+    if not rows:
+        raise UsageError(f"{path}: no usable triples; check that its ids match --train_queries and the collection")
+    if args.max_train_queries and len(rows) > args.max_train_queries:
+        keep = sorted(random.Random(args.seed).sample(range(len(rows)), args.max_train_queries))
+        rows, queries = [rows[i] for i in keep], [queries[i] for i in keep]
+    doc_texts = [collection[p] for p in pids]  # pids is insertion-ordered: row i = i-th pid
+    return queries, doc_texts, np.asarray(rows, dtype=np.float32)
 
 
 def score_corpus_embeddings(teacher, args, teacher_path):
@@ -681,9 +747,24 @@ def main(argv=None) -> dict:
         logger.info("--augment %d: %d originals + %d variants", args.augment, len(train_texts), len(variants))
         train_texts, n_aug = train_texts + variants, len(variants)
     logger.info("%d training queries, %d validation queries from %s", len(train_texts), len(dev_texts), files)
-    train_labels, train_cached = teacher_labels(teacher, args.teacher_model, teacher_path, train_texts, args)
+    if not args.margin_triples:  # triples label their own queries below
+        train_labels, train_cached = teacher_labels(teacher, args.teacher_model, teacher_path, train_texts, args)
     dev_labels, dev_cached = teacher_labels(teacher, args.teacher_model, teacher_path, dev_texts, args)
     docs = score_corpus_embeddings(teacher, args, teacher_path) if args.score_corpus else None
+    if args.margin_triples:
+        queries, doc_texts, triples = read_triples(args, train_texts)
+        unique = list(dict.fromkeys(queries))
+        labels, train_cached = teacher_labels(teacher, args.teacher_model, teacher_path, unique, args)
+        row = {q: i for i, q in enumerate(unique)}
+        teacher.max_seq_length = doc_max_len
+        with torch.inference_mode():  # the teacher's document side for the triples' passages
+            docs = teacher.encode_document(doc_texts, batch_size=32, show_progress_bar=True, convert_to_numpy=True)
+        teacher.max_seq_length = args.max_seq_length
+        # label = [teacher query embedding | pos row, neg row, margin]; the loss splits it again
+        train_texts = queries
+        train_labels = np.concatenate([labels[[row[q] for q in queries]], triples], axis=1)
+        logger.info("--margin_triples: %d triples over %d queries and %d passages", len(queries), len(unique),
+                    len(doc_texts))  # fmt: skip
     sim = common.similarity_name(teacher)
 
     results = []
@@ -700,6 +781,8 @@ def main(argv=None) -> dict:
         if args.student_model_init != "static":
             student.max_seq_length = args.max_seq_length
         loss = make_loss(student, args, docs, sim)
+        if hasattr(loss, "margin_scale"):
+            loss.margin_scale = args.margin_scale
         evaluator = make_evaluator(
             dev_texts, dev_labels, args.per_device_eval_batch_size, loss if docs is not None else None
         )
