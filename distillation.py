@@ -464,6 +464,7 @@ def msmarco_train_queries(data_dir: str) -> Path:
             os.replace(Path(tmp) / "queries.train.tsv", target)
         return target
     except Exception as e:  # noqa: BLE001 - any download failure falls back to a local copy
+        (target.parent / "queries.tar.gz").unlink(missing_ok=True)  # no half-downloaded archive left behind
         local = Path(data_dir) / "queries" / "msmarco-train-sample.tsv"
         if local.exists():
             logger.warning("MS MARCO download failed (%s); using the local sample %s", e.__class__.__name__, local)

@@ -108,6 +108,10 @@ def test_bad_datasets(tmp_path, capsys, tiny_beir):
     empty = make_beir(tmp_path / "empty", DOCS, {"q1": "x"}, {"qX": {"d1": 1}})
     bad_case(tmp_path, capsys, ["--teacher_model", MINILM, "--datasets", str(empty)], "no judged queries")
     bad_case(tmp_path, capsys, ["--teacher_model", MINILM, "--datasets", str(tmp_path / "nope")], "not found")
+    # a name that is neither local nor on the BEIR server (or no network at all): the download fails cleanly
+    argv = ["--teacher_model", MINILM, "--datasets", "no-such-beir-dataset", "--data_dir", str(tmp_path / "dl")]
+    bad_case(tmp_path, capsys, argv, "download failed")
+    assert not list((tmp_path / "dl").glob("*.zip")), "no partial download left behind"
 
 
 def test_unknown_qrels_are_dropped_and_counted(tmp_path):
