@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
     table = results_table(rows, shown, args.teacher_model)
     common.write_text(out_root / "results.md", table)
     print(table)
-    return {"rows": [{k: v for k, v in r.items() if k != "config"} for r in rows], "table": table}
+    return {"rows": rows, "table": table}
 
 
 if __name__ == "__main__":
