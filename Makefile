@@ -17,6 +17,7 @@ EXAMPLE_EPOCHS ?= 1
 EXAMPLE_LR ?= 1e-3
 EXAMPLE_LOSS ?= cosine
 EXAMPLE_BATCH ?= 64
+EXAMPLE_EXTRA ?= --freeze_embeddings
 EXAMPLE_DATASETS ?= $(if $(wildcard $(DATA_DIR)/cranfield),scifact cranfield cacm,scifact nfcorpus)
 EXAMPLE_RUN := $(OUTPUT_DIR)/example-minilm-L2
 
@@ -26,6 +27,7 @@ PAPER_QUERIES ?= 20000
 PAPER_EPOCHS ?= 1
 PAPER_LR ?= 1e-3
 PAPER_LOSS ?= cosine
+PAPER_EXTRA ?= --freeze_embeddings --per_device_train_batch_size 64
 PAPER_DATASETS ?= $(EXAMPLE_DATASETS)
 PAPER_DEVICES ?= cpu $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')" 2>/dev/null)
 PAPER_OUT := $(OUTPUT_DIR)/paper
@@ -68,7 +70,7 @@ example: install ## distill, evaluate and benchmark a 2-layer MiniLM student; pr
 	$(PY) distillation.py --teacher_model $(EXAMPLE_TEACHER) --num_layers 2 --train_queries msmarco \
 		--max_train_queries $(EXAMPLE_QUERIES) --num_train_epochs $(EXAMPLE_EPOCHS) --learning_rate $(EXAMPLE_LR) \
 		--loss $(EXAMPLE_LOSS) --per_device_train_batch_size $(EXAMPLE_BATCH) --output_path $(OUTPUT_DIR) \
-		--run_name $(notdir $(EXAMPLE_RUN)) --overwrite_output_dir
+		--run_name $(notdir $(EXAMPLE_RUN)) --overwrite_output_dir $(EXAMPLE_EXTRA)
 	$(PY) evaluate_retrieval.py --teacher_model $(EXAMPLE_TEACHER) --models $(EXAMPLE_RUN)/final \
 		--datasets $(EXAMPLE_DATASETS) --output_path $(OUTPUT_DIR) --overwrite
 	$(PY) evaluate_speed.py --models $(EXAMPLE_TEACHER) $(EXAMPLE_RUN)/final --queries $(firstword $(EXAMPLE_DATASETS)) \
@@ -82,12 +84,13 @@ paper: install ## the paper's layer-subset table + quality-vs-latency plot (cach
 		if [ -f $$run/final/modules.json ]; then echo "done: $$run"; continue; fi; \
 		$(PY) distillation.py --teacher_model $(PAPER_TEACHER) --layers $${layers//,/ } --train_queries msmarco \
 			--max_train_queries $(PAPER_QUERIES) --num_train_epochs $(PAPER_EPOCHS) --learning_rate $(PAPER_LR) \
-			--loss $(PAPER_LOSS) --output_path $(PAPER_OUT) --run_name L$${layers//,/-} --overwrite_output_dir || exit 2; \
+			--loss $(PAPER_LOSS) --output_path $(PAPER_OUT) --run_name L$${layers//,/-} --overwrite_output_dir \
+			$(PAPER_EXTRA) || exit 2; \
 	done
 	$(PY) evaluate_retrieval.py --teacher_model $(PAPER_TEACHER) --datasets $(PAPER_DATASETS) --output_path $(OUTPUT_DIR) \
 		--models $(foreach l,$(PAPER_LAYERS),$(PAPER_OUT)/L$(subst $(COMMA),-,$(l))/final)
 	$(PY) evaluate_speed.py --models $(PAPER_TEACHER) $(foreach l,$(PAPER_LAYERS),$(PAPER_OUT)/L$(subst $(COMMA),-,$(l))/final) \
-		--queries $(firstword $(PAPER_DATASETS)) --devices $(PAPER_DEVICES) --batch_sizes 1 --num_queries 200 \
+		--queries $(firstword $(PAPER_DATASETS)) --devices $(PAPER_DEVICES) --batch_sizes 1 --num_queries 100 --repeats 3 \
 		--output_path $(OUTPUT_DIR) --run_name paper
 	$(PY) report.py paper --teacher_model $(PAPER_TEACHER) --students $(foreach l,$(PAPER_LAYERS),$(PAPER_OUT)/L$(subst $(COMMA),-,$(l))/final) \
 		--datasets $(PAPER_DATASETS) --speed $(OUTPUT_DIR)/speed/paper.json --output_path $(OUTPUT_DIR)

@@ -57,6 +57,16 @@ def setup_logging(level: str = "info") -> None:
     logging.getLogger("qdistill").setLevel(getattr(logging, level.upper()))
 
 
+def start_run(args) -> str:
+    """Each script's opening: logging, seeds, a writable output folder, and the device (where it has --device)."""
+    setup_logging(args.log_level)
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    check_writable(args.output_path)
+    return pick_device(args.device) if hasattr(args, "device") else "cpu"
+
+
 # ----------------------------------------------------------------------------- files
 
 

@@ -698,12 +698,7 @@ def _peak_rss_mb() -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.setup_logging(args.log_level)
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    device = common.pick_device(args.device)
-    common.check_writable(args.output_path)
+    device = common.start_run(args)
     train_texts, dev_texts, files = load_queries(args)  # bad query files fail before any model loads
     teacher, teacher_path = common.load_model(args.teacher_model, device=device, models_dir="downloads/models")
     doc_max_len = teacher.max_seq_length  # the document side keeps its own length

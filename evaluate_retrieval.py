@@ -189,12 +189,7 @@ def group_rows(rows: list[dict]) -> list[dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.setup_logging(args.log_level)
-    from transformers import set_seed
-
-    set_seed(args.seed)
-    device = common.pick_device(args.device)
-    common.check_writable(args.output_path)
+    device = common.start_run(args)
     config = common.run_info(args)
     teacher, teacher_path = common.load_model(args.teacher_model, device=device)
     sim = common.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default

@@ -150,14 +150,11 @@ def markdown(rows: list[dict]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.setup_logging(args.log_level)
+    common.start_run(args)  # --devices (several) is handled below, not by --device
     import torch
     from sentence_transformers.util import batch_to_device
-    from transformers import set_seed
 
-    set_seed(args.seed)
     torch.set_num_threads(args.num_threads)  # recorded; torch.utils.benchmark would silently use 1
-    common.check_writable(args.output_path)
     texts = load_query_texts(args.queries, args.data_dir)
     rng = np.random.default_rng(args.seed)
     texts = [texts[i] for i in sorted(rng.choice(len(texts), min(args.num_queries, len(texts)), replace=False))]
