@@ -115,6 +115,12 @@ def parse_args(argv=None):
         default=1.0,
         help="multiplies the file's margins (cross-encoder logits) into the teacher's score range",
     )
+    g.add_argument(
+        "--student_dropout",
+        type=float,
+        default=None,
+        help="set the student's dropout (default: keep the teacher's); 0 fits regression targets closer",
+    )
     g.add_argument("--augment", type=int, default=0, help="perturbed variants per training query (mask/drop/swap)")
     g.add_argument("--per_device_train_batch_size", type=int, default=128)
     g.add_argument("--per_device_eval_batch_size", type=int, default=128)
@@ -220,6 +226,18 @@ def layer_reduced_student(teacher, keep: list[int]):
     if isinstance(getattr(hf.config, "layer_types", None), list):
         hf.config.layer_types = [hf.config.layer_types[i] for i in sorted(keep)]
     return student
+
+
+def set_dropout(model, p: float) -> None:
+    """Set every dropout in a student (modules and HF config, so a reload keeps it) to p."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for field in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+                if isinstance(getattr(config, field, None), float):
+                    setattr(config, field, p)
 
 
 def pretrained_student(name: str, teacher, device: str, models_dir: str):
@@ -725,6 +743,8 @@ def main(argv=None) -> dict:
 
     runs = []
     for default_name, student, info in students:
+        if args.student_dropout is not None:
+            set_dropout(student, args.student_dropout)
         run_name = args.run_name or default_name
         if args.run_name and len(students) > 1:
             run_name = f"{args.run_name}-{default_name}"

@@ -188,3 +188,13 @@ def test_real_mpnet_layout(tmp_path):
     assert student[0].auto_model.config.num_hidden_layers == 2
     assert student.get_embedding_dimension() == 768
     assert type(student[0].auto_model).__name__ == "MPNetModel"
+
+
+def test_set_dropout_reaches_modules_and_saved_config(tiny_bert, tmp_path):
+    student = SentenceTransformer(tiny_bert, device="cpu")
+    distillation.set_dropout(student, 0.0)
+    assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
+    student.save(str(tmp_path / "s"))
+    again = SentenceTransformer(str(tmp_path / "s"), device="cpu")
+    assert again[0].auto_model.config.hidden_dropout_prob == 0.0
+    assert all(m.p == 0.0 for m in again.modules() if isinstance(m, torch.nn.Dropout))
