@@ -12,12 +12,12 @@ export DATA_DIR
 
 # make example: a 2-layer student of all-MiniLM-L6-v2, evaluated and benchmarked against its teacher
 EXAMPLE_TEACHER ?= sentence-transformers/all-MiniLM-L6-v2
-EXAMPLE_QUERIES ?= 20000
+EXAMPLE_QUERIES ?= 30000
 EXAMPLE_EPOCHS ?= 1
 EXAMPLE_LR ?= 1e-3
 EXAMPLE_LOSS ?= cosine
 EXAMPLE_BATCH ?= 64
-EXAMPLE_EXTRA ?= --freeze_embeddings
+EXAMPLE_EXTRA ?= --freeze_embeddings --student_dropout 0
 EXAMPLE_DATASETS ?= $(if $(wildcard $(DATA_DIR)/cranfield),scifact cranfield cacm,scifact nfcorpus)
 EXAMPLE_RUN := $(OUTPUT_DIR)/example-minilm-L2
 
@@ -27,7 +27,7 @@ PAPER_QUERIES ?= 20000
 PAPER_EPOCHS ?= 1
 PAPER_LR ?= 1e-3
 PAPER_LOSS ?= cosine
-PAPER_EXTRA ?= --freeze_embeddings --per_device_train_batch_size 64
+PAPER_EXTRA ?= --freeze_embeddings --student_dropout 0 --per_device_train_batch_size 64
 PAPER_DATASETS ?= $(EXAMPLE_DATASETS)
 PAPER_DEVICES ?= cpu $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')" 2>/dev/null)
 PAPER_OUT := $(OUTPUT_DIR)/paper
