@@ -85,6 +85,8 @@ def build_faiss(doc_emb: np.ndarray, kind: str, seed: int = 42, chunk: int = 100
         )
         index.train(unit(sample) if normalize else sample)
         index.nprobe = max(1, nlist // 8)
+    if kind == "flat" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)  # faiss-gpu installed and a GPU visible: search there
     for start in range(0, n, chunk):  # add in chunks: the memmap never needs to be fully in RAM
         block = np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32)
         index.add(unit(block) if normalize else block)
