@@ -53,7 +53,7 @@ $(VENV)/.installed: requirements.txt requirements-models.txt
 test: install ## run the test suite (real models on ../shared/data; about 15 minutes on 2 cores)
 	DATA_DIR=$(if $(wildcard $(DATA_DIR)/scifact),$(DATA_DIR),../shared/data) $(PY) -m pytest -v -rs tests
 
-test-fast: install ## unit tests only (tiny random models, seconds)
+test-fast: install ## the fast tests only (~30 s: tiny random models, no real training or indexing)
 	$(PY) -m pytest -q -m "not slow" tests
 
 lint: install ## ruff lint and format check
