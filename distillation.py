@@ -210,8 +210,6 @@ def num_teacher_layers(teacher) -> int:
 
 def layer_reduced_student(teacher, keep: list[int]):
     """A deep copy of the teacher with only the `keep` transformer layers; config updated so it reloads."""
-    import torch
-
     total = num_teacher_layers(teacher)
     if len(set(keep)) != len(keep):
         raise UsageError(f"--layers {keep} has duplicates; give each layer id once")
@@ -242,7 +240,6 @@ def set_dropout(model, p: float) -> None:
 
 def pretrained_student(name: str, teacher, device: str, models_dir: str):
     """A small pretrained model as student, with a trainable Dense projection to the teacher's dimension."""
-    import torch
     from sentence_transformers import models
 
     student, _ = common.load_model(name, device=device, models_dir=models_dir)
@@ -262,7 +259,6 @@ def static_student(teacher, device: str, batch_size: int = 512):
 
     No PCA: the table stays in the teacher's embedding space, so it can be aligned with the same losses.
     """
-    import torch
     from sentence_transformers import SentenceTransformer, models
     from sentence_transformers.sentence_transformer.modules import StaticEmbedding
     from tqdm.auto import tqdm
@@ -544,8 +540,6 @@ def teacher_labels(teacher, teacher_name, teacher_path, texts, args) -> tuple[np
             logger.info("serving %d labels from cached superset %s", len(texts), other.name)
             emb = np.load(other.with_name(other.name.replace(".texts.json", ".npy")), mmap_mode="r")
             return np.asarray(emb[[cached[t] for t in texts]], dtype=np.float32), True
-    import torch
-
     t0 = time.perf_counter()
     pool = teacher.start_multi_process_pool(args.label_devices) if args.label_devices else None
     try:
