@@ -8,9 +8,14 @@ from conftest import DATA, MINILM, TRAIN_TSV, needs_data
 from sentence_transformers import SentenceTransformer
 from test_retrieval import DOCS, make_beir
 
+import cache
 import common
+import data
 import distillation
 import evaluate_retrieval as er
+import loading
+import losses
+import students
 
 
 def distill(out, run, *extra):
@@ -22,18 +27,18 @@ def distill(out, run, *extra):
 
 
 def test_loss_spec_parsing():
-    assert distillation.parse_loss("mse") == {"mse": 1.0}
-    assert distillation.parse_loss("mse:1.0,kl:5") == {"mse": 1.0, "kl": 5.0}
+    assert losses.parse_loss("mse") == {"mse": 1.0}
+    assert losses.parse_loss("mse:1.0,kl:5") == {"mse": 1.0, "kl": 5.0}
     with pytest.raises(Exception, match="unknown loss term"):
-        distillation.parse_loss("mse,foo:1")
+        losses.parse_loss("mse,foo:1")
     with pytest.raises(SystemExit):
         distillation.parse_args(["--loss", "mse,kl:5"])  # kl needs --score_corpus
 
 
 def test_augment_is_seeded_and_perturbs():
     texts = ["what is the capital of france", "cats"]
-    a = distillation.augment_queries(texts, 3, "[MASK]", seed=1)
-    assert a == distillation.augment_queries(texts, 3, "[MASK]", seed=1) and len(a) == 6
+    a = data.augment_queries(texts, 3, "[MASK]", seed=1)
+    assert a == data.augment_queries(texts, 3, "[MASK]", seed=1) and len(a) == 6
     assert all(v != texts[i // 3] for i, v in enumerate(a[:3]))
     assert a[3:] == ["[MASK]"] * 3  # one-word queries can only be masked
 
@@ -58,9 +63,9 @@ def test_margin_mse_from_corpus(shared_output):
     m = distill(shared_output, "margin", "--num_layers", "2", "--max_train_queries", "1000",
                 "--loss", "margin_mse:1.0", "--score_corpus", str(DATA / "cranfield"))  # fmt: skip
     assert np.isfinite(m["train_loss"])
-    teacher, path = common.load_model(MINILM)
-    corpus, file = common.load_corpus(DATA / "cranfield")
-    docs, _, _ = common.teacher_index(teacher, MINILM, path, corpus, file, shared_output)
+    teacher, path = loading.load_model(MINILM)
+    corpus, file = data.load_corpus(DATA / "cranfield")
+    docs, _, _ = cache.teacher_index(teacher, MINILM, path, corpus, file, shared_output)
     docs = torch.as_tensor(np.asarray(docs))
     # the last 200 queries of the file: the seeded 1000-query sample of 92k almost surely misses them
     unseen = [line.split("\t")[1] for line in TRAIN_TSV.read_text().splitlines()[-200:]]
@@ -72,7 +77,7 @@ def test_margin_mse_from_corpus(shared_output):
         q = model.encode_query(unseen, convert_to_tensor=True)
         return float(((((q - t) * top).sum(-1) - ((q - t) * fifth).sum(-1)) ** 2).mean())
 
-    before = distillation.layer_reduced_student(teacher, [0, 5])
+    before = students.layer_reduced_student(teacher, [0, 5])
     assert margin_error(SentenceTransformer(m["final_path"], device="cpu")) < margin_error(before)
 
 
@@ -80,7 +85,7 @@ def test_margin_mse_from_corpus(shared_output):
 @needs_data
 def test_augmented_run_trains_on_labelled_variants(shared_output):
     m = distill(shared_output, "aug", "--num_layers", "2", "--max_train_queries", "300", "--augment", "2")
-    assert m["augmented_variants"] == 600 and m["train_queries"] == 900
+    assert m["augmented_variants"] == 600 and m["train_texts"] == 900
     labels = list((shared_output / "labels").rglob("*.texts.json"))
     assert any(len(json.loads(p.read_text())) == 900 for p in labels), "the 900 texts were labelled by the teacher"
 
@@ -95,7 +100,7 @@ def test_static_student_and_asymmetric_folder(shared_output, tmp_path):
     assert type(static[0]).__name__ == "StaticEmbedding" and static.get_embedding_dimension() == 384
 
     asym = SentenceTransformer(str(shared_output / "static" / "asymmetric"), device="cpu")
-    teacher, _ = common.load_model(MINILM)
+    teacher, _ = loading.load_model(MINILM)
     q, d = ["what causes tides", "cats and dogs"], ["The moon's gravity causes tides.", "A dog barks."]
     assert np.allclose(asym.encode_query(q), static.encode_query(q), atol=1e-5)
     assert np.allclose(asym.encode_document(d), teacher.encode_document(d), atol=1e-5)
@@ -119,9 +124,9 @@ def test_margin_triples_file(shared_output, tmp_path, capsys):
 
     rng = random.Random(0)
     qids = [line.split("\t")[0] for line in TRAIN_TSV.read_text().splitlines()[:600]]
-    corpus, _ = common.load_corpus(DATA / "cranfield")
+    corpus, _ = data.load_corpus(DATA / "cranfield")
     pids = sorted(corpus)[:200]
-    (tmp_path / "coll.tsv").write_text("".join(f"{p}\t{common.doc_text(corpus[p])}\n" for p in pids))
+    (tmp_path / "coll.tsv").write_text("".join(f"{p}\t{cache.doc_text(corpus[p])}\n" for p in pids))
     # targets: the passage with the smaller id is always preferred by 4 logits
     lines = []
     for q in qids:
@@ -131,13 +136,13 @@ def test_margin_triples_file(shared_output, tmp_path, capsys):
     m = distill(shared_output, "triples", "--num_layers", "2", "--loss", "margin_mse:1.0",
                 "--margin_triples", str(tmp_path / "triples.tsv"), "--triples_collection", str(tmp_path / "coll.tsv"),
                 "--margin_scale", "0.05", "--learning_rate", "5e-4")  # fmt: skip
-    assert m["train_queries"] <= 600 and np.isfinite(m["train_loss"])
-    teacher, _ = common.load_model(MINILM)
-    before = distillation.layer_reduced_student(teacher, [0, 5])
+    assert m["train_texts"] <= 600 and np.isfinite(m["train_loss"])
+    teacher, _ = loading.load_model(MINILM)
+    before = students.layer_reduced_student(teacher, [0, 5])
     after = SentenceTransformer(m["final_path"], device="cpu")
-    docs = teacher.encode_document([common.doc_text(corpus[p]) for p in pids], convert_to_tensor=True)
+    docs = teacher.encode_document([cache.doc_text(corpus[p]) for p in pids], convert_to_tensor=True)
     row = {p: i for i, p in enumerate(pids)}
-    id2q = common.read_queries(TRAIN_TSV)
+    id2q = data.read_queries(TRAIN_TSV)
     trip = [line.split("\t") for line in lines[:200]]
     qs = [id2q[t[2]] for t in trip]
     pos = torch.tensor([row[t[3]] for t in trip])

@@ -9,7 +9,9 @@ from conftest import MINILM, MPNET, TRAIN_TSV, make_tiny, needs_data
 from sentence_transformers import SentenceTransformer
 
 import common
+import data
 import distillation
+import students
 from common import UsageError
 
 
@@ -35,27 +37,27 @@ def write(path, text):
     ],
 )
 def test_choose_layers_presets(n, strategy, expected):
-    assert distillation.choose_layers(12, n, strategy) == expected
+    assert students.choose_layers(12, n, strategy) == expected
 
 
 def test_choose_layers_out_of_range():
     with pytest.raises(UsageError, match="out of range"):
-        distillation.choose_layers(6, 7)
+        students.choose_layers(6, 7)
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert", "mpnet"])
 def test_layer_reduction_keeps_chosen_layers_and_reloads(arch, tmp_path):
     teacher = SentenceTransformer(make_tiny(tmp_path / "t", arch, layers=4), device="cpu")
-    student = distillation.layer_reduced_student(teacher, [0, 3])
-    t_layers = distillation.find_layers(teacher[0].auto_model)[3]
-    s_layers = distillation.find_layers(student[0].auto_model)[3]
+    student = students.layer_reduced_student(teacher, [0, 3])
+    t_layers = students.find_layers(teacher[0].auto_model)[3]
+    s_layers = students.find_layers(student[0].auto_model)[3]
     assert len(s_layers) == 2 and len(t_layers) == 4  # the teacher is untouched
     for s, t in zip(s_layers, [t_layers[0], t_layers[3]]):
         for (_, ps), (_, pt) in zip(s.named_parameters(), t.named_parameters()):
             assert torch.equal(ps, pt)
     student.save(str(tmp_path / "s"))
     again = SentenceTransformer(str(tmp_path / "s"), device="cpu")
-    assert len(distillation.find_layers(again[0].auto_model)[3]) == 2
+    assert len(students.find_layers(again[0].auto_model)[3]) == 2
     x = ["a query about cats"]
     assert np.allclose(again.encode_query(x), student.encode_query(x), atol=1e-5)
 
@@ -63,14 +65,14 @@ def test_layer_reduction_keeps_chosen_layers_and_reloads(arch, tmp_path):
 def test_bad_layer_ids(tiny_bert):
     teacher = SentenceTransformer(tiny_bert, device="cpu")
     with pytest.raises(UsageError, match="out of range"):
-        distillation.layer_reduced_student(teacher, [0, 4])
+        students.layer_reduced_student(teacher, [0, 4])
     with pytest.raises(UsageError, match="duplicates"):
-        distillation.layer_reduced_student(teacher, [1, 1])
+        students.layer_reduced_student(teacher, [1, 1])
 
 
 def test_unsupported_architecture():
     with pytest.raises(UsageError, match="unsupported architecture"):
-        distillation.find_layers(torch.nn.Linear(2, 2))
+        students.find_layers(torch.nn.Linear(2, 2))
 
 
 # ----------------------------------------------------------------------------- queries
@@ -80,18 +82,22 @@ def test_read_queries_formats_and_cleaning(tmp_path):
     tsv = write(tmp_path / "q.tsv", "1\tWhat is  a cat\n2\twhat is a cat\n3\t \n4\tdogs\n")
     jsonl = write(tmp_path / "q.jsonl", '{"_id": "a", "text": "x y"}\n')
     txt = write(tmp_path / "q.txt", "one query\n\nanother\n")
-    assert common.clean_queries(common.read_queries(tsv).values()) == ["What is a cat", "dogs"]
-    assert common.read_queries(jsonl) == {"a": "x y"}
-    assert list(common.read_queries(txt).values()) == ["one query", "another"]
+    assert data.clean_queries(data.read_queries(tsv).values()) == ["What is a cat", "dogs"]
+    assert data.read_queries(jsonl) == {"a": "x y"}
+    assert list(data.read_queries(txt).values()) == ["one query", "another"]
 
 
 @pytest.mark.parametrize(
     "name,content,match",
-    [("bad.tsv", "1\ta\tb\n", "expected 'id<TAB>text'"), ("bad.jsonl", '{"_id": 1}\n', "malformed jsonl")],
+    [
+        ("bad.tsv", "1\ta\tb\n", "expected 'id<TAB>text'"),
+        ("bad.jsonl", '{"_id": 1}\n', 'no "text" string'),
+        ("bad2.jsonl", '{"_id": 1, \n', "malformed jsonl"),
+    ],
 )
 def test_malformed_query_files(tmp_path, name, content, match):
     with pytest.raises(UsageError, match=match):
-        common.read_queries(write(tmp_path / name, content))
+        data.read_queries(write(tmp_path / name, content))
 
 
 def _args(tiny, out, queries, *extra):
@@ -129,7 +135,8 @@ def test_refuses_to_overwrite_and_projection_student(tiny_bert, tmp_path):
     final = SentenceTransformer(out["final_path"], device="cpu")
     assert final.get_embedding_dimension() == 32
     assert any(type(m).__name__ == "Dense" for m in final)
-    saved = json.loads((tmp_path / "out" / "proj" / "config.json").read_text())
+    assert out["run_dir"] == str(tmp_path / "out" / "proj" / "st"), "pretrained students run as <run_name>/<student>"
+    saved = json.loads((tmp_path / "out" / "proj" / "st" / "config.json").read_text())
     assert saved["args"]["student_model_init"] == "pretrained" and saved["versions"]["torch"]
     with pytest.raises(UsageError, match="not empty"):
         distillation.main(argv)
@@ -137,15 +144,11 @@ def test_refuses_to_overwrite_and_projection_student(tiny_bert, tmp_path):
 
 def test_held_out_dev_is_disjoint_and_seeded(tmp_path):
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i}\n" for i in range(200)))
-    args = distillation.parse_args(
-        ["--train_queries", queries, "--num_dev_queries", "20", "--max_train_queries", "50"]
-    )
-    train, dev, _ = distillation.load_queries(args)
+    train, dev = data.train_and_dev_queries([queries], num_dev=20, max_train=50, seed=42)
     assert len(dev) == 20 and len(train) == 50 and not set(train) & set(dev)
-    assert (train, dev) == distillation.load_queries(args)[:2]
+    assert (train, dev) == data.train_and_dev_queries([queries], num_dev=20, max_train=50, seed=42)
     dev_file = write(tmp_path / "dev.tsv", "a\tquery 1\nb\tquery 2\n")
-    args = distillation.parse_args(["--train_queries", queries, "--dev_queries", dev_file])
-    train, dev, _ = distillation.load_queries(args)
+    train, dev = data.train_and_dev_queries([queries], dev_file=dev_file)
     assert dev == ["query 1", "query 2"] and "query 1" not in train and len(train) == 198
 
 
@@ -172,7 +175,7 @@ def test_real_minilm_distillation(minilm_student, shared_output):
         "--max_train_queries", "2000", "--num_dev_queries", "300", "--num_train_epochs", "0.1",
         "--output_path", str(shared_output), "--run_name", "minilm-L01", "--log_level", "warning",
     ])["runs"][0]  # fmt: skip
-    assert again["labels_from_cache"] == {"train": True, "dev": True}
+    assert (again["train_labels_cached"], again["dev_labels_cached"]) == (True, True)
 
 
 @pytest.mark.slow
@@ -192,7 +195,7 @@ def test_real_mpnet_layout(tmp_path):
 
 def test_set_dropout_reaches_modules_and_saved_config(tiny_bert, tmp_path):
     student = SentenceTransformer(tiny_bert, device="cpu")
-    distillation.set_dropout(student, 0.0)
+    students.set_dropout(student, 0.0)
     assert all(m.p == 0.0 for m in student.modules() if isinstance(m, torch.nn.Dropout))
     student.save(str(tmp_path / "s"))
     again = SentenceTransformer(str(tmp_path / "s"), device="cpu")

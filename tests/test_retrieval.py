@@ -7,7 +7,9 @@ import random
 import pytest
 from conftest import DATA, MINILM, MINILM_LOCAL, needs_data
 
+import cache
 import common
+import data
 import evaluate_retrieval as er
 
 
@@ -70,18 +72,18 @@ def test_identical_ids_are_ignored():
 
 @pytest.mark.slow
 def test_tiny_end_to_end_and_index_cache(tiny_beir, tmp_path):
-    builds = common.INDEX_COUNTER["builds"]
+    builds = cache.COUNTERS["index_builds"]
     out = run(["--teacher_model", MINILM, "--datasets", str(tiny_beir), "--save_run"], tmp_path)
     row = out["rows"][0]
     assert row["metrics"]["NDCG@10"] == 1.0 and row["metrics"]["MRR@10"] == 1.0
     assert row["num_docs"] == 4 and row["similarity"] == "cosine"
     trec = (tmp_path / "retrieval" / common.slug(MINILM) / common.slug(MINILM) / "tiny.trec").read_text().split("\n")
     assert len([x for x in trec if x]) == 8, "k=100 > 4 docs: faiss -1 padding must be dropped"
-    assert common.INDEX_COUNTER["builds"] == builds + 1
+    assert cache.COUNTERS["index_builds"] == builds + 1
     run(["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(tiny_beir)], tmp_path)
-    assert common.INDEX_COUNTER["builds"] == builds + 1, "a second student must reuse the index"
+    assert cache.COUNTERS["index_builds"] == builds + 1, "a second student must reuse the index"
     run(["--teacher_model", MINILM, "--datasets", str(tiny_beir), "--corpus_max_seq_length", "16"], tmp_path)
-    assert common.INDEX_COUNTER["builds"] == builds + 2, "a changed max length must rebuild the index"
+    assert cache.COUNTERS["index_builds"] == builds + 2, "a changed max length must rebuild the index"
 
 
 def bad_case(tmp_path, capsys, argv, match):
@@ -97,7 +99,7 @@ def test_bad_datasets(tmp_path, capsys, tiny_beir):
     missing = tmp_path / "nocorpus"
     make_beir(missing, DOCS, {"q1": "x"}, {"q1": {"d1": 1}})
     (missing / "corpus.jsonl").unlink()
-    bad_case(tmp_path, capsys, ["--teacher_model", MINILM, "--datasets", str(missing)], "corpus.jsonl missing")
+    bad_case(tmp_path, capsys, ["--teacher_model", MINILM, "--datasets", str(missing)], "corpus.jsonl not found")
     broken = make_beir(tmp_path / "broken", DOCS, {"q1": "x"}, {"q1": {"d1": 1}})
     with open(broken / "queries.jsonl", "a") as f:
         f.write('{"_id": "q2", "text": \n')
@@ -113,7 +115,7 @@ def test_bad_datasets(tmp_path, capsys, tiny_beir):
 
 def test_unknown_qrels_are_dropped_and_counted(tmp_path):
     folder = make_beir(tmp_path / "u", DOCS, {"q1": "cat"}, {"q1": {"d1": 1, "dX": 1}, "qZ": {"d2": 1}})
-    corpus, queries, qrels, stats = common.load_beir(folder)
+    corpus, queries, qrels, stats = data.load_beir(folder)
     assert qrels == {"q1": {"d1": 1}} and list(queries) == ["q1"]
     assert stats == {"unknown_qrels_queries": 1, "unknown_qrels_docs": 1}
 
@@ -163,7 +165,7 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
     from beir.retrieval.search.dense import DenseRetrievalExactSearch
     from sentence_transformers import SentenceTransformer
 
-    corpus, queries, qrels, _ = common.load_beir(DATA / "scifact")
+    corpus, queries, qrels, _ = data.load_beir(DATA / "scifact")
     rng = random.Random(0)
     keep = sorted({d for r in qrels.values() for d in r} | set(rng.sample(sorted(corpus), 400)))
     qids = sorted(queries)[:60]
@@ -180,11 +182,11 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
             texts = [(d.get("title", "") + " " + d["text"]).strip() for d in docs]
             return teacher.encode_document(texts, batch_size=batch_size, convert_to_tensor=True)
 
-    sub_corpus, sub_queries, _, _ = common.load_beir(sub)
+    sub_corpus, sub_queries, _, _ = data.load_beir(sub)
     dres = DenseRetrievalExactSearch(Pair(), batch_size=64, corpus_chunk_size=10_000)
     beir_res = dres.search(sub_corpus, sub_queries, top_k=10, score_function="cos_sim")
 
-    emb, ids, _ = common.teacher_index(
+    emb, ids, _ = cache.teacher_index(
         teacher, "teacher-sub", MINILM_LOCAL, sub_corpus, sub / "corpus.jsonl", shared_output
     )
     q_ids = sorted(sub_queries)

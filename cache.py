@@ -1,0 +1,213 @@
+"""The expensive things, computed once and cached under output/, each keyed by everything that changes it.
+
+One key function (`cache_key`) names teacher query labels, teacher document indexes (evaluation corpora and
+--score_corpus alike) and the finished results of evaluate_retrieval.py. Writes are atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+import loading
+
+logger = logging.getLogger("qdistill.cache")
+COUNTERS = {"index_builds": 0, "label_runs": 0}  # tests assert on these, not on time
+_FINGERPRINTS: dict = {}
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_texts(texts) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str | Path) -> str:
+    """Content fingerprint of a model folder: small files hashed, large weight files by size, head and tail.
+
+    Stands in for the hub revision and works for local folders; memoized per (file, size, mtime) listing,
+    so a model retrained at the same path gets a new fingerprint even within one process.
+    """
+    files = sorted(p for p in Path(path).rglob("*") if p.is_file() and ".cache" not in p.parts)
+    listing = tuple((p.as_posix(), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+    if listing in _FINGERPRINTS:
+        return _FINGERPRINTS[listing]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(p.relative_to(path).as_posix().encode())
+        size = p.stat().st_size
+        if size < 4 << 20:
+            h.update(p.read_bytes())
+        else:
+            h.update(str(size).encode())
+            with open(p, "rb") as f:  # head and tail catch retrained weights of the same size
+                h.update(f.read(1 << 16))
+                f.seek(-(1 << 16), 2)
+                h.update(f.read())
+    _FINGERPRINTS[listing] = h.hexdigest()[:16]
+    return _FINGERPRINTS[listing]
+
+
+def encoder_settings(model, side: str, max_seq_length: int | None = None) -> dict:
+    """The settings that change a model's embeddings on one side (query/document)."""
+    from sentence_transformers.models import Normalize
+
+    prompt = model.prompts.get(side) or (model.prompts.get("passage") if side == "document" else None) or ""
+    return {
+        "side": side,
+        "max_seq_length": max_seq_length or model.max_seq_length,
+        "prompt": prompt,
+        "normalize": any(isinstance(m, Normalize) for m in model),
+        "similarity": loading.similarity_name(model),
+    }
+
+
+def cache_key(kind: str, model_path: str | Path, settings: dict) -> tuple[dict, str]:
+    """(key, 16-hex digest) for a cached artifact: kind, model content, settings, data hashes, library versions."""
+    key = {
+        "kind": kind,
+        "model_fingerprint": model_fingerprint(model_path),
+        **settings,
+        "sentence_transformers": __import__("sentence_transformers").__version__,
+        "transformers": __import__("transformers").__version__,
+    }
+    return key, sha256_texts([json.dumps(key, sort_keys=True, default=str)])[:16]
+
+
+# ----------------------------------------------------------------------------- teacher query labels
+
+
+def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, batch_size=256, devices=None):
+    """Teacher query embeddings (encode_query at max_seq_length), cached in fp16 under output/labels/.
+
+    The folder is keyed by cache_key (teacher content, length, prompt, normalization); inside it each set is
+    named by the hash of its texts, and a new set is served from any cached superset. Returns (labels, cached).
+    """
+    key, digest = cache_key("query_labels", teacher_path, encoder_settings(teacher, "query", max_seq_length))
+    folder = Path(output_path) / "labels" / digest
+    name = sha256_texts(texts)[:24]
+    if (folder / f"{name}.npy").exists():
+        logger.info("reusing cached teacher labels %s (%d texts)", folder / name, len(texts))
+        return np.load(folder / f"{name}.npy").astype(np.float32), True
+    for other in sorted(folder.glob("*.texts.json")):
+        cached = {t: i for i, t in enumerate(json.loads(other.read_text()))}
+        if all(t in cached for t in texts):
+            logger.info("serving %d labels from cached superset %s", len(texts), other.name)
+            emb = np.load(other.with_name(other.name.replace(".texts.json", ".npy")), mmap_mode="r")
+            return np.asarray(emb[[cached[t] for t in texts]], dtype=np.float32), True
+    COUNTERS["label_runs"] += 1
+    t0 = time.perf_counter()
+    pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
+    try:
+        with loading.max_length(teacher, max_seq_length), torch.inference_mode():
+            emb = teacher.encode_query(texts, batch_size=batch_size, show_progress_bar=True, pool=pool)
+    finally:
+        if pool is not None:
+            teacher.stop_multi_process_pool(pool)
+    secs = time.perf_counter() - t0
+    logger.info("labelled %d texts in %.1fs (%.0f/s)", len(texts), secs, len(texts) / secs)
+    # texts and meta first, the .npy last: its presence means the set is complete
+    common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
+    common.write_json(folder / f"{name}.texts.json", texts)
+    common.write_json(folder / "key.json", key)
+    with common.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, emb.astype(np.float16))  # fp16 is plenty for targets of unit-norm vectors
+    return emb.astype(np.float32), False
+
+
+# ----------------------------------------------------------------------------- teacher document index
+
+
+def doc_text(doc: dict) -> str:
+    # beir's DenseRetrievalExactSearch joins title and text with a space
+    return (doc.get("title", "") + " " + doc.get("text", "")).strip()
+
+
+def teacher_index(
+    teacher,
+    teacher_name,
+    teacher_path,
+    corpus,
+    corpus_file,
+    output_path,
+    max_seq_length=None,
+    batch_size=32,
+    chunk_size=1024,
+    devices=None,
+):
+    """The teacher's document embeddings of a corpus, built once and cached under output/index/.
+
+    Keyed by cache_key (teacher content, corpus sha256, document length, prompt, normalization), so the same
+    corpus at another length gets its own folder. Peak RAM is bounded by one chunk of embeddings: documents
+    are encoded chunk_size at a time straight into a memmap. Returns (read-only memmap, doc ids, meta).
+    """
+    from tqdm.auto import tqdm
+
+    corpus_file = Path(corpus_file)
+    # a BEIR folder's corpus.jsonl is named after its folder, a collection tsv after itself
+    name = corpus_file.parent.resolve().name if corpus_file.name == "corpus.jsonl" else corpus_file.stem
+    settings = {
+        "teacher": teacher_name,
+        "corpus_sha256": sha256_file(corpus_file),
+        **encoder_settings(teacher, "document", max_seq_length),
+    }
+    key, digest = cache_key("document_index", teacher_path, settings)
+    folder = Path(output_path) / "index" / common.slug(teacher_name) / f"{common.slug(name)}-{digest}"
+    if (folder / "meta.json").exists():
+        meta = json.loads((folder / "meta.json").read_text())
+        logger.info("reusing teacher index %s (%d docs)", folder, meta["num_docs"])
+        return np.load(folder / "embeddings.npy", mmap_mode="r"), json.loads((folder / "ids.json").read_text()), meta
+
+    ids = sorted(corpus)
+    texts = [doc_text(corpus[i]) for i in ids]
+    # longest first in chunks: little padding per batch, and a progress bar that moves
+    order = sorted(range(len(ids)), key=lambda i: -len(texts[i]))
+    COUNTERS["index_builds"] += 1
+    t0 = time.perf_counter()
+    dim = teacher.get_embedding_dimension()
+    pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
+    try:
+        with common.atomic_dir(folder) as tmp, loading.max_length(teacher, max_seq_length):
+            emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim))
+            with tqdm(total=len(ids), desc=f"teacher index {name}", unit="doc") as bar:
+                for start in range(0, len(ids), chunk_size):
+                    rows = order[start : start + chunk_size]
+                    with torch.inference_mode():
+                        emb[rows] = teacher.encode_document(
+                            [texts[i] for i in rows], batch_size=batch_size, pool=pool, show_progress_bar=False
+                        )
+                    bar.update(len(rows))
+            emb.flush()
+            del emb
+            secs = time.perf_counter() - t0
+            meta = {
+                "key": key,
+                "num_docs": len(ids),
+                "dim": dim,
+                "encode_seconds": round(secs, 2),
+                "docs_per_second": round(len(ids) / secs, 2),
+            }
+            common.write_json(tmp / "ids.json", ids)
+            common.write_json(tmp / "meta.json", meta)
+    finally:
+        if pool is not None:
+            teacher.stop_multi_process_pool(pool)
+    logger.info("built teacher index %s: %d docs in %.1fs", folder, len(ids), meta["encode_seconds"])
+    return np.load(folder / "embeddings.npy", mmap_mode="r"), ids, meta

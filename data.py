@@ -1,0 +1,330 @@
+"""Reading what users point the scripts at: query files, BEIR folders, corpora, MS MARCO, Margin-MSE triples.
+
+Every reader checks its input first and turns a bad file into one line naming the file, the line and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import random
+import tarfile
+import tempfile
+from pathlib import Path
+
+import common
+from common import UsageError
+
+logger = logging.getLogger("qdistill.data")
+
+BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{}.zip"
+MSMARCO_QUERIES_URL = "https://msmarco.z22.web.core.windows.net/msmarcoranking/queries.tar.gz"
+CQADUPSTACK_FORUMS = [
+    "android",
+    "english",
+    "gaming",
+    "gis",
+    "mathematica",
+    "physics",
+    "programmers",
+    "stats",
+    "tex",
+    "unix",
+    "webmasters",
+    "wordpress",
+]
+
+
+# ----------------------------------------------------------------------------- query files
+
+
+def _rows(path: Path):
+    """(line number, id, text) of a tsv (id<TAB>text), BEIR jsonl ({"_id", "text"}) or txt (one per line) file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                line = line.rstrip("\n")
+                if not line.strip():
+                    continue
+                if path.suffix == ".jsonl":
+                    try:
+                        obj = json.loads(line)
+                        yield lineno, str(obj["_id"]), obj
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise UsageError(
+                            f"{path}:{lineno}: malformed jsonl line ({e.__class__.__name__}); "
+                            'each line must be {"_id": ..., "text": ...}'
+                        ) from e
+                elif path.suffix == ".tsv":
+                    cols = line.split("\t")
+                    if len(cols) != 2:
+                        raise UsageError(f"{path}:{lineno}: expected 'id<TAB>text', found {len(cols)} columns")
+                    yield lineno, cols[0], {"text": cols[1]}
+                else:
+                    yield lineno, f"{path.stem}-{lineno}", {"text": line}
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from e
+    except OSError as e:
+        raise UsageError(f"cannot read {path} ({e.strerror}); check its permissions") from e
+
+
+def read_records(path: str | Path, what: str = "query file") -> dict[str, dict]:
+    """{id: record} of a tsv/jsonl/txt file; a duplicate id or a record without text is an error."""
+    path = common.check_file(path, what, "pass an existing tsv/jsonl/txt file")
+    out: dict[str, dict] = {}
+    for lineno, rid, obj in _rows(path):
+        if not isinstance(obj.get("text"), str):
+            raise UsageError(f'{path}:{lineno}: no "text" string; each line must be {{"_id": ..., "text": ...}}')
+        if rid in out:
+            raise UsageError(f"{path}:{lineno}: duplicate id {rid!r}; ids must be unique in the file")
+        out[rid] = obj
+    return out
+
+
+def read_queries(path: str | Path) -> dict[str, str]:
+    """{id: text} of a query file (tsv id<TAB>text, BEIR queries.jsonl, or one query per line)."""
+    return {k: v["text"] for k, v in read_records(path).items()}
+
+
+def clean_queries(texts) -> list[str]:
+    """Strip, drop empties and de-duplicate (case-insensitively), keeping first-seen order."""
+    seen, out = set(), []
+    for t in texts:
+        t = " ".join(str(t).split())
+        if t and t.lower() not in seen:
+            seen.add(t.lower())
+            out.append(t)
+    return out
+
+
+def msmarco_train_queries(data_dir: str | Path) -> Path:
+    """MS MARCO train queries: <data_dir>/msmarco/queries.train.tsv, downloaded once; offline, the local sample."""
+    target = Path(data_dir) / "msmarco" / "queries.train.tsv"
+    if target.exists():
+        return target
+    local = Path(data_dir) / "queries" / "msmarco-train-sample.tsv"
+    try:
+        from beir import util
+
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # nothing half-downloaded stays behind
+            util.download_url(MSMARCO_QUERIES_URL, str(Path(tmp) / "queries.tar.gz"))
+            with tarfile.open(Path(tmp) / "queries.tar.gz") as tar:
+                tar.extract("queries.train.tsv", tmp, filter="data")
+            os.replace(Path(tmp) / "queries.train.tsv", target)
+        return target
+    except Exception as e:  # noqa: BLE001 - any download failure falls back to a local copy
+        if local.exists():
+            logger.warning("MS MARCO download failed (%s); using the local sample %s", e.__class__.__name__, local)
+            return local
+        raise UsageError(
+            f"MS MARCO queries download failed ({e.__class__.__name__}) and no local copy at {local}; "
+            "pass a query file to --train_queries or --data_dir holding queries/"
+        ) from e
+
+
+def train_and_dev_queries(files, dev_file=None, num_dev=1000, max_train=None, seed=42):
+    """(train texts, dev texts); seeded, de-duplicated, dev disjoint from train."""
+    texts = clean_queries(t for f in files for t in read_queries(f).values())
+    if dev_file:
+        dev = clean_queries(read_queries(dev_file).values())
+        dev_keys = {t.lower() for t in dev}
+        texts = [t for t in texts if t.lower() not in dev_keys]  # never train on the validation queries
+    else:
+        idx = list(range(len(texts)))
+        random.Random(seed).shuffle(idx)
+        n_dev = min(num_dev, len(texts) // 10)
+        dev = [texts[i] for i in sorted(idx[:n_dev])]
+        texts = [texts[i] for i in sorted(idx[n_dev:])]
+    if max_train and len(texts) > max_train:
+        texts = random.Random(seed + 1).sample(texts, max_train)
+    if not texts:
+        raise UsageError(
+            f"no training queries left in {[str(f) for f in files]} after dropping empties/duplicates/dev"
+        )
+    if not dev:
+        raise UsageError("no validation queries; pass --dev_queries FILE or more training queries")
+    return texts, dev
+
+
+def augment_queries(texts: list[str], n: int, mask_token: str, seed: int) -> list[str]:
+    """n seeded perturbations per query (EmbedDistill 4.3): mask a word, drop a word, or swap two neighbours."""
+    rng = random.Random(seed)
+    out = []
+    for t in texts:
+        words = t.split()
+        for _ in range(n):
+            w = list(words)
+            op = rng.choice(("mask", "drop", "swap")) if len(w) > 1 else "mask"
+            i = rng.randrange(len(w))
+            if op == "mask":
+                w[i] = mask_token
+            elif op == "drop":
+                del w[i]
+            else:
+                j = i + 1 if i < len(w) - 1 else i - 1
+                w[i], w[j] = w[j], w[i]
+            out.append(" ".join(w))
+    return out
+
+
+def read_triples(path, query_files, collection_file, train_texts, max_n=None, seed=42):
+    """Published Margin-MSE triples -> (query text per triple, passage texts, [pos row, neg row, margin] rows).
+
+    Ids resolve through the query files and the collection (pid<TAB>text); triples whose query is not a
+    training query (a validation query), or whose ids are unknown, are dropped and counted.
+    """
+    path = common.check_file(path, "--margin_triples", "pass pos<TAB>neg<TAB>qid<TAB>pid_pos<TAB>pid_neg triples")
+    id2q = {k: v for f in query_files for k, v in read_queries(f).items()}
+    allowed = {t.lower() for t in train_texts}
+    collection = read_queries(common.check_file(collection_file, "--triples_collection", "pass pid<TAB>text"))
+    rows, queries, pids, dropped = [], [], {}, 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            cols = line.rstrip("\n").split("\t")
+            if len(cols) != 5:
+                raise UsageError(f"{path}:{lineno}: expected pos_score<TAB>neg_score<TAB>qid<TAB>pid_pos<TAB>pid_neg")
+            try:
+                margin = float(cols[0]) - float(cols[1])
+            except ValueError:
+                raise UsageError(f"{path}:{lineno}: scores must be numbers") from None
+            q = " ".join(id2q.get(cols[2], "").split())
+            if q.lower() not in allowed or cols[3] not in collection or cols[4] not in collection:
+                dropped += 1
+                continue
+            for p in cols[3:5]:
+                pids.setdefault(p, len(pids))
+            queries.append(q)
+            rows.append([pids[cols[3]], pids[cols[4]], margin])
+    if dropped:
+        logger.warning("%s: dropped %d triples (validation query or unknown id)", path.name, dropped)
+    if not rows:
+        raise UsageError(f"{path}: no usable triples; check that its ids match --train_queries and the collection")
+    if max_n and len(rows) > max_n:
+        keep = sorted(random.Random(seed).sample(range(len(rows)), max_n))
+        rows, queries = [rows[i] for i in keep], [queries[i] for i in keep]
+    return queries, [collection[p] for p in pids], rows  # pids is insertion-ordered: row i = i-th pid
+
+
+# ----------------------------------------------------------------------------- BEIR data
+
+
+def dataset_path(name_or_path: str, data_dir: str | Path) -> Path:
+    """A BEIR folder: an existing path, <data_dir>/<name>, or the official download into data_dir."""
+    p = Path(name_or_path)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise UsageError(
+            f"dataset {name_or_path} is a file, expected a BEIR folder (corpus.jsonl, queries.jsonl, "
+            "qrels/) or a BEIR name"
+        )
+    if "/" in name_or_path or name_or_path.startswith("."):
+        raise UsageError(f"dataset folder {name_or_path} not found; pass an existing BEIR folder or a BEIR name")
+    local = Path(data_dir) / name_or_path
+    if local.is_dir():
+        return local
+    from beir import util
+
+    url = BEIR_URL.format(name_or_path)
+    logger.info("downloading %s from %s", name_or_path, url)
+    try:
+        return Path(util.download_and_unzip(url, str(data_dir)))
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        with contextlib.suppress(OSError):
+            Path(data_dir, f"{name_or_path}.zip").unlink()
+        raise UsageError(
+            f"dataset {name_or_path!r} not under {data_dir} and its download failed "
+            f"({e.__class__.__name__}); point --data_dir at a folder holding it, or pass the BEIR "
+            "folder's path"
+        ) from e
+
+
+def expand_datasets(names, data_dir) -> list[tuple[str, Path, str | None]]:
+    """(display name, folder, group) per dataset; cqadupstack expands to its 12 forums (group = cqadupstack).
+
+    Two folders with the same basename get distinct display names (name, name~2, ...), so neither is lost.
+    """
+    out, seen = [], {}
+    for name in names:
+        if Path(name).name == "cqadupstack":
+            root = dataset_path(name, data_dir)
+            out += [(f"cqadupstack-{f}", root / f, "cqadupstack") for f in CQADUPSTACK_FORUMS]
+            continue
+        folder = dataset_path(name, data_dir)
+        seen[folder.name] = seen.get(folder.name, 0) + 1
+        out.append((folder.name if seen[folder.name] == 1 else f"{folder.name}~{seen[folder.name]}", folder, None))
+    return out
+
+
+def check_beir(folder: Path, split: str) -> list[Path]:
+    """The files a BEIR split needs, checked to exist (the data hashes and the loader read them)."""
+    files = [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
+    for f in files:
+        common.check_file(f, "BEIR file", f"a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+    return files
+
+
+def _beir_loader(folder: Path, split: str = "test"):
+    from beir.datasets.data_loader import GenericDataLoader
+
+    loader = GenericDataLoader(data_folder=str(folder))
+    loader.qrels_file = str(folder / "qrels" / f"{split}.tsv")
+    return loader
+
+
+def load_beir(folder: str | Path, split: str = "test"):
+    """(corpus, judged queries, qrels, stats) of a BEIR folder, every file checked before beir's loader reads it.
+
+    Qrels rows naming unknown queries or docs are dropped with a warning (and counted).
+    """
+    folder = Path(folder)
+    _, q_file, qrels_file = check_beir(folder, split)
+    corpus, _ = load_corpus(folder)
+    read_records(q_file)  # malformed lines and duplicate ids: one line naming them (beir keeps the last silently)
+    loader = _beir_loader(folder, split)
+    loader._load_queries()
+    all_queries = loader.queries
+    if not all_queries:
+        raise UsageError(f"{q_file} holds no queries; fix the file or re-download the dataset")
+    qrels: dict[str, dict[str, int]] = {}
+    with open(qrels_file, encoding="utf-8") as f:
+        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL), 1):
+            if not row or (lineno == 1 and not row[-1].lstrip("-").isdigit()):
+                continue  # blank line or header
+            if len(row) != 3 or not row[2].lstrip("-").isdigit():
+                raise UsageError(f"{qrels_file}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score' (integer)")
+            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+    unknown_q = sum(q not in all_queries for q in qrels)
+    clean = {q: {d: s for d, s in r.items() if d in corpus} for q, r in qrels.items() if q in all_queries}
+    unknown_d = sum(len(qrels[q]) - len(r) for q, r in clean.items())
+    clean = {q: r for q, r in clean.items() if r}
+    if unknown_q or unknown_d:
+        logger.warning(
+            "%s: dropped qrels naming %d unknown queries and %d unknown docs", folder.name, unknown_q, unknown_d
+        )
+    if not clean:
+        raise UsageError(f"{qrels_file}: no judged queries left (its ids match no query/document); check the file")
+    queries = {q: all_queries[q] for q in clean}
+    return corpus, queries, clean, {"unknown_qrels_queries": unknown_q, "unknown_qrels_docs": unknown_d}
+
+
+def load_corpus(path: str | Path) -> tuple[dict, Path]:
+    """A corpus alone: a BEIR folder (its corpus.jsonl) or an MS MARCO-style collection tsv (pid<TAB>text)."""
+    path = Path(path)
+    file = path / "corpus.jsonl" if path.is_dir() else path
+    common.check_file(file, "corpus", "pass a BEIR folder or a collection tsv (pid<TAB>text)")
+    records = read_records(file, "corpus")  # malformed lines and duplicate ids: one line naming them
+    if file.name == "corpus.jsonl":
+        del records
+        loader = _beir_loader(file.parent)
+        loader._load_corpus()
+        corpus = loader.corpus
+    else:
+        corpus = {k: {"title": "", "text": v["text"]} for k, v in records.items()}
+    if not corpus:
+        raise UsageError(f"corpus {file} holds no documents")
+    return corpus, file

@@ -1,0 +1,64 @@
+"""faiss, used directly: exact and approximate inner-product indexes over the teacher's document embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def build_faiss(doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: int = 100_000, normalize=False):
+    """A faiss inner-product index over doc embeddings; normalize=True (cosine teachers) works chunk by chunk."""
+    import faiss
+
+    n, dim = doc_emb.shape
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = 200, 128
+    else:  # ivfpq: nlist ~ 4 sqrt(n), bounded so each list gets enough training points
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
+        m = next(m for m in (dim // 8, dim // 12, dim // 16, 8, 4, 2, 1) if m and dim % m == 0)
+        nbits = int(min(8, max(1, np.floor(np.log2(max(n / 39, 2))))))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+        sample = np.ascontiguousarray(
+            doc_emb[np.sort(np.random.default_rng(seed).choice(n, min(n, 100_000), replace=False))]
+        )
+        index.train(unit(sample) if normalize else sample.astype(np.float32))
+        index.nprobe = max(1, nlist // 8)
+    if kind == "flat" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+        index = faiss.index_cpu_to_all_gpus(index)  # faiss-gpu installed and a GPU visible: search there
+    for start in range(0, n, chunk):  # add in chunks: the memmap never needs to be fully in RAM
+        block = np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32)
+        index.add(unit(block) if normalize else block)
+    return index
+
+
+def search(index, q_emb: np.ndarray, k: int):
+    """Top-k (scores, row ids); k is capped at the index size, as faiss pads with id -1 beyond it."""
+    return index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(k, index.ntotal))
+
+
+def exact_top_k(q_emb: np.ndarray, doc_emb: np.ndarray, k: int, normalize: bool, chunk: int = 100_000) -> np.ndarray:
+    """Row ids of each query's k best documents by exact inner product, scanning the corpus chunk by chunk.
+
+    Memory stays at one chunk of documents plus (queries x 2k) candidates, whatever the corpus size.
+    """
+    import faiss
+
+    q = unit(q_emb) if normalize else np.ascontiguousarray(q_emb, dtype=np.float32)
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for start in range(0, len(doc_emb), chunk):
+        block = np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32)
+        index = faiss.IndexFlatIP(block.shape[1])
+        index.add(unit(block) if normalize else block)
+        s, i = index.search(q, min(k, len(block)))
+        best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + start], 1)
+        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+        best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    return best_i

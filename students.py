@@ -1,0 +1,208 @@
+"""Students: the teacher's own layers (layer reduction), another pretrained model, or a static embedding table.
+
+Every student answers for the teacher's query side: same prompts, same similarity, same output dimension.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import common
+import loading
+from cache import encoder_settings
+from common import UsageError
+
+logger = logging.getLogger("qdistill.students")
+
+# where each architecture keeps its transformer blocks (attribute path on the HF model) and its depth field
+LAYER_LAYOUTS = [("encoder.layer", "num_hidden_layers"), ("transformer.layer", "n_layers")]
+STRATEGIES = ("top_bottom", "bottom", "top", "uniform")
+
+
+def choose_layers(total: int, num_layers: int, strategy: str = "top_bottom") -> list[int]:
+    """Layer ids for a preset: top_bottom keeps the bottom half-and-top half (paper: 2 -> [0, L-1])."""
+    if not 1 <= num_layers <= total:
+        raise UsageError(f"--num_layers {num_layers} out of range: the teacher has {total} layers (1..{total})")
+    if strategy == "bottom":
+        return list(range(num_layers))
+    if strategy == "top":
+        return list(range(total - num_layers, total))
+    if strategy == "uniform":
+        return sorted({round(i * (total - 1) / max(num_layers - 1, 1)) for i in range(num_layers)})
+    bottom = num_layers // 2
+    return list(range(bottom)) + list(range(total - (num_layers - bottom), total))
+
+
+def find_layers(hf_model):
+    """(parent, attribute, depth field, blocks) of a BERT/MPNet/RoBERTa/DistilBERT model's transformer layers."""
+    for path, field in LAYER_LAYOUTS:
+        obj = hf_model
+        *parents, last = path.split(".")
+        try:
+            for name in parents:
+                obj = getattr(obj, name)
+            layers = getattr(obj, last)
+        except AttributeError:
+            continue
+        return obj, last, field, layers
+    raise UsageError(
+        f"unsupported architecture {hf_model.__class__.__name__}: layer reduction knows BERT, MPNet, RoBERTa and "
+        "DistilBERT layouts; use --student_model_init pretrained instead"
+    )
+
+
+def config_depth(model_path) -> int | None:
+    """The number of transformer layers a model folder's config.json declares, without loading it."""
+    with contextlib.suppress(OSError, ValueError):
+        config = json.loads((Path(model_path) / "config.json").read_text())
+        return next((config[f] for _, f in LAYER_LAYOUTS if isinstance(config.get(f), int)), None)
+    return None
+
+
+def num_teacher_layers(teacher) -> int:
+    return len(find_layers(teacher[0].auto_model)[3])
+
+
+def layer_reduced_student(teacher, keep: list[int]):
+    """A deep copy of the teacher with only the `keep` transformer layers; config updated so it reloads."""
+    total = num_teacher_layers(teacher)
+    if len(set(keep)) != len(keep):
+        raise UsageError(f"--layers {keep} has duplicates; give each layer id once")
+    bad = [i for i in keep if not 0 <= i < total]
+    if bad:
+        raise UsageError(f"--layers {bad} out of range: the teacher has {total} layers (ids 0..{total - 1})")
+    student = copy.deepcopy(teacher)
+    hf = student[0].auto_model
+    parent, attr, field, layers = find_layers(hf)
+    setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in sorted(keep)]))
+    setattr(hf.config, field, len(keep))
+    if isinstance(getattr(hf.config, "layer_types", None), list):
+        hf.config.layer_types = [hf.config.layer_types[i] for i in sorted(keep)]
+    return student
+
+
+def set_dropout(model, p: float) -> None:
+    """Set every dropout in a student (modules and HF config, so a reload keeps it) to p."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+        config = getattr(m, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for field in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout"):
+                if isinstance(getattr(config, field, None), float):
+                    setattr(config, field, p)
+
+
+def pretrained_student(name: str, teacher, device: str, data_dir: str):
+    """A small pretrained model as student, with a trainable Dense projection to the teacher's dimension."""
+    from sentence_transformers import models
+
+    student, _ = loading.load_model(name, device=device, data_dir=data_dir)
+    s_dim, t_dim = student.get_embedding_dimension(), teacher.get_embedding_dimension()
+    if s_dim != t_dim:
+        logger.info("student %s is %d-d, teacher %d-d: adding a Dense projection", name, s_dim, t_dim)
+        student.append(models.Dense(s_dim, t_dim, bias=True, activation_function=torch.nn.Identity()).to(device))
+        if encoder_settings(teacher, "query")["normalize"]:
+            student.append(models.Normalize())
+    student.prompts = dict(teacher.prompts)  # the student answers for the teacher's query side
+    student.similarity_fn_name = teacher.similarity_fn_name
+    return student
+
+
+def static_student(teacher, device: str, batch_size: int = 512):
+    """A StaticEmbedding student whose row for each token is the teacher's own embedding of that token alone.
+
+    No PCA: the table stays in the teacher's embedding space, so it can be aligned with the same losses.
+    """
+    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+    from tqdm.auto import tqdm
+
+    tok = teacher.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise UsageError("--student_model_init static needs a teacher with a fast (tokenizers) tokenizer")
+    vocab = len(tok)
+    specials = [i for i in (tok.cls_token_id, tok.sep_token_id) if i is not None]
+    rows = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, vocab, batch_size), desc="static student: teacher per-token outputs"):
+            ids = torch.arange(start, min(start + batch_size, vocab))
+            # [CLS] token [SEP], as the teacher sees a one-token query
+            input_ids = torch.stack([torch.tensor([*specials[:1], int(i), *specials[1:]]) for i in ids]).to(device)
+            feats = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+            if "token_type_ids" in tok.model_input_names:
+                feats["token_type_ids"] = torch.zeros_like(input_ids)
+            rows.append(teacher(feats)["sentence_embedding"].float().cpu())
+    table = torch.cat(rows)
+    # every one-token input shares [CLS]/[SEP], a common component that swamps the token: centring removes it
+    # (on MS MARCO queries, cosine to the teacher before training 0.39 -> 0.55), a translation within its space
+    table = table - table.mean(0, keepdim=True)
+    # its own copy of the tokenizer: the teacher's HF tokenizer turns padding back on whenever it encodes, and
+    # padded ids would leak into StaticEmbedding's bag-of-tokens mean
+    from tokenizers import Tokenizer
+
+    static = StaticEmbedding(Tokenizer.from_str(tok.backend_tokenizer.to_str()), embedding_weights=table)
+    modules = [static]
+    if encoder_settings(teacher, "query")["normalize"]:
+        modules.append(models.Normalize())
+    student = SentenceTransformer(modules=modules, device=device, similarity_fn_name=teacher.similarity_fn_name)
+    student.prompts = dict(teacher.prompts)
+    return student
+
+
+def save_asymmetric(student, teacher, path):
+    """One folder, one SentenceTransformer: encode_query runs the student, encode_document the teacher."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Router
+
+    router = Router.for_query_document(query_modules=list(student), document_modules=list(teacher))
+    model = SentenceTransformer(
+        modules=[router],
+        device=str(teacher.device),
+        prompts=dict(teacher.prompts),
+        similarity_fn_name=teacher.similarity_fn_name,
+    )
+    with common.atomic_dir(path) as tmp:
+        model.save(str(tmp))
+
+
+def build_student(
+    init: str,
+    teacher,
+    device: str,
+    layers=None,
+    num_layers=2,
+    strategy="top_bottom",
+    freeze_embeddings=False,
+    dropout=None,
+    max_seq_length=128,
+    data_dir=".",
+    batch_size=256,
+):
+    """(student, info): init is layer_reduction, static, or a pretrained model's HF id/path.
+
+    Layer ids are checked against the teacher here, so a caller can fail fast before any labelling.
+    """
+    if init == "layer_reduction":
+        total = num_teacher_layers(teacher)
+        keep = sorted(layers) if layers else choose_layers(total, num_layers, strategy)
+        student = layer_reduced_student(teacher, keep)
+        if freeze_embeddings:
+            student[0].auto_model.embeddings.requires_grad_(False)
+        info = {"student_init": init, "layers": keep, "teacher_layers": total}
+    elif init == "static":
+        student, info = static_student(teacher, device, batch_size), {"student_init": "static"}
+    else:
+        student, info = pretrained_student(init, teacher, device, data_dir), {"student_init": init}
+    if dropout is not None:
+        set_dropout(student, dropout)
+    if init != "static":
+        student.max_seq_length = max_seq_length  # the student is a query encoder
+    return student, info
