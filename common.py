@@ -115,15 +115,27 @@ def _temp_beside(path: Path, folder: bool) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path):
-    """Yield a temp path beside `path`; on success it replaces `path`: a reader never sees half a file."""
+def atomic_file(path: str | Path, folder: bool = False):
+    """Yield a temp file (or folder) beside `path`; on success it replaces `path`, on failure it is removed.
+
+    A reader never sees half a file, and a crash leaves only a temp that the next write cleans up.
+    """
     path = Path(path)
-    tmp = _temp_beside(path, folder=False)
+    tmp = _temp_beside(path, folder)
     try:
         yield tmp
+        if folder and path.exists():
+            shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def atomic_dir(path: str | Path):
+    return atomic_file(path, folder=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -133,21 +145,6 @@ def write_text(path: str | Path, text: str) -> None:
 
 def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path):
-    """Yield a temp folder beside `path`; on success it replaces `path`, on failure it is removed."""
-    path = Path(path)
-    tmp = _temp_beside(path, folder=True)
-    try:
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_writable(path: str | Path) -> None:

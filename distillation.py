@@ -132,35 +132,25 @@ def resume_point(run_dir: Path, resume: str | None) -> str | None:
     return str(path)
 
 
-def plan_runs(args, teacher_slug: str, teacher_path: Path) -> list[dict]:
-    """One entry per student to train, with its run folder, checked before any work."""
-    if args.student_model_init == "pretrained":
-        root = args.run_name or f"{teacher_slug}-pretrained"
-        names = [common.slug(Path(m).name) for m in args.student_model_init_list]
-        names = [n if names[:i].count(n) == 0 else f"{n}~{names[:i].count(n) + 1}" for i, n in enumerate(names)]
-        plans = [
-            {"init": m, "run_dir": Path(args.output_path) / root / n}
-            for m, n in zip(args.student_model_init_list, names)
-        ]
-    else:
-        total = students.config_depth(teacher_path)
-        keep = (
-            sorted(args.layers)
-            if args.layers
-            else total and students.choose_layers(total, args.num_layers, args.layer_strategy)
-        )
-        layers = "-".join(map(str, keep)) if keep else f"{args.num_layers}{args.layer_strategy}"
-        default = f"{teacher_slug}-static" if args.student_model_init == "static" else f"{teacher_slug}-L{layers}"
-        plans = [{"init": args.student_model_init, "run_dir": Path(args.output_path) / (args.run_name or default)}]
-    for plan in plans:
-        run_dir = plan["run_dir"]
-        if (
-            run_dir.is_dir()
-            and any(run_dir.iterdir())
-            and not (args.overwrite_output_dir or args.resume_from_checkpoint)
-        ):
+def run_names(init: str, inits: list[str], run_name: str | None, teacher: str, layers: list[int] | None) -> list:
+    """(student init, run folder name) per student: <run_name>/<student> for pretrained ones, unique names."""
+    teacher = common.slug(Path(teacher).name)
+    if init != "pretrained":
+        default = f"{teacher}-static" if init == "static" else f"{teacher}-L{'-'.join(map(str, layers or []))}"
+        return [(init, run_name or default)]
+    names = [common.slug(Path(m).name) for m in inits]
+    names = [n if names[:i].count(n) == 0 else f"{n}~{names[:i].count(n) + 1}" for i, n in enumerate(names)]
+    return [(m, f"{run_name or teacher + '-pretrained'}/{n}") for m, n in zip(inits, names)]
+
+
+def plan_runs(names, output_path, overwrite: bool, resume: str | None) -> list[dict]:
+    """One entry per student: its run folder (refused when it holds another run) and its resume point."""
+    plans = []
+    for init, name in names:
+        run_dir = Path(output_path) / name
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not (overwrite or resume):
             raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
-        plan["resume"] = resume_point(run_dir, args.resume_from_checkpoint)
+        plans.append({"init": init, "run_dir": run_dir, "resume": resume_point(run_dir, resume)})
     return plans
 
 
@@ -218,26 +208,15 @@ def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metri
     }
 
 
-def training_texts(args, teacher, teacher_path, train_texts, dev_texts, triples):
-    """(texts, label rows, dev labels, evaluator score settings, top-k, facts): teacher labels and score targets.
+def teacher_targets(teacher, label, train_texts, dev_texts, triples, augment: int, seed: int):
+    """(texts, teacher embeddings, extra label columns, dev embeddings, triples' passage embeddings, facts).
 
-    A label row is [teacher embedding | top-k doc rows (score terms) | pos row, neg row, margin (triples)].
+    `label(texts)` returns cached teacher query embeddings; with triples the texts are the triples' queries
+    and the extra columns [pos row, neg row, margin] point into the passages' teacher embeddings.
     """
-
-    def label(texts):
-        return cache.teacher_labels(
-            teacher,
-            teacher_path,
-            texts,
-            args.output_path,
-            args.max_seq_length,
-            args.label_batch_size,
-            args.label_devices,
-        )
-
-    facts, docs, extra = {"augmented_variants": 0}, None, np.zeros((len(train_texts), 0), np.float32)
-    if args.augment:
-        variants = data.augment_queries(train_texts, args.augment, teacher.tokenizer.mask_token or "[MASK]", args.seed)
+    facts, docs, extra = {"augmented_variants": 0}, None, None
+    if augment:
+        variants = data.augment_queries(train_texts, augment, teacher.tokenizer.mask_token or "[MASK]", seed)
         train_texts, facts["augmented_variants"] = train_texts + variants, len(variants)
     if triples is not None:
         queries, passages, rows = triples
@@ -250,100 +229,73 @@ def training_texts(args, teacher, teacher_path, train_texts, dev_texts, triples)
     else:
         train_emb, facts["train_labels_cached"] = label(train_texts)
     dev_emb, facts["dev_labels_cached"] = label(dev_texts)
-    if args.score_corpus:
-        corpus, file = data.load_corpus(args.score_corpus)
-        if (file.parent / "qrels").is_dir():
-            logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot", file.parent)
-        docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
-    score, top_k = None, 0
-    if set(args.loss) & set(losses.SCORE_TERMS):
-        t0 = time.perf_counter()
-        top, score = losses.score_targets(
-            train_emb,
-            dev_emb,
-            docs,
-            args.kl_top_k,
-            args.kl_negatives,
-            loading.similarity_name(teacher),
-            args.kl_temperature,
-            args.seed,
-        )
-        top_k, facts["candidate_seconds"] = top.shape[1], round(time.perf_counter() - t0, 2)
-        extra = np.concatenate([top, extra], 1)
-    labels = np.concatenate([train_emb, extra], 1) if extra.shape[1] else train_emb
-    return train_texts, labels, dev_emb, score, top_k, facts
+    return train_texts, train_emb, extra, dev_emb, docs, facts
+
+
+def check_inputs(args):
+    """Everything a user can get wrong, checked before any model loads or any folder is made."""
+    if (args.fp16 or args.bf16) and not common.pick_device(args.device).startswith("cuda"):
+        raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {common.pick_device(args.device)}")
+    files = [data.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in args.train_queries]
+    train, dev = data.train_and_dev_queries(files, args.dev_queries, args.num_dev_queries, args.max_train_queries,
+                                            args.seed)  # fmt: skip
+    triples = args.margin_triples and data.read_triples(args.margin_triples, files, args.triples_collection, train,
+                                                        args.max_train_queries, args.seed)  # fmt: skip
+    score_corpus = data.load_corpus(args.score_corpus) if args.score_corpus else None
+    teacher_path = loading.resolve_model_path(args.teacher_model, args.data_dir)
+    for name in args.student_model_init_list:
+        loading.resolve_model_path(name, args.data_dir)
+    total = students.config_depth(teacher_path)  # the default run name holds the layer ids
+    keep = sorted(args.layers) if args.layers else total and students.choose_layers(total, args.num_layers,
+                                                                                    args.layer_strategy)  # fmt: skip
+    names = run_names(args.student_model_init, args.student_model_init_list, args.run_name, args.teacher_model, keep)
+    plans = plan_runs(names, args.output_path, args.overwrite_output_dir, args.resume_from_checkpoint)
+    return files, train, dev, triples or None, score_corpus, teacher_path, plans
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.start_run(args.log_level, args.seed, args.output_path)
     device = common.pick_device(args.device)
-    if (args.fp16 or args.bf16) and not device.startswith("cuda"):
-        raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {device}; drop them")
-    # everything a user can get wrong is checked before any model loads or any folder is made
-    files = [data.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in args.train_queries]
-    train_texts, dev_texts = data.train_and_dev_queries(
-        files, args.dev_queries, args.num_dev_queries, args.max_train_queries, args.seed
-    )
-    triples = None
-    if args.margin_triples:
-        triples = data.read_triples(
-            args.margin_triples, files, args.triples_collection, train_texts, args.max_train_queries, args.seed
-        )
-    if args.score_corpus:
-        data.load_corpus(args.score_corpus)
-    teacher_path = loading.resolve_model_path(args.teacher_model, args.data_dir)
-    for name in args.student_model_init_list:
-        loading.resolve_model_path(name, args.data_dir)
-    plans = plan_runs(args, common.slug(Path(args.teacher_model).name), teacher_path)
+    files, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args)
     teacher, _ = loading.load_model(args.teacher_model, device, path=teacher_path)
-    student_settings = {
-        "layers": args.layers,
-        "num_layers": args.num_layers,
-        "strategy": args.layer_strategy,
-        "freeze_embeddings": args.freeze_embeddings,
-        "dropout": args.student_dropout,
-        "max_seq_length": args.max_seq_length,
-        "data_dir": args.data_dir,
-        "batch_size": args.label_batch_size,
-    }
+    student_settings = {"layers": args.layers, "num_layers": args.num_layers, "strategy": args.layer_strategy,
+                        "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,
+                        "max_seq_length": args.max_seq_length, "data_dir": args.data_dir,
+                        "batch_size": args.label_batch_size}  # fmt: skip
     if args.student_model_init == "layer_reduction":  # bad layer ids fail before any labelling
         students.build_student("layer_reduction", teacher, device, **student_settings)
     logger.info("%d training texts, %d validation queries from %s", len(train_texts), len(dev_texts), files)
-    texts, labels, dev_labels, score, top_k, facts = training_texts(
-        args, teacher, teacher_path, train_texts, dev_texts, triples
-    )
+
+    def label(texts):
+        return cache.teacher_labels(teacher, teacher_path, texts, args.output_path, args.max_seq_length,
+                                    args.label_batch_size, args.label_devices)  # fmt: skip
+
+    texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, train_texts, dev_texts, triples,
+                                                                    args.augment, args.seed)  # fmt: skip
+    if score_corpus is not None:
+        corpus, file = score_corpus
+        if (file.parent / "qrels").is_dir():
+            logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot", file.parent)
+        docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
+    similarity, score, top = loading.similarity_name(teacher), None, np.zeros((len(texts), 0), np.float32)
+    if set(args.loss) & set(losses.SCORE_TERMS):  # each query's teacher top-k, found once here
+        t0 = time.perf_counter()
+        top, score = losses.score_targets(labels, dev_labels, docs, args.kl_top_k, args.kl_negatives, similarity,
+                                          args.kl_temperature, args.seed)  # fmt: skip
+        facts["candidate_seconds"] = round(time.perf_counter() - t0, 2)
+    # a label row: [teacher embedding | top-k doc rows (score terms) | pos row, neg row, margin (triples)]
+    labels = np.concatenate([labels, top, *([] if extra is None else [extra])], 1)
     config = common.run_info(vars(args))
     config.update(teacher_path=str(teacher_path), train_files=[str(f) for f in files], device=device)
-    hp = {
-        k: getattr(args, k)
-        for k in (
-            "per_device_train_batch_size",
-            "per_device_eval_batch_size",
-            "learning_rate",
-            "warmup_steps",
-            "num_train_epochs",
-            "adam_epsilon",
-            "weight_decay",
-            "eval_steps",
-            "logging_steps",
-            "save_total_limit",
-            "seed",
-            "fp16",
-            "bf16",
-        )
-    }
-    loss_settings = {
-        "docs": score and score["docs"],
-        "similarity": loading.similarity_name(teacher),
-        "temperature": args.kl_temperature,
-        "top_k": top_k,
-        "negatives": args.kl_negatives,
-        "seed": args.seed,
-        "margin_scale": args.margin_scale,
-    }
+    hp = {k: getattr(args, k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
+          "warmup_steps", "num_train_epochs", "adam_epsilon", "weight_decay", "eval_steps", "logging_steps",
+          "save_total_limit", "seed", "fp16", "bf16")}  # fmt: skip
+    loss_settings = {"docs": docs, "similarity": similarity, "temperature": args.kl_temperature,
+                     "top_k": top.shape[1], "negatives": args.kl_negatives, "seed": args.seed,
+                     "margin_scale": args.margin_scale}  # fmt: skip
     results = []
-    for plan in plans:  # one student per plan, trained on the same labels
+    for plan in plans:  # one student per plan, all trained on the same targets
         run_dir = plan["run_dir"]
         if args.overwrite_output_dir and not plan["resume"] and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -364,8 +316,7 @@ def main(argv=None) -> dict:
         if args.save_asymmetric:
             students.save_asymmetric(student, teacher, run_dir / "asymmetric")
         if args.push_to_hub:
-            many = len(plans) > 1
-            student.push_to_hub(f"{args.hub_model_id}-{run_dir.name}" if many else args.hub_model_id)
+            student.push_to_hub(f"{args.hub_model_id}-{run_dir.name}" if len(plans) > 1 else args.hub_model_id)
         results.append(metrics)
     return {"runs": results}
 

@@ -60,7 +60,7 @@ def test_margin_mse_from_corpus(shared_output):
     """margin_mse alone: on unseen queries, the student's top-1 vs rank-5 margin moves toward the teacher's."""
     import torch
 
-    m = distill(shared_output, "margin", "--num_layers", "2", "--max_train_queries", "1000",
+    m = distill(shared_output, "margin", "--num_layers", "2", "--max_train_queries", "1000", "--num_train_epochs", "3",
                 "--loss", "margin_mse:1.0", "--score_corpus", str(DATA / "cranfield"))  # fmt: skip
     assert np.isfinite(m["train_loss"])
     teacher, path = loading.load_model(MINILM)

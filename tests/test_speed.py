@@ -1,4 +1,4 @@
-"""evaluate_speed.py: the table's shape follows the plan on any machine; int8 really quantizes; no ratio is asserted."""
+"""evaluate_speed.py: the rows follow the plan on any machine; int8 really quantizes; no ratio is asserted."""
 
 import json
 
