@@ -328,3 +328,55 @@ def load_corpus(path: str | Path) -> tuple[dict, Path]:
     if not corpus:
         raise UsageError(f"corpus {file} holds no documents")
     return corpus, file
+
+
+# ----------------------------------------------------------------------------- document text as training text
+
+
+def corpus_source(spec: str, data_dir: str | Path) -> tuple[dict, Path, set[str]]:
+    """(corpus, corpus file, its evaluation query texts lower-cased) for `corpus:<BEIR folder, name or tsv>`."""
+    name = spec.split(":", 1)[1]
+    path = Path(name)
+    folder = path if path.is_file() else dataset_path(name, data_dir)
+    corpus, file = load_corpus(folder)
+    queries = file.parent / "queries.jsonl" if file.name == "corpus.jsonl" else None
+    held_out = (
+        {" ".join(q.split()).lower() for q in read_queries(queries).values()}
+        if queries and queries.is_file()
+        else set()
+    )
+    return corpus, file, held_out
+
+
+def sample_spans(
+    corpus: dict, n: int, lengths: list[int], seed: int, title_share: float = 0.3, exclude=()
+) -> list[str]:
+    """n distinct query-like texts from documents: titles (title_share of them) and word windows.
+
+    Window lengths are drawn from `lengths` (word counts of real queries); half the windows start at a
+    sentence start, as queries rarely begin mid-sentence. Texts in `exclude` (lower-cased: evaluation and
+    validation queries) are never returned. Seeded: the same arguments give the same texts.
+    """
+    rng = random.Random(seed)
+    ids = sorted(corpus)
+    seen, out = set(exclude), []
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        doc = corpus[ids[rng.randrange(len(ids))]]
+        title = " ".join((doc.get("title") or "").split())
+        words = doc.get("text", "").split()
+        if title and (rng.random() < title_share or not words):
+            text = title
+        elif words:
+            size = min(len(words), rng.choice(lengths))
+            starts = [0] + [i + 1 for i, w in enumerate(words[:-1]) if w.endswith((".", "?", "!"))]
+            start = rng.choice(starts) if rng.random() < 0.5 else rng.randrange(len(words))
+            start = min(start, len(words) - size)
+            text = " ".join(words[start : start + size])
+        else:
+            continue
+        if text and text.lower() not in seen:
+            seen.add(text.lower())
+            out.append(text)
+    return out
