@@ -206,6 +206,25 @@ def cosine_rows(a, b) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
 
 
+def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats, warmup) -> list[dict]:
+    """One row per (variant, batch size, mode) on one device; speedups against the reference model in fp32."""
+    cosine = {k: float(cosine_rows(m.encode_query(texts, batch_size=64), ref).mean()) for k, (m, ref) in
+              variants.items()}  # fmt: skip
+    rows = []
+    for bs in batch_sizes:
+        for mode in ("end_to_end", "forward"):
+            times = measure(variants, texts, bs, mode, device, repeats, warmup)
+            ref = ((reference, "fp32"), times[(reference, "fp32")]) if (reference, "fp32") in times else None
+            for (name, variant), per_round in times.items():
+                rows.append({"model": name, **facts[name], "device": device, "variant": variant, "batch_size": bs,
+                             "mode": mode, **summarize((name, variant), per_round, ref, len(texts)),
+                             "cosine_vs_fp32": cosine[(name, variant)]})  # fmt: skip
+                sp = rows[-1].get("speedup")
+                logger.info("%s %s %s b=%d %s: p50 %.2f ms%s", name, device, variant, bs, mode, rows[-1]["p50_ms"],
+                            f", speedup {sp['median']:.2f}x" if sp else "")  # fmt: skip
+    return rows
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.start_run(args.log_level, args.seed, args.output_path)
@@ -243,36 +262,9 @@ def main(argv=None) -> dict:
                 m, why = onnx_variant(paths[name], device)
                 variants.update({(name, "onnx"): (m, ref_emb)} if m else {})
                 notes += [f"{name} onnx on {device}: {why}"] if why else []
-        cosine = {
-            k: float(cosine_rows(m.encode_query(texts, batch_size=64), ref).mean()) for k, (m, ref) in variants.items()
-        }
-        ref_key = (args.models[0], "fp32")
-        for bs in args.batch_sizes:
-            for mode in ("end_to_end", "forward"):
-                times = measure(variants, texts, bs, mode, device, args.repeats, max(args.warmup, 1))
-                reference = (ref_key, times[ref_key]) if ref_key in times else None
-                for (name, variant), per_round in times.items():
-                    row = {
-                        "model": name,
-                        **model_facts(base[name]),
-                        "device": device,
-                        "variant": variant,
-                        "batch_size": bs,
-                        "mode": mode,
-                        **summarize((name, variant), per_round, reference, len(texts)),
-                        "cosine_vs_fp32": cosine[(name, variant)],
-                    }
-                    rows.append(row)
-                    logger.info(
-                        "%s %s %s b=%d %s: p50 %.2f ms%s",
-                        name,
-                        device,
-                        variant,
-                        bs,
-                        mode,
-                        row["p50_ms"],
-                        f", speedup {row['speedup']['median']:.2f}x" if "speedup" in row else "",
-                    )
+        facts = {name: model_facts(model) for name, model in base.items()}
+        rows += device_rows(variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats,
+                            max(args.warmup, 1))  # fmt: skip
     result = {
         "config": common.run_info(vars(args)),
         "num_threads": args.num_threads,
