@@ -74,6 +74,14 @@ def positive(text: str) -> float:
     return value
 
 
+def share(text: str) -> float:
+    """argparse type: a fraction in [0, 1)."""
+    value = positive(text) if text.strip() not in ("0", "0.0") else 0.0
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be < 1")
+    return value
+
+
 # ----------------------------------------------------------------------------- files
 
 

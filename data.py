@@ -380,3 +380,40 @@ def sample_spans(
             seen.add(text.lower())
             out.append(text)
     return out
+
+
+def training_texts(query_files, corpora, dev_file=None, num_dev=1000, max_train=None, corpus_share=0.5, seed=42,
+                   span_words=None, title_share=0.3):  # fmt: skip
+    """(train texts, dev texts, texts per source): real queries mixed with document text.
+
+    corpora: (name, corpus, held-out query texts) per `corpus:` source. max_train counts all training texts;
+    a corpus_share of them are sampled from the corpora (split evenly), the rest are queries. Without
+    max_train, all queries are used and spans are added in proportion. Span lengths follow the training
+    queries' word counts (or span_words = (min, max)); no span equals a validation or evaluation query.
+    """
+    share = corpus_share if corpora else 0.0
+    if not query_files and not max_train:
+        raise UsageError("training on document text alone needs --max_train_queries N (how many texts to sample)")
+    train, dev, counts = [], [], {}
+    if query_files:
+        n_queries = None if max_train is None else max(1, round(max_train * (1 - share)))
+        train, dev = train_and_dev_queries(query_files, dev_file, num_dev, n_queries, seed)
+        counts["queries"] = len(train)
+    elif dev_file:
+        dev = clean_queries(read_queries(dev_file).values())
+    n_spans = (max_train - len(train)) if max_train else round(len(train) * share / (1 - share))
+    lengths = list(range(span_words[0], span_words[1] + 1)) if span_words else None
+    lengths = lengths or [min(max(len(t.split()), 2), 32) for t in train] or list(range(4, 17))
+    exclude = {t.lower() for t in train + dev}
+    hold_out = not dev  # document text alone and no --dev_queries: validation spans are held out of the sample
+    for i, (name, corpus, held_out) in enumerate(corpora):
+        n = n_spans // len(corpora) + (i < n_spans % len(corpora))
+        k = num_dev // len(corpora) if hold_out else 0
+        spans = sample_spans(corpus, n + k, lengths, seed + 17 * (i + 1), title_share, exclude | held_out)
+        dev, spans = dev + spans[:k], spans[k:]
+        exclude |= {s.lower() for s in spans}
+        train += spans
+        counts[name] = len(spans)
+    if not train or not dev:
+        raise UsageError("no training or validation texts left; pass more queries, a corpus, or --dev_queries FILE")
+    return train, dev, counts

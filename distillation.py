@@ -34,7 +34,7 @@ import data
 import loading
 import losses
 import students
-from common import UsageError, positive, positive_int
+from common import UsageError, positive, positive_int, share
 
 logger = logging.getLogger("qdistill.distillation")
 
@@ -51,8 +51,17 @@ def parse_args(argv=None):
     add("--student_dropout", type=float, default=None, help="default: the teacher's; 0 fits regression targets")
     add("--freeze_embeddings", action="store_true", help="keep the token embeddings fixed (cheaper steps)")
     add = p.add_argument_group("data").add_argument
-    add("--train_queries", nargs="+", default=["msmarco"], help="'msmarco' or files (tsv id<TAB>text, jsonl, txt)")
-    add("--max_train_queries", type=positive_int, default=None, help="seeded sample of this many queries")
+    add(
+        "--train_queries",
+        nargs="+",
+        default=["msmarco"],
+        help="'msmarco', query files (tsv id<TAB>text, jsonl, txt), and corpus:<BEIR name, folder or collection tsv>\n"
+        "(document text: titles and query-length windows); e.g. msmarco corpus:scifact",
+    )
+    add("--max_train_queries", type=positive_int, default=None, help="seeded sample of this many training texts")
+    add("--corpus_text_share", type=share, default=0.5, help="share of training texts from corpus: sources")
+    add("--span_words", type=positive_int, nargs=2, metavar=("MIN", "MAX"), help="window lengths (default: queries')")
+    add("--title_share", type=share, default=0.3, help="share of document texts that are titles")
     add("--dev_queries", default=None, help="validation queries (default: a held-out training slice)")
     add("--num_dev_queries", type=positive_int, default=1000, help="size of the held-out slice")
     add("--data_dir", default=common.DATA_DIR, help="downloads and assembled offline models go here")
@@ -60,6 +69,7 @@ def parse_args(argv=None):
     add("--augment", type=int, default=0, choices=range(11), metavar="0..10", help="perturbed variants per query")
     add = p.add_argument_group("objective").add_argument
     add("--loss", default="mse", type=losses.parse_loss, help="mse, cosine, or weighted terms, e.g. mse:1.0,kl:5.0")
+    add("--token_loss_weight", type=float, default=0.0, help="also match the teacher's last-layer token states")
     add("--score_corpus", default=None, help="BEIR folder or collection tsv for kl/margin_mse (not an eval set)")
     add("--kl_temperature", type=positive, default=0.05)
     add("--kl_top_k", type=positive_int, default=32, help="teacher top-k documents per query")
@@ -110,6 +120,10 @@ def parse_args(argv=None):
         p.error("--augment applies to plain query training, not to --margin_triples")
     if args.student_dropout is not None and not 0 <= args.student_dropout < 1:
         p.error("--student_dropout must be in [0, 1)")
+    if args.token_loss_weight and args.student_model_init != "layer_reduction":
+        p.error("--token_loss_weight needs --student_model_init layer_reduction (same tokenizer and width)")
+    if args.token_loss_weight < 0:
+        p.error("--token_loss_weight must be >= 0")
     if args.warmup_steps < 0:
         p.error("--warmup_steps must be >= 0")
     return args
@@ -236,9 +250,19 @@ def check_inputs(args):
     """Everything a user can get wrong, checked before any model loads or any folder is made."""
     if (args.fp16 or args.bf16) and not common.pick_device(args.device).startswith("cuda"):
         raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {common.pick_device(args.device)}")
-    files = [data.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in args.train_queries]
-    train, dev = data.train_and_dev_queries(files, args.dev_queries, args.num_dev_queries, args.max_train_queries,
-                                            args.seed)  # fmt: skip
+    specs = [q for q in args.train_queries if not q.startswith("corpus:")]
+    files = [data.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in specs]
+    corpora, sources = [], {"query_files": [str(f) for f in files], "corpora": []}
+    for spec in (q for q in args.train_queries if q.startswith("corpus:")):
+        corpus, file, held_out = data.corpus_source(spec, args.data_dir)
+        corpora.append((spec, corpus, held_out))
+        sources["corpora"].append({"spec": spec, "corpus_file": str(file), "corpus_sha256": cache.sha256_file(file)})
+    train, dev, counts = data.training_texts(files, corpora, args.dev_queries, args.num_dev_queries,
+                                             args.max_train_queries, args.corpus_text_share, args.seed,
+                                             args.span_words, args.title_share)  # fmt: skip
+    for c in sources["corpora"]:
+        c["texts"] = counts[c["spec"]]
+    sources["queries"] = counts.get("queries", 0)
     triples = args.margin_triples and data.read_triples(args.margin_triples, files, args.triples_collection, train,
                                                         args.max_train_queries, args.seed)  # fmt: skip
     score_corpus = data.load_corpus(args.score_corpus) if args.score_corpus else None
@@ -250,14 +274,14 @@ def check_inputs(args):
                                                                                     args.layer_strategy)  # fmt: skip
     names = run_names(args.student_model_init, args.student_model_init_list, args.run_name, args.teacher_model, keep)
     plans = plan_runs(names, args.output_path, args.overwrite_output_dir, args.resume_from_checkpoint)
-    return files, train, dev, triples or None, score_corpus, teacher_path, plans
+    return files, sources, train, dev, triples or None, score_corpus, teacher_path, plans
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.start_run(args.log_level, args.seed, args.output_path)
     device = common.pick_device(args.device)
-    files, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args)
+    files, sources, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args)
     teacher, _ = loading.load_model(args.teacher_model, device, path=teacher_path)
     student_settings = {"layers": args.layers, "num_layers": args.num_layers, "strategy": args.layer_strategy,
                         "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,
@@ -265,7 +289,7 @@ def main(argv=None) -> dict:
                         "batch_size": args.label_batch_size}  # fmt: skip
     if args.student_model_init == "layer_reduction":  # bad layer ids fail before any labelling
         students.build_student("layer_reduction", teacher, device, **student_settings)
-    logger.info("%d training texts, %d validation queries from %s", len(train_texts), len(dev_texts), files)
+    logger.info("%d training texts (%s), %d validation texts", len(train_texts), sources, len(dev_texts))
 
     def label(texts):
         return cache.teacher_labels(teacher, teacher_path, texts, args.output_path, args.max_seq_length,
@@ -287,7 +311,7 @@ def main(argv=None) -> dict:
     # a label row: [teacher embedding | top-k doc rows (score terms) | pos row, neg row, margin (triples)]
     labels = np.concatenate([labels, top, *([] if extra is None else [extra])], 1)
     config = common.run_info(vars(args))
-    config.update(teacher_path=str(teacher_path), train_files=[str(f) for f in files], device=device)
+    config.update(teacher_path=str(teacher_path), train_text_sources=sources, device=device)
     hp = {k: getattr(args, k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
           "warmup_steps", "num_train_epochs", "adam_epsilon", "weight_decay", "eval_steps", "logging_steps",
           "save_total_limit", "seed", "fp16", "bf16")}  # fmt: skip
@@ -303,9 +327,13 @@ def main(argv=None) -> dict:
         try:
             student, info = students.build_student(plan["init"], teacher, device, **student_settings)
             common.write_json(run_dir / "config.json", {**config, "student": info})  # first: a crash still says what
-            loss = losses.make_loss(student, args.loss, teacher.get_embedding_dimension(), **loss_settings)
+            loss = losses.make_loss(
+                student, args.loss, teacher.get_embedding_dimension(), args.token_loss_weight, teacher, **loss_settings
+            )
             evaluator = losses.make_evaluator(dev_texts, dev_labels, args.per_device_eval_batch_size, score)
-            metrics = train_one(student, run_dir, texts, labels, evaluator, loss, dict(hp), device, plan["resume"])
+            metrics = train_one(
+                student, run_dir, texts, labels, evaluator, loss, dict(hp), device, plan["resume"], sources
+            )
         except BaseException:
             # a run that failed before its first checkpoint leaves nothing that blocks the corrected rerun
             if created and not list(run_dir.glob("checkpoints/checkpoint-*")):
@@ -321,7 +349,7 @@ def main(argv=None) -> dict:
     return {"runs": results}
 
 
-def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resume) -> dict:
+def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resume, sources) -> dict:
     """Train one student, save the best validation checkpoint as final/, and return its metrics."""
     # the best checkpoint by MSE to the teacher, or by KL when only score terms are trained
     embed = not isinstance(loss, losses.QueryDistillLoss) or set(loss.weights) & set(losses.EMBED_TERMS)
@@ -341,6 +369,8 @@ def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resu
     final = evaluator(student)
     with common.atomic_dir(run_dir / "final") as tmp:
         student.save(str(tmp), model_name=run_dir.name)
+        # travels with the model: evaluate_retrieval.py marks collections whose text it trained on as in-domain
+        common.write_json(tmp / "training_text.json", sources)
     metrics = {
         "num_dev_queries": len(evaluator.target_sentences),
         "initial_dev_mse": -initial["dev_negative_mse"] / 100,

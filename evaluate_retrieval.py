@@ -102,40 +102,64 @@ def fmt(x, digits=3):
 
 
 def results_table(rows: list[dict], datasets: list[str], teacher: str) -> str:
-    """Markdown: rows = models, columns = nDCG@10 per dataset (retention), mean retention of nDCG@10 and R@100."""
+    """Markdown: rows = models, columns = nDCG@10 per dataset (retention; * = the student trained on that
+    collection's text), then mean retention of nDCG@10 and R@100 over zero-shot and in-domain-text datasets
+    apart: the two are never mixed into one number."""
     by = {(r["model"], r["dataset"]): r for r in rows}
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    head = ["model", *[f"{d} nDCG@10" for d in datasets], "mean ret. nDCG@10", "mean ret. R@100"]
+    kinds = ("zero-shot", "in-domain")
+    head = [
+        "model",
+        *[f"{d} nDCG@10" for d in datasets],
+        *[f"{k} ret. {m}" for m in ("nDCG@10", "R@100") for k in kinds],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in models:
-        cells, ret, ret100 = [m + (" (teacher)" if m == teacher else "")], [], []
+    for m in dict.fromkeys(r["model"] for r in rows):
+        cells, ret = [m + (" (teacher)" if m == teacher else "")], {(k, x): [] for k in kinds for x in ("n", "r")}
         for d in datasets:
             r, t = by.get((m, d)), by.get((teacher, d))
             if r is None:
                 cells.append("-")
                 continue
-            if t and t["metrics"]["NDCG@10"] > 0:
-                ret.append(r["metrics"]["NDCG@10"] / t["metrics"]["NDCG@10"])
-            if t and t["metrics"].get("Recall@100", 0) > 0:
-                ret100.append(r["metrics"]["Recall@100"] / t["metrics"]["Recall@100"])
-            cells.append(f"{fmt(r['metrics']['NDCG@10'])} ({fmt(ret[-1], 2) if t else '-'})")
-        cells += [fmt(np.mean(ret) if ret else None), fmt(np.mean(ret100) if ret100 else None)]
+            kind = "in-domain" if r.get("in_domain_text") else "zero-shot"
+            ratio = {x: r["metrics"][k] / t["metrics"][k] if t and t["metrics"].get(k) else None
+                     for x, k in (("n", "NDCG@10"), ("r", "Recall@100"))}  # fmt: skip
+            for x, v in ratio.items():
+                if v is not None:
+                    ret[(kind, x)].append(v)
+            mark = "*" if kind == "in-domain" else ""
+            cells.append(f"{fmt(r['metrics']['NDCG@10'])} ({fmt(ratio['n'], 2)}){mark}")
+        cells += [fmt(np.mean(ret[(k, x)]) if ret[(k, x)] else None) for x in ("n", "r") for k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n\\* the student trained on text of this collection (in-domain text)\n"
+
+
+def text_sources(model_path: Path) -> dict | None:
+    """What a student trained on, from the training_text.json distillation.py writes into final/."""
+    path = Path(model_path) / "training_text.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def in_domain(sources: dict | None, folder: Path, corpus_sha256: str) -> bool:
+    """A collection is in-domain for a student that trained on its documents or on queries from its folder."""
+    if not sources:
+        return False
+    if corpus_sha256 in {c["corpus_sha256"] for c in sources.get("corpora", [])}:
+        return True
+    return any(Path(f).resolve().is_relative_to(folder.resolve()) for f in sources.get("query_files", []))
 
 
 def group_rows(rows: list[dict]) -> list[dict]:
     """Add one averaged row per (model, group) for grouped datasets (CQADupStack = mean of its forums)."""
-    groups = {}
+    groups, inside = {}, {}
     for r in rows:
         if r.get("group"):
             groups.setdefault((r["model"], r["group"]), []).append(r["metrics"])
+            inside[(r["model"], r["group"])] = inside.get((r["model"], r["group"])) or r.get("in_domain_text", False)
     extra = []
     for (model, group), ms in groups.items():
         keys = set.intersection(*(set(m) for m in ms))
-        extra.append(
-            {"model": model, "dataset": group, "metrics": {k: float(np.mean([m[k] for m in ms])) for k in keys}}
-        )
+        mean = {k: float(np.mean([m[k] for m in ms])) for k in keys}
+        extra.append({"model": model, "dataset": group, "metrics": mean, "in_domain_text": inside[(model, group)]})
     return [r for r in rows if not r.get("group")] + extra
 
 
@@ -170,6 +194,8 @@ def main(argv=None) -> dict:
                 f"{teacher.get_embedding_dimension()}-d; train it with distillation.py against this teacher"
             )
     sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
+    sources = {name: text_sources(paths[name]) for name in names}
+    corpus_sha = {folder: cache.sha256_file(folder / "corpus.jsonl") for _, folder, *_ in datasets}
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
 
     rows = []
@@ -216,6 +242,9 @@ def main(argv=None) -> dict:
             record = {**records[name], "dataset": dname, "dataset_path": str(folder), "split": split}
             if name != args.teacher_model:
                 record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
+                record["training_text_sources"] = sources[name]
+                record["in_domain_text"] = in_domain(sources[name], folder, corpus_sha[folder])
+                record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
             record["data_stats"] = data_stats
             if name in {p[0] for p in pending}:  # fresh results are written; reused ones stay as they are
                 common.write_json(out_root / common.slug(name) / f"{dname}.json", record)

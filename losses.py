@@ -69,8 +69,13 @@ class QueryDistillLoss(nn.Module):
         negatives=32,
         seed=42,
         margin_scale=1.0,
+        teacher=None,
+        token_weight=0.0,
     ):
         super().__init__()
+        # the frozen teacher's transformer, for the token term; kept out of the module tree (never trained/saved)
+        self.__dict__["teacher_encoder"] = teacher[0].eval() if teacher is not None and token_weight else None
+        self.token_weight = token_weight
         self.model, self.weights, self.dim, self.similarity = model, weights, dim, similarity
         self.temperature, self.top_k, self.negatives, self.margin_scale = temperature, top_k, negatives, margin_scale
         self.docs = None if docs is None else torch.as_tensor(np.asarray(docs), dtype=torch.float32)
@@ -79,7 +84,9 @@ class QueryDistillLoss(nn.Module):
         self.gen = torch.Generator().manual_seed(seed)
 
     def forward(self, sentence_features, labels):
-        s = self.model(sentence_features[0])["sentence_embedding"]
+        features = sentence_features[0]
+        out = self.model(dict(features))
+        s = out["sentence_embedding"]
         t = labels[:, : self.dim].to(s.dtype)
         top = labels[:, self.dim : self.dim + self.top_k].long()
         triple = labels[:, self.dim + self.top_k :]
@@ -103,7 +110,14 @@ class QueryDistillLoss(nn.Module):
             s_n = F.normalize(s, dim=-1) if self.similarity == "cosine" else s
             margin = (s_n * pos).sum(-1) - (s_n * neg).sum(-1)
             terms["margin_mse"] = F.mse_loss(margin, triple[:, 2].to(s.dtype) * self.margin_scale)
-        return sum(self.weights[k] * v for k, v in terms.items())
+        loss = sum(self.weights[k] * v for k, v in terms.items())
+        if self.teacher_encoder is not None:  # last-layer token states, masked to real tokens
+            with torch.no_grad():
+                t_tok = self.teacher_encoder(dict(features))["token_embeddings"]
+            mask = features["attention_mask"].unsqueeze(-1).to(s.dtype)
+            err = ((out["token_embeddings"] - t_tok.to(s.dtype)) ** 2 * mask).sum() / (mask.sum() * s.shape[-1])
+            loss = loss + self.token_weight * err
+        return loss
 
     def get_config_dict(self):
         return {
@@ -115,15 +129,16 @@ class QueryDistillLoss(nn.Module):
         }
 
 
-def make_loss(student, weights, dim, **score_settings):
-    """sentence-transformers' own losses for one embedding term; QueryDistillLoss for weighted or score terms."""
+def make_loss(student, weights, dim, token_weight=0.0, teacher=None, **score_settings):
+    """sentence-transformers' own losses for one embedding term; QueryDistillLoss for weighted, score or token
+    terms."""
     from sentence_transformers.sentence_transformer import losses
 
-    if weights == {"mse": 1.0}:
+    if weights == {"mse": 1.0} and not token_weight:
         return losses.MSELoss(student)
-    if weights == {"cosine": 1.0}:
+    if weights == {"cosine": 1.0} and not token_weight:
         return losses.EmbedDistillLoss(student, distance_metric="cosine")
-    return QueryDistillLoss(student, weights, dim, **score_settings)
+    return QueryDistillLoss(student, weights, dim, teacher=teacher, token_weight=token_weight, **score_settings)
 
 
 def make_evaluator(dev_texts, dev_labels, batch_size, score=None):
