@@ -27,6 +27,7 @@ import cache
 import common
 import data
 import loading
+import serving
 from common import UsageError, positive_int
 from search import build_faiss, search, unit
 
@@ -186,12 +187,16 @@ def main(argv=None) -> dict:
     paths = {name: loading.resolve_model_path(name, args.data_dir) for name in names}
     teacher, _ = loading.load_model(args.teacher_model, device, path=paths[args.teacher_model])
     models = {args.teacher_model: teacher}
-    for name in names[1:]:
-        models[name], _ = loading.load_model(name, device, path=paths[name])
-        if models[name].get_embedding_dimension() != teacher.get_embedding_dimension():
+    for name in names[1:]:  # an ONNX Runtime export is evaluated through the lean query path it deploys with
+        exported = serving.is_export(paths[name])
+        models[name] = (
+            serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, paths[name])[0]
+        )
+        dim = models[name].meta["dim"] if exported else models[name].get_embedding_dimension()
+        if dim != teacher.get_embedding_dimension():
             raise UsageError(
-                f"{name} gives {models[name].get_embedding_dimension()}-d embeddings but the teacher index is "
-                f"{teacher.get_embedding_dimension()}-d; train it with distillation.py against this teacher"
+                f"{name} gives {dim}-d embeddings but the teacher index is {teacher.get_embedding_dimension()}-d; "
+                "train it with distillation.py against this teacher"
             )
     sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
     sources = {name: text_sources(paths[name]) for name in names}
@@ -271,7 +276,11 @@ def evaluate_models(pending, models, corpus, queries, qrels, doc_emb, doc_ids, i
     out = {}
     for name, path, key, key_digest in pending:
         t0 = time.perf_counter()
-        q_emb = models[name].encode_query(q_texts, batch_size=args.query_batch_size, convert_to_numpy=True)
+        model = models[name]
+        if isinstance(model, serving.LeanEncoder):
+            q_emb = model.encode(q_texts, batch_size=args.query_batch_size)
+        else:
+            q_emb = model.encode_query(q_texts, batch_size=args.query_batch_size, convert_to_numpy=True)
         enc_secs = time.perf_counter() - t0
         q_emb = unit(q_emb) if cosine else q_emb
         t0 = time.perf_counter()
@@ -280,6 +289,7 @@ def evaluate_models(pending, models, corpus, queries, qrels, doc_emb, doc_ids, i
         metrics = evaluate(qrels, results, args.k_values)
         out[name] = {
             "model": name,
+            "backend": serving.backend_name(model.meta) if isinstance(model, serving.LeanEncoder) else "torch",
             "teacher": args.teacher_model,
             "similarity": sim,
             "index": args.index,

@@ -7,8 +7,11 @@ speedup per variant (reference time / variant time), reported as median and rang
         --queries scifact --devices cpu cuda --batch_sizes 1 8 32 128
     python evaluate_speed.py --models T S --queries $DATA_DIR/scifact --quantize none int8 --precision fp32 fp16
 
-The first model is the reference (the teacher, fp32). Timed: `encode_query` end to end (tokenization
-included) and the model forward alone on pre-tokenized input. Outputs output/speed/<run_name>.{json,md}.
+The first model is the reference (the teacher). Timed: end to end (tokenization included) and the model
+forward alone on pre-tokenized input, for torch (`encode_query`) and for the ONNX Runtime export through the
+lean query path (`--backend onnx`; exports are cached under output/onnx/). Each speedup is given twice:
+against the teacher on the same backend and precision, and against the teacher as users run it today
+(torch fp32 `encode_query`). Outputs output/speed/<run_name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+import cache
 import common
 import data
 import loading
+import serving
 from common import UsageError, positive_int
 
 logger = logging.getLogger("qdistill.speed")
@@ -44,7 +49,13 @@ def parse_args(argv=None):
     add("--batch_sizes", type=positive_int, nargs="+", default=[1, 32])
     add("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"], help="fp16/bf16: GPU")
     add("--quantize", nargs="+", default=["none"], choices=["none", "int8"], help="int8: dynamic, CPU")
-    add("--onnx", action="store_true", help="also time sentence-transformers' ONNX Runtime backend")
+    add(
+        "--backend",
+        nargs="+",
+        default=["torch"],
+        choices=["torch", "onnx"],
+        help="torch: SentenceTransformer.encode_query; onnx: the exported model through the lean query path (CPU)",
+    )
     add("--num_threads", type=positive_int, default=os.cpu_count(), help="CPU threads (default: all cores)")
     add("--repeats", type=positive_int, default=5, help="interleaved rounds")
     add("--warmup", type=int, default=10, help="untimed calls per model before timing")
@@ -95,16 +106,6 @@ def make_variant(model, device: str, variant: str):
     return copy.deepcopy(model).to(device)
 
 
-def onnx_variant(path, device: str):
-    from sentence_transformers import SentenceTransformer
-
-    try:
-        provider = "CUDAExecutionProvider" if device.startswith("cuda") else "CPUExecutionProvider"
-        return SentenceTransformer(str(path), backend="onnx", model_kwargs={"provider": provider}), None
-    except Exception as e:  # noqa: BLE001 - missing optimum or an export failure: report, not crash
-        return None, f"ONNX Runtime backend unavailable ({str(e).splitlines()[0][:100]})"
-
-
 def time_calls(fn, inputs, device: str) -> list[float]:
     """Seconds per call of fn(x), synchronizing around each call on GPU."""
     import torch
@@ -122,13 +123,26 @@ def time_calls(fn, inputs, device: str) -> list[float]:
 
 
 def callable_for(model, batches, mode: str):
-    """(fn, inputs) timed for one mode: encode_query end to end, or the forward on pre-tokenized batches."""
+    """(fn, inputs) timed for one mode: end to end from texts, or the forward on pre-tokenized batches."""
     from sentence_transformers.util import batch_to_device
 
+    if isinstance(model, Floor):  # the tokenizer alone: the floor of any query path
+        return model.encoder.tokenize, batches
+    if isinstance(model, serving.LeanEncoder):
+        if mode == "end_to_end":
+            return (lambda b: model.encode(b, batch_size=len(b))), batches
+        return model.forward, [model.features(b) for b in batches]
     if mode == "end_to_end":
         return (lambda b: model.encode_query(b, batch_size=len(b))), batches
     prompt = model.prompts.get("query") or None  # the same prompt encode_query prepends
     return model, [batch_to_device(model.preprocess(b, prompt=prompt), model.device) for b in batches]
+
+
+class Floor:
+    """Marks the tokenizer-only timing of an exported model."""
+
+    def __init__(self, encoder):
+        self.encoder = encoder
 
 
 def measure(variants, texts, batch_size, mode, device, repeats, warmup) -> dict:
@@ -144,24 +158,15 @@ def measure(variants, texts, batch_size, mode, device, repeats, warmup) -> dict:
     return times
 
 
-def summarize(key, per_round, reference, n_texts) -> dict:
+def summarize(per_round, references: dict, n_texts) -> dict:
+    """Latency percentiles and, per reference (name -> per-round times), one speedup per interleaved round."""
     flat = np.asarray([t for r in per_round for t in r]) * 1000
-    row = {
-        "p50_ms": float(np.percentile(flat, 50)),
-        "p90_ms": float(np.percentile(flat, 90)),
-        "p99_ms": float(np.percentile(flat, 99)),
-        "mean_ms": float(flat.mean()),
-        "calls": len(flat),
-        "queries_per_second": n_texts * len(per_round) / (flat.sum() / 1000),
-    }
-    if reference is not None and key != reference[0]:  # one ratio per round: reference total / variant total
-        ratios = [sum(a) / sum(b) for a, b in zip(reference[1], per_round)]
-        row["speedup"] = {
-            "median": float(np.median(ratios)),
-            "min": min(ratios),
-            "max": max(ratios),
-            "per_round": ratios,
-        }
+    row = {"p50_ms": float(np.percentile(flat, 50)), "p90_ms": float(np.percentile(flat, 90)),
+           "p99_ms": float(np.percentile(flat, 99)), "mean_ms": float(flat.mean()), "calls": len(flat),
+           "queries_per_second": n_texts * len(per_round) / (flat.sum() / 1000)}  # fmt: skip
+    for field, ref in references.items():
+        ratios = [sum(a) / sum(b) for a, b in zip(ref, per_round)]  # reference total / this variant's total
+        row[field] = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios), "per_round": ratios}
     return row
 
 
@@ -171,24 +176,28 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
         "layers",
         "params (M)",
         "device",
+        "backend",
         "variant",
         "batch",
         "mode",
         "p50 ms",
         "p90 ms",
         "q/s",
-        "speedup vs teacher",
-        "cos vs fp32",
+        "speedup vs teacher, same backend",
+        "speedup vs teacher today (torch fp32)",
+        "cos vs torch fp32",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ratio(sp):
+        return f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "-"
+
     for r in rows:
-        sp = r.get("speedup")
-        sp = f"{sp['median']:.2f}x ({sp['min']:.2f}-{sp['max']:.2f})" if sp else "-"
-        lines.append(
-            f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['device']} | {r['variant']} | "
-            f"{r['batch_size']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-            f"{r['queries_per_second']:.0f} | {sp} | {r['cosine_vs_fp32']:.4f} |"
-        )
+        cos = "-" if r["cosine_vs_fp32"] is None else f"{r['cosine_vs_fp32']:.4f}"
+        lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['device']} | {r['backend']} | "
+                     f"{r['variant']} | {r['batch_size']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+                     f"{r['queries_per_second']:.0f} | {ratio(r.get('speedup_same_backend'))} | "
+                     f"{ratio(r.get('speedup'))} | {cos} |")  # fmt: skip
     return "\n".join(lines) + "\n" + "".join(f"\nnote: {n}" for n in notes) + "\n"
 
 
@@ -207,22 +216,46 @@ def cosine_rows(a, b) -> np.ndarray:
 
 
 def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats, warmup) -> list[dict]:
-    """One row per (variant, batch size, mode) on one device; speedups against the reference model in fp32."""
-    cosine = {k: float(cosine_rows(m.encode_query(texts, batch_size=64), ref).mean()) for k, (m, ref) in
-              variants.items()}  # fmt: skip
-    rows = []
+    """One row per (variant, batch size, mode) on one device. variants: (model, backend, variant) ->
+    (object to time, the model's torch fp32 embeddings). Speedups: against the reference model's torch fp32
+    (what users run today) and against its own row of the same backend and variant."""
+    cosine = {k: None if isinstance(m, Floor) else float(cosine_rows(encode(m, texts), ref).mean())
+              for k, (m, ref) in variants.items()}  # fmt: skip
+    rows, today = [], (reference, "torch", "fp32")
     for bs in batch_sizes:
         for mode in ("end_to_end", "forward"):
-            times = measure(variants, texts, bs, mode, device, repeats, warmup)
-            ref = ((reference, "fp32"), times[(reference, "fp32")]) if (reference, "fp32") in times else None
-            for (name, variant), per_round in times.items():
-                rows.append({"model": name, **facts[name], "device": device, "variant": variant, "batch_size": bs,
-                             "mode": mode, **summarize((name, variant), per_round, ref, len(texts)),
-                             "cosine_vs_fp32": cosine[(name, variant)]})  # fmt: skip
+            chosen = {k: v for k, v in variants.items() if mode == "end_to_end" or not isinstance(v[0], Floor)}
+            times = measure(chosen, texts, bs, mode, device, repeats, warmup)
+            for key, per_round in times.items():
+                name, backend, variant = key
+                same = (reference, backend, variant if backend != "numpy" else "fp32")
+                same = same if same in times else (reference, "onnx", "fp32")
+                refs = {"speedup": today, "speedup_same_backend": same}
+                refs = {k: times[r] for k, r in refs.items() if r in times and r != key}
+                rows.append({"model": name, **facts[name], "device": device, "backend": backend, "variant": variant,
+                             "batch_size": bs, "mode": mode, **summarize(per_round, refs, len(texts)),
+                             "cosine_vs_fp32": cosine[key]})  # fmt: skip
                 sp = rows[-1].get("speedup")
-                logger.info("%s %s %s b=%d %s: p50 %.2f ms%s", name, device, variant, bs, mode, rows[-1]["p50_ms"],
-                            f", speedup {sp['median']:.2f}x" if sp else "")  # fmt: skip
+                logger.info("%s %s %s %s b=%d %s: p50 %.2f ms%s", name, device, backend, variant, bs, mode,
+                            rows[-1]["p50_ms"], f", speedup {sp['median']:.2f}x" if sp else "")  # fmt: skip
     return rows
+
+
+def encode(model, texts):
+    if isinstance(model, serving.LeanEncoder):
+        return model.encode(texts)
+    return model.encode_query(texts, batch_size=64)
+
+
+def exported(name, path, output_path, texts, int8: bool) -> dict:
+    """{variant: LeanEncoder} of a model's ONNX Runtime export, made once per model content under output/onnx/."""
+    folder = Path(output_path) / "onnx" / f"{common.slug(name)}-{cache.model_fingerprint(path)}"
+    if not any(serving.is_export(folder / v) for v in ("fp32", "static")) or (
+        int8 and not (folder / "static").exists() and not serving.is_export(folder / "int8")
+    ):
+        serving.export(path, folder, texts[:200], int8=int8)
+    wanted = ["static"] if (folder / "static").exists() else ["fp32"] + (["int8"] if int8 else [])
+    return {v: serving.LeanEncoder(folder / v) for v in wanted}
 
 
 def main(argv=None) -> dict:
@@ -232,6 +265,8 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(args.num_threads)  # recorded; torch.utils.benchmark would silently use 1
     plan, notes = plan_variants(args.devices, args.precision, args.quantize, torch.cuda.is_available())
+    if "onnx" in args.backend and "cpu" not in args.devices:
+        notes.append("onnx: timed on cpu only (ONNX Runtime's CPU provider)")
     if not plan:
         raise UsageError(f"nothing to time on this machine ({'; '.join(notes)}); add --devices cpu --precision fp32")
     texts = load_query_texts(args.queries, args.data_dir)
@@ -253,15 +288,18 @@ def main(argv=None) -> dict:
         notes.append(INT8_NOTE)
     rows = []
     for device in dict.fromkeys(d for d, _ in plan):
-        variants = {}  # (model, variant) -> (model object, fp32 reference embeddings)
+        variants = {}  # (model, backend, variant) -> (object to time, the model's torch fp32 embeddings)
         for name, model in base.items():
             ref_emb = model.to(device).encode_query(texts, batch_size=64)
             for _, variant in [p for p in plan if p[0] == device]:
-                variants[(name, variant)] = (make_variant(model, device, variant), ref_emb)
-            if args.onnx:
-                m, why = onnx_variant(paths[name], device)
-                variants.update({(name, "onnx"): (m, ref_emb)} if m else {})
-                notes += [f"{name} onnx on {device}: {why}"] if why else []
+                variants[(name, "torch", variant)] = (make_variant(model, device, variant), ref_emb)
+            if "onnx" in args.backend and device == "cpu":
+                for variant, enc in exported(
+                    name, paths[name], args.output_path, texts, "int8" in args.quantize
+                ).items():
+                    backend = "numpy" if variant == "static" else "onnx"
+                    variants[(name, backend, "fp32" if variant == "static" else variant)] = (enc, ref_emb)
+                    variants.setdefault((name, "tokenizer only", "-"), (Floor(enc), ref_emb))
         facts = {name: model_facts(model) for name, model in base.items()}
         rows += device_rows(variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats,
                             max(args.warmup, 1))  # fmt: skip

@@ -69,7 +69,7 @@ def resolve_model_path(name: str, data_dir: str | Path = DATA_DIR) -> Path:
     """Turn an HF id or local folder into a local folder: local path, HF cache/hub, then pip-packaged copies."""
     p = Path(name)
     if p.is_dir():
-        if (p / "modules.json").exists() or (p / "config.json").exists():
+        if (p / "modules.json").exists() or (p / "config.json").exists() or (p / "export.json").exists():
             return p
         if (p / "final" / "modules.json").exists():
             raise UsageError(f"{name} is a distillation run folder, not a model; did you mean {p / 'final'}?")

@@ -24,15 +24,17 @@ def test_speed_rows_follow_the_plan_real_models(minilm_student, tmp_path):
     assert saved["num_threads"] == 2 and saved["config"]["hardware"]["cpu"]
     assert saved["token_lengths"]["count"] == 24 and saved["token_lengths"]["p50"] > 3
     plan, notes = es.plan_variants(["cpu", "cuda"], ["fp32", "fp16"], ["none", "int8"], torch.cuda.is_available())
-    expected = {(m, d, v, b, mode) for m in (MINILM, student) for d, v in plan for b in (1, 8)
+    expected = {(m, d, "torch", v, b, mode) for m in (MINILM, student) for d, v in plan for b in (1, 8)
                 for mode in ("end_to_end", "forward")}  # fmt: skip
     rows = out["results"]
-    assert {(r["model"], r["device"], r["variant"], r["batch_size"], r["mode"]) for r in rows} == expected
+    assert {
+        (r["model"], r["device"], r["backend"], r["variant"], r["batch_size"], r["mode"]) for r in rows
+    } == expected
     assert len(rows) == len(expected) and all(n in out["notes"] for n in notes) and es.INT8_NOTE in out["notes"]
     for r in rows:
         assert 0 < r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] and r["calls"] == 2 * -(-24 // r["batch_size"])
-        is_reference = (r["model"], r["device"], r["variant"]) == (MINILM, "cpu", "fp32")
-        assert ("speedup" in r) == (not is_reference and r["device"] == "cpu"), r
+        is_reference = (r["model"], r["backend"], r["variant"]) == (MINILM, "torch", "fp32")
+        assert ("speedup" in r) == (not is_reference), r
         if "speedup" in r:  # the median of the per-round ratios, one per interleaved round
             assert len(r["speedup"]["per_round"]) == 2
             assert r["speedup"]["median"] == pytest.approx(float(np.median(r["speedup"]["per_round"])))

@@ -1,0 +1,78 @@
+"""Serving: ONNX Runtime export of a real 2-layer MiniLM student, the lean query path, and its retention."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import DATA, MINILM, make_tiny, needs_data
+from sentence_transformers import SentenceTransformer
+from test_retrieval import DOCS, make_beir
+
+import common
+import data
+import evaluate_retrieval as er
+import evaluate_speed as es
+import serving
+import students
+
+
+def cosine(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.slow
+@needs_data
+def test_export_lean_path_and_exported_retention(minilm_student, tmp_path):
+    queries = list(data.read_queries(DATA / "scifact" / "queries.jsonl").values())
+    out = serving.main(["--model", minilm_student["final_path"], "--queries", str(DATA / "scifact"),
+                        "--output_path", str(tmp_path / "onnx"), "--log_level", "warning"])  # fmt: skip
+    assert out["fp32"]["cosine_to_torch"] >= 0.999 and out["int8"]["cosine_to_torch"] >= 0.98
+    torch_emb = SentenceTransformer(minilm_student["final_path"], device="cpu").encode_query(queries[300:500])
+    fp32 = serving.LeanEncoder(tmp_path / "onnx" / "fp32").encode(queries[300:500])
+    int8 = serving.LeanEncoder(tmp_path / "onnx" / "int8").encode(queries[300:500])
+    assert cosine(fp32, torch_emb).min() >= 0.999 and cosine(int8, torch_emb).mean() >= 0.98
+    assert cosine(int8, torch_emb).mean() < 0.99999, "int8 really is quantized"
+
+    folder = make_beir(tmp_path / "tiny", DOCS, {"q1": "purring mammal", "q2": "rocket thrust"},
+                       {"q1": {"d1": 1}, "q2": {"d2": 1}})  # fmt: skip
+    res = er.main(["--teacher_model", MINILM, "--models", str(tmp_path / "onnx" / "int8"), "--datasets", str(folder),
+                   "--output_path", str(tmp_path / "o"), "--log_level", "warning"])  # fmt: skip
+    row = next(r for r in res["rows"] if r["model"] == str(tmp_path / "onnx" / "int8"))
+    saved = json.loads((tmp_path / "o" / "retrieval" / common.slug(MINILM) / common.slug(row["model"]) /
+                        "tiny.json").read_text())  # fmt: skip
+    assert saved["backend"] == "onnxruntime int8" and 0 <= row["retention_ndcg@10"] <= 1.5
+
+    speed = es.main(["--models", MINILM, minilm_student["final_path"], "--queries", str(DATA / "scifact"),
+                     "--num_queries", "16", "--repeats", "1", "--warmup", "1", "--batch_sizes", "1",
+                     "--backend", "torch", "onnx", "--quantize", "none", "int8", "--output_path", str(tmp_path),
+                     "--log_level", "warning"])  # fmt: skip
+    backends = {(r["model"], r["backend"], r["variant"]) for r in speed["results"]}
+    assert (minilm_student["final_path"], "onnx", "int8") in backends and (MINILM, "tokenizer only", "-") in backends
+    lean = next(r for r in speed["results"] if r["backend"] == "onnx" and r["model"] != MINILM)
+    assert "speedup" in lean and "speedup_same_backend" in lean and lean["cosine_vs_fp32"] >= 0.98
+
+
+def test_a_model_that_cannot_be_exported_fails_cleanly(tiny_bert, tmp_path, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    teacher = SentenceTransformer(tiny_bert, device="cpu")
+    students.save_asymmetric(
+        SentenceTransformer(make_tiny(tmp_path / "s", "bert", seed=3)), teacher, tmp_path / "asym"
+    )
+    (tmp_path / "q.tsv").write_text("1\ta query\n2\tanother query\n")
+    argv = ["--model", str(tmp_path / "asym"), "--queries", str(tmp_path / "q.tsv"), "--output_path",
+            str(tmp_path / "onnx")]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
+        common.cli(serving.main, argv)
+    assert e.value.code == 2 and "Router" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir()), "no half-written export"
+
+
+def test_tiny_export_round_trip(tiny_bert, tmp_path):
+    """fp32 export of a tiny BERT equals the torch model through the lean path (no real model: fast tier)."""
+    texts = ["a query about cats", "rocket engines", "x"]
+    out = serving.export(tiny_bert, tmp_path / "onnx", texts, int8=False)
+    assert out["fp32"]["cosine_to_torch"] >= 0.9999
+    lean = serving.LeanEncoder(tmp_path / "onnx" / "fp32")
+    ref = SentenceTransformer(tiny_bert, device="cpu").encode_query(texts)
+    assert np.allclose(lean.encode(texts), ref, atol=1e-4)
