@@ -173,7 +173,8 @@ def teacher_index(
     if (folder / "meta.json").exists():
         meta = json.loads((folder / "meta.json").read_text())
         logger.info("reusing teacher index %s (%d docs)", folder, meta["num_docs"])
-        return np.load(folder / "embeddings.npy", mmap_mode="r"), json.loads((folder / "ids.json").read_text()), meta
+        ids = json.loads((folder / "ids.json").read_text())
+        return np.load(folder / "embeddings.npy", mmap_mode="r"), ids, {**meta, "folder": str(folder)}
 
     ids = sorted(corpus)
     texts = [doc_text(corpus[i]) for i in ids]
@@ -210,4 +211,4 @@ def teacher_index(
         if pool is not None:
             teacher.stop_multi_process_pool(pool)
     logger.info("built teacher index %s: %d docs in %.1fs", folder, len(ids), meta["encode_seconds"])
-    return np.load(folder / "embeddings.npy", mmap_mode="r"), ids, meta
+    return np.load(folder / "embeddings.npy", mmap_mode="r"), ids, {**meta, "folder": str(folder)}

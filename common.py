@@ -82,6 +82,44 @@ def share(text: str) -> float:
     return value
 
 
+def distributed(device: str) -> tuple[int, int, str]:
+    """(rank, world size, this process's device) under torchrun or accelerate launch; (0, 1, device) otherwise.
+
+    The process group is set up here (gloo on CPU, nccl on GPUs) so ranks can wait for each other before the
+    trainer starts; the trainer's DDP then uses it.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.startswith("cuda"):
+        device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world, device
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first(rank: int):
+    """Rank 0 runs the block first (filling caches); the other ranks run it after, reading what it wrote."""
+    if rank != 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()
+
+
 # ----------------------------------------------------------------------------- files
 
 

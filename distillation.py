@@ -168,12 +168,13 @@ def plan_runs(names, output_path, overwrite: bool, resume: str | None) -> list[d
     return plans
 
 
-def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metric: str, device: str, resume) -> dict:
+def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metric: str, device: str, resume,
+          world: int = 1) -> dict:  # fmt: skip
     """Train with SentenceTransformerTrainer; the best validation checkpoint is loaded at the end."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    steps = max(1, int(-(-len(texts) // hp["per_device_train_batch_size"]) * hp["num_train_epochs"]))
+    steps = max(1, int(-(-len(texts) // (hp["per_device_train_batch_size"] * world)) * hp["num_train_epochs"]))
     warmup, eval_steps = min(hp.pop("warmup_steps"), steps // 10), min(hp.pop("eval_steps"), steps)
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
@@ -280,8 +281,9 @@ def check_inputs(args):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.start_run(args.log_level, args.seed, args.output_path)
-    device = common.pick_device(args.device)
-    files, sources, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args)
+    rank, world, device = common.distributed(common.pick_device(args.device))
+    with common.main_first(rank):  # one download of the training queries, however many ranks
+        files, sources, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args)
     teacher, _ = loading.load_model(args.teacher_model, device, path=teacher_path)
     student_settings = {"layers": args.layers, "num_layers": args.num_layers, "strategy": args.layer_strategy,
                         "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,
@@ -295,13 +297,16 @@ def main(argv=None) -> dict:
         return cache.teacher_labels(teacher, teacher_path, texts, args.output_path, args.max_seq_length,
                                     args.label_batch_size, args.label_devices)  # fmt: skip
 
-    texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, train_texts, dev_texts, triples,
-                                                                    args.augment, args.seed)  # fmt: skip
-    if score_corpus is not None:
-        corpus, file = score_corpus
-        if (file.parent / "qrels").is_dir():
-            logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot", file.parent)
-        docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
+    with common.main_first(rank):  # under torchrun, rank 0 labels and indexes; the others read its caches
+        texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, train_texts, dev_texts,
+                                                                        triples, args.augment, args.seed)  # fmt: skip
+        if score_corpus is not None:
+            corpus, file = score_corpus
+            if (file.parent / "qrels").is_dir():
+                logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot",
+                               file.parent)  # fmt: skip
+            docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
+    facts.update(world_size=world, teacher_label_runs_this_process=cache.COUNTERS["label_runs"])
     similarity, score, top = loading.similarity_name(teacher), None, np.zeros((len(texts), 0), np.float32)
     if set(args.loss) & set(losses.SCORE_TERMS):  # each query's teacher top-k, found once here
         t0 = time.perf_counter()
@@ -311,7 +316,7 @@ def main(argv=None) -> dict:
     # a label row: [teacher embedding | top-k doc rows (score terms) | pos row, neg row, margin (triples)]
     labels = np.concatenate([labels, top, *([] if extra is None else [extra])], 1)
     config = common.run_info(vars(args))
-    config.update(teacher_path=str(teacher_path), train_text_sources=sources, device=device)
+    config.update(teacher_path=str(teacher_path), train_text_sources=sources, device=device, world_size=world)
     hp = {k: getattr(args, k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
           "warmup_steps", "num_train_epochs", "adam_epsilon", "weight_decay", "eval_steps", "logging_steps",
           "save_total_limit", "seed", "fp16", "bf16")}  # fmt: skip
@@ -321,35 +326,37 @@ def main(argv=None) -> dict:
     results = []
     for plan in plans:  # one student per plan, all trained on the same targets
         run_dir = plan["run_dir"]
-        if args.overwrite_output_dir and not plan["resume"] and run_dir.exists():
+        if rank == 0 and args.overwrite_output_dir and not plan["resume"] and run_dir.exists():
             shutil.rmtree(run_dir)
         created = not run_dir.exists()
         try:
             student, info = students.build_student(plan["init"], teacher, device, **student_settings)
-            common.write_json(run_dir / "config.json", {**config, "student": info})  # first: a crash still says what
+            if rank == 0:  # one writer; first, so a crashed run still says what it was
+                common.write_json(run_dir / "config.json", {**config, "student": info})
             loss = losses.make_loss(
                 student, args.loss, teacher.get_embedding_dimension(), args.token_loss_weight, teacher, **loss_settings
             )
             evaluator = losses.make_evaluator(dev_texts, dev_labels, args.per_device_eval_batch_size, score)
-            metrics = train_one(
-                student, run_dir, texts, labels, evaluator, loss, dict(hp), device, plan["resume"], sources
-            )
+            metrics = train_one(student, run_dir, texts, labels, evaluator, loss, dict(hp), device, plan["resume"],
+                                sources, rank, world)  # fmt: skip
         except BaseException:
             # a run that failed before its first checkpoint leaves nothing that blocks the corrected rerun
-            if created and not list(run_dir.glob("checkpoints/checkpoint-*")):
+            if rank == 0 and created and not list(run_dir.glob("checkpoints/checkpoint-*")):
                 shutil.rmtree(run_dir, ignore_errors=True)
             raise
         metrics = {"run_dir": str(run_dir), "final_path": str(run_dir / "final"), **info, **facts, **metrics}
-        common.write_json(run_dir / "metrics.json", {**metrics, "config": {**config, "student": info}})
-        if args.save_asymmetric:
-            students.save_asymmetric(student, teacher, run_dir / "asymmetric")
-        if args.push_to_hub:
-            student.push_to_hub(f"{args.hub_model_id}-{run_dir.name}" if len(plans) > 1 else args.hub_model_id)
+        if rank == 0:
+            common.write_json(run_dir / "metrics.json", {**metrics, "config": {**config, "student": info}})
+            if args.save_asymmetric:
+                students.save_asymmetric(student, teacher, run_dir / "asymmetric")
+            if args.push_to_hub:
+                student.push_to_hub(f"{args.hub_model_id}-{run_dir.name}" if len(plans) > 1 else args.hub_model_id)
         results.append(metrics)
+    common.barrier()  # no rank leaves before rank 0 has written everything
     return {"runs": results}
 
 
-def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resume, sources) -> dict:
+def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resume, sources, rank=0, world=1) -> dict:
     """Train one student, save the best validation checkpoint as final/, and return its metrics."""
     # the best checkpoint by MSE to the teacher, or by KL when only score terms are trained
     embed = not isinstance(loss, losses.QueryDistillLoss) or set(loss.weights) & set(losses.EMBED_TERMS)
@@ -365,12 +372,14 @@ def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resu
         "eval_dev_negative_mse" if embed else "eval_dev_negative_kl",
         device,
         resume,
+        world,
     )
     final = evaluator(student)
-    with common.atomic_dir(run_dir / "final") as tmp:
-        student.save(str(tmp), model_name=run_dir.name)
-        # travels with the model: evaluate_retrieval.py marks collections whose text it trained on as in-domain
-        common.write_json(tmp / "training_text.json", sources)
+    if rank == 0:
+        with common.atomic_dir(run_dir / "final") as tmp:
+            student.save(str(tmp), model_name=run_dir.name)
+            # travels with the model: evaluate_retrieval.py marks collections whose text it trained on as in-domain
+            common.write_json(tmp / "training_text.json", sources)
     metrics = {
         "num_dev_queries": len(evaluator.target_sentences),
         "initial_dev_mse": -initial["dev_negative_mse"] / 100,

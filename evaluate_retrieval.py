@@ -29,7 +29,7 @@ import data
 import loading
 import serving
 from common import UsageError, positive_int
-from search import build_faiss, search, unit
+from search import build_faiss, cached_faiss, search, unit
 
 logger = logging.getLogger("qdistill.retrieval")
 
@@ -267,7 +267,7 @@ def evaluate_models(pending, models, corpus, queries, qrels, doc_emb, doc_ids, i
     """{model name: record} for the models not evaluated before on this dataset; TREC runs on --save_run."""
     t0 = time.perf_counter()
     cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
-    index = build_faiss(doc_emb, args.index, args.seed, normalize=cosine)
+    index = cached_faiss(doc_emb, args.index, index_meta["folder"], args.seed, normalize=cosine)
     exact = build_faiss(doc_emb, "flat", normalize=cosine) if args.index != "flat" else None
     build_secs = time.perf_counter() - t0
     q_ids = sorted(queries)

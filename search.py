@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+import common
+
+BUILDS = {"approximate": 0}  # tests assert on this, not on time
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -35,6 +41,28 @@ def build_faiss(doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: 
     for start in range(0, n, chunk):  # add in chunks: the memmap never needs to be fully in RAM
         block = np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32)
         index.add(unit(block) if normalize else block)
+    return index
+
+
+def cached_faiss(doc_emb, kind: str, folder, seed: int = 42, normalize=False):
+    """flat: built in memory (a copy of the embeddings, nothing to train). hnsw/ivfpq: trained and built once,
+    written with faiss's own serialization beside the teacher embeddings they index, and read back after."""
+    import faiss
+
+    if kind == "flat":
+        return build_faiss(doc_emb, kind, seed, normalize=normalize)
+    path = Path(folder) / f"{kind}-seed{seed}.faiss"
+    if path.exists():
+        index = faiss.read_index(str(path))
+    else:
+        index = build_faiss(doc_emb, kind, seed, normalize=normalize)
+        BUILDS["approximate"] += 1
+        with common.atomic_file(path) as tmp:
+            faiss.write_index(index, str(tmp))
+    if kind == "hnsw":  # search-time settings, set again after reading
+        index.hnsw.efSearch = 128
+    else:
+        index.nprobe = max(1, index.nlist // 8)
     return index
 
 

@@ -203,8 +203,15 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
 
 @pytest.mark.slow
 @needs_data
-def test_approximate_indexes_report_recall(scifact_eval, shared_output):
+def test_approximate_indexes_report_recall_and_are_built_once(scifact_eval, shared_output):
+    import search
+
     for kind, floor in (("hnsw", 0.9), ("ivfpq", 0.3)):
-        out = run(["--teacher_model", MINILM, "--datasets", str(DATA / "scifact"), "--index", kind], shared_output)
-        row = out["rows"][0]
+        builds = search.BUILDS["approximate"]
+        argv = ["--teacher_model", MINILM, "--datasets", str(DATA / "scifact"), "--index", kind]
+        row = run(argv, shared_output)["rows"][0]
         assert row["index"] == kind and floor <= row["approx_recall"]["@10"] <= 1.0, row["approx_recall"]
+        assert search.BUILDS["approximate"] == builds + 1
+        again = run([*argv, "--overwrite"], shared_output)["rows"][0]  # re-evaluated, from the written index
+        assert search.BUILDS["approximate"] == builds + 1, "the second evaluation reads the written index"
+        assert again["metrics"] == row["metrics"] and again["approx_recall"] == row["approx_recall"]

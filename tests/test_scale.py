@@ -1,0 +1,62 @@
+"""Scaling out on CPU: torchrun DDP over gloo, multi-process labelling and indexing, reused approximate indexes."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import DATA, MINILM, ROOT, TRAIN_TSV, needs_data
+
+import cache
+import data
+import distillation
+import loading
+
+
+def cosine_rows(a, b):
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.mark.slow
+@needs_data
+def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
+    queries = tmp_path / "q.tsv"
+    queries.write_text("".join(TRAIN_TSV.read_text().splitlines(keepends=True)[:600]))
+    common = ["--teacher_model", MINILM, "--num_layers", "2", "--train_queries", str(queries),
+              "--num_dev_queries", "50", "--learning_rate", "1e-3", "--loss", "cosine", "--eval_steps", "4",
+              "--log_level", "info"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "distillation.py", *common,
+         "--per_device_train_batch_size", "32", "--output_path", str(tmp_path / "ddp"), "--run_name", "r"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert log.count("qdistill.cache: labelled") == 2, "train and dev labels, computed once (by rank 0)"
+    runs = list((tmp_path / "ddp").glob("*/final"))
+    assert [p.parent.name for p in runs] == ["r"] and (tmp_path / "ddp" / "r" / "config.json").exists()
+    ddp = json.loads((tmp_path / "ddp" / "r" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["config"]["world_size"] == 2
+    argv = [*common, "--per_device_train_batch_size", "64", "--output_path", str(tmp_path / "single"),
+            "--run_name", "r", "--log_level", "warning"]  # fmt: skip
+    single = distillation.main(argv)["runs"][0]
+    # the same global batch: DDP drops the uneven last batch (8 steps vs 9), so close, not equal
+    assert abs(ddp["train_steps"] - single["train_steps"]) <= 1
+    assert abs(ddp["dev_mse"] - single["dev_mse"]) < 0.15 * single["dev_mse"], (ddp["dev_mse"], single["dev_mse"])
+    assert ddp["dev_mse"] < 0.8 * ddp["initial_dev_mse"]
+
+
+@pytest.mark.slow
+@needs_data
+def test_multi_process_labelling_and_indexing_equal_single_process(tmp_path):
+    teacher, path = loading.load_model(MINILM)
+    texts = list(data.read_queries(TRAIN_TSV).values())[:300]
+    one, _ = cache.teacher_labels(teacher, path, texts, tmp_path / "a", 128)
+    two, _ = cache.teacher_labels(teacher, path, texts, tmp_path / "b", 128, devices=["cpu", "cpu"])
+    assert cosine_rows(one, two).min() >= 0.9999
+    corpus, file = data.load_corpus(DATA / "cranfield")
+    corpus = {k: corpus[k] for k in sorted(corpus)[:300]}
+    e1, ids1, _ = cache.teacher_index(teacher, MINILM, path, corpus, file, tmp_path / "a")
+    e2, ids2, _ = cache.teacher_index(teacher, MINILM, path, corpus, file, tmp_path / "b", devices=["cpu", "cpu"])
+    assert ids1 == ids2 and cosine_rows(np.asarray(e1), np.asarray(e2)).min() >= 0.9999
