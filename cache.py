@@ -6,6 +6,7 @@ One key function (`cache_key`) names teacher query labels, teacher document inde
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -91,6 +92,33 @@ def cache_key(kind: str, model_path: str | Path, settings: dict) -> tuple[dict, 
     return key, sha256_texts([json.dumps(key, sort_keys=True, default=str)])[:16]
 
 
+# ----------------------------------------------------------------------------- sharding across ranks
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def encode_sharded(encode, texts: list[str]) -> np.ndarray:
+    """encode(texts), split across the ranks of a torchrun job: each encodes every world-th text, and all
+    gather the rows back in order. A plain call in a single process."""
+    rank, world = _rank_world()
+    if world == 1:
+        return np.asarray(encode(texts), dtype=np.float32)
+    import torch.distributed as dist
+
+    parts = [None] * world
+    dist.all_gather_object(parts, np.asarray(encode(texts[rank::world]), dtype=np.float32))
+    out = np.empty((len(texts), max(p.shape[-1] for p in parts if p.size)), np.float32)
+    for r, part in enumerate(parts):
+        out[r::world] = part
+    return out
+
+
 # ----------------------------------------------------------------------------- teacher query labels
 
 
@@ -117,18 +145,21 @@ def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, ba
     pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
     try:
         with loading.max_length(teacher, max_seq_length), torch.inference_mode():
-            emb = teacher.encode_query(texts, batch_size=batch_size, show_progress_bar=True, pool=pool)
+            emb = encode_sharded(lambda t: teacher.encode_query(t, batch_size=batch_size, pool=pool,
+                                                                show_progress_bar=True), texts)  # fmt: skip
     finally:
         if pool is not None:
             teacher.stop_multi_process_pool(pool)
     secs = time.perf_counter() - t0
-    logger.info("labelled %d texts in %.1fs (%.0f/s)", len(texts), secs, len(texts) / secs)
-    # texts and meta first, the .npy last: its presence means the set is complete
-    common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
-    common.write_json(folder / f"{name}.texts.json", texts)
-    common.write_json(folder / "key.json", key)
-    with common.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, emb.astype(np.float16))  # fp16 is plenty for targets of unit-norm vectors
+    if _rank_world()[0] == 0:  # one writer: texts and meta first, the .npy last (its presence means complete)
+        logger.info("labelled %d texts in %.1fs (%.0f/s, %d process(es))", len(texts), secs, len(texts) / secs,
+                    _rank_world()[1])  # fmt: skip
+        common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
+        common.write_json(folder / f"{name}.texts.json", texts)
+        common.write_json(folder / "key.json", key)
+        with common.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, emb.astype(np.float16))  # fp16 is plenty for targets of unit-norm vectors
+    common.barrier()
     return emb.astype(np.float32), False
 
 
@@ -184,31 +215,33 @@ def teacher_index(
     t0 = time.perf_counter()
     dim = teacher.get_embedding_dimension()
     pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
+    main = _rank_world()[0] == 0  # under torchrun every rank encodes a share of each chunk; rank 0 writes
     try:
-        with common.atomic_dir(folder) as tmp, loading.max_length(teacher, max_seq_length):
-            emb = np.lib.format.open_memmap(tmp / "embeddings.npy", mode="w+", dtype=np.float32, shape=(len(ids), dim))
-            with tqdm(total=len(ids), desc=f"teacher index {name}", unit="doc") as bar:
+        with common.atomic_dir(folder) if main else contextlib.nullcontext() as tmp:
+            emb = (
+                np.lib.format.open_memmap(tmp / "embeddings.npy", "w+", np.float32, (len(ids), dim)) if main else None
+            )
+            with tqdm(total=len(ids), desc=f"teacher index {name}", unit="doc", disable=not main) as bar:
                 for start in range(0, len(ids), chunk_size):
                     rows = order[start : start + chunk_size]
-                    with torch.inference_mode():
-                        emb[rows] = teacher.encode_document(
-                            [texts[i] for i in rows], batch_size=batch_size, pool=pool, show_progress_bar=False
-                        )
+                    with torch.inference_mode(), loading.max_length(teacher, max_seq_length):
+                        out = encode_sharded(lambda t: teacher.encode_document(t, batch_size=batch_size, pool=pool,
+                                             show_progress_bar=False), [texts[i] for i in rows])  # fmt: skip
+                    if main:
+                        emb[rows] = out
                     bar.update(len(rows))
-            emb.flush()
-            del emb
-            secs = time.perf_counter() - t0
-            meta = {
-                "key": key,
-                "num_docs": len(ids),
-                "dim": dim,
-                "encode_seconds": round(secs, 2),
-                "docs_per_second": round(len(ids) / secs, 2),
-            }
-            common.write_json(tmp / "ids.json", ids)
-            common.write_json(tmp / "meta.json", meta)
+            if main:
+                emb.flush()
+                del emb
+                secs = time.perf_counter() - t0
+                meta = {"key": key, "num_docs": len(ids), "dim": dim, "encode_seconds": round(secs, 2),
+                        "docs_per_second": round(len(ids) / secs, 2)}  # fmt: skip
+                common.write_json(tmp / "ids.json", ids)
+                common.write_json(tmp / "meta.json", meta)
     finally:
         if pool is not None:
             teacher.stop_multi_process_pool(pool)
+    common.barrier()  # the other ranks read what rank 0 wrote
+    meta = json.loads((folder / "meta.json").read_text())
     logger.info("built teacher index %s: %d docs in %.1fs", folder, len(ids), meta["encode_seconds"])
     return np.load(folder / "embeddings.npy", mmap_mode="r"), ids, {**meta, "folder": str(folder)}

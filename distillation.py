@@ -297,16 +297,15 @@ def main(argv=None) -> dict:
         return cache.teacher_labels(teacher, teacher_path, texts, args.output_path, args.max_seq_length,
                                     args.label_batch_size, args.label_devices)  # fmt: skip
 
-    with common.main_first(rank):  # under torchrun, rank 0 labels and indexes; the others read its caches
-        texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, train_texts, dev_texts,
-                                                                        triples, args.augment, args.seed)  # fmt: skip
-        if score_corpus is not None:
-            corpus, file = score_corpus
-            if (file.parent / "qrels").is_dir():
-                logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot",
-                               file.parent)  # fmt: skip
-            docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
-    facts.update(world_size=world, teacher_label_runs_this_process=cache.COUNTERS["label_runs"])
+    # under torchrun every rank labels (and indexes) a share of the texts; rank 0 writes the caches
+    texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, train_texts, dev_texts, triples,
+                                                                    args.augment, args.seed)  # fmt: skip
+    if score_corpus is not None:
+        corpus, file = score_corpus
+        if (file.parent / "qrels").is_dir():
+            logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot", file.parent)
+        docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
+    facts.update(world_size=world, teacher_label_runs=cache.COUNTERS["label_runs"])
     similarity, score, top = loading.similarity_name(teacher), None, np.zeros((len(texts), 0), np.float32)
     if set(args.loss) & set(losses.SCORE_TERMS):  # each query's teacher top-k, found once here
         t0 = time.perf_counter()

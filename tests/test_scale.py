@@ -23,8 +23,12 @@ def cosine_rows(a, b):
 def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     queries = tmp_path / "q.tsv"
     queries.write_text("".join(TRAIN_TSV.read_text().splitlines(keepends=True)[:600]))
+    corpus, _ = data.load_corpus(DATA / "cranfield")
+    coll = tmp_path / "coll.tsv"  # a small score corpus: its teacher index is built sharded across the 2 ranks
+    coll.write_text("".join(f"{d}\t{cache.doc_text(corpus[d])}\n" for d in sorted(corpus)[:300]))
     common = ["--teacher_model", MINILM, "--num_layers", "2", "--train_queries", str(queries),
-              "--num_dev_queries", "50", "--learning_rate", "1e-3", "--loss", "cosine", "--eval_steps", "4",
+              "--num_dev_queries", "50", "--learning_rate", "1e-3", "--loss", "cosine:1.0,kl:1.0", "--eval_steps", "4",
+              "--score_corpus", str(coll),
               "--log_level", "info"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "distillation.py", *common,
@@ -33,11 +37,12 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
-    assert log.count("qdistill.cache: labelled") == 2, "train and dev labels, computed once (by rank 0)"
+    assert log.count("qdistill.cache: labelled") == 2, "train and dev labels, computed once (shared by 2 ranks)"
+    assert log.count("2 process(es)") == 2
     runs = list((tmp_path / "ddp").glob("*/final"))
     assert [p.parent.name for p in runs] == ["r"] and (tmp_path / "ddp" / "r" / "config.json").exists()
     ddp = json.loads((tmp_path / "ddp" / "r" / "metrics.json").read_text())
-    assert ddp["world_size"] == 2 and ddp["config"]["world_size"] == 2
+    assert ddp["world_size"] == 2 and ddp["config"]["world_size"] == 2 and ddp["teacher_label_runs"] == 2
     argv = [*common, "--per_device_train_batch_size", "64", "--output_path", str(tmp_path / "single"),
             "--run_name", "r", "--log_level", "warning"]  # fmt: skip
     single = distillation.main(argv)["runs"][0]
@@ -45,6 +50,8 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     assert abs(ddp["train_steps"] - single["train_steps"]) <= 1
     assert abs(ddp["dev_mse"] - single["dev_mse"]) < 0.15 * single["dev_mse"], (ddp["dev_mse"], single["dev_mse"])
     assert ddp["dev_mse"] < 0.8 * ddp["initial_dev_mse"]
+    (a,), (b,) = (list((tmp_path / run).glob("index/*/*/embeddings.npy")) for run in ("ddp", "single"))
+    assert cosine_rows(np.load(a), np.load(b)).min() >= 0.9999, "the sharded index equals the single-process one"
 
 
 @pytest.mark.slow
