@@ -298,6 +298,7 @@ def main(argv=None) -> dict:
                                     args.label_batch_size, args.label_devices)  # fmt: skip
 
     # under torchrun every rank labels (and indexes) a share of the texts; rank 0 writes the caches
+    t0 = time.perf_counter()
     texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, train_texts, dev_texts, triples,
                                                                     args.augment, args.seed)  # fmt: skip
     if score_corpus is not None:
@@ -305,7 +306,8 @@ def main(argv=None) -> dict:
         if (file.parent / "qrels").is_dir():
             logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot", file.parent)
         docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
-    facts.update(world_size=world, teacher_label_runs=cache.COUNTERS["label_runs"])
+    facts.update(world_size=world, teacher_label_runs=cache.COUNTERS["label_runs"],
+                 label_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     similarity, score, top = loading.similarity_name(teacher), None, np.zeros((len(texts), 0), np.float32)
     if set(args.loss) & set(losses.SCORE_TERMS):  # each query's teacher top-k, found once here
         t0 = time.perf_counter()
