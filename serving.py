@@ -74,8 +74,10 @@ def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
     if not getattr(tok, "is_fast", True) and not isinstance(model[0], StaticEmbedding):
         raise UsageError(f"{model_path} has no fast tokenizer; the lean query path needs one (tokenizer.json)")
     reference = model.encode_query(queries, batch_size=64)
+    length = model.max_seq_length  # a static student has no limit (inf)
     settings = {"source": str(model_path), "source_fingerprint": __import__("cache").model_fingerprint(path),
-                "max_seq_length": model.max_seq_length, "prompt": model.prompts.get("query") or "",
+                "max_seq_length": int(length) if length and length != float("inf") else None,
+                "prompt": model.prompts.get("query") or "",
                 "similarity": loading.similarity_name(model), "dim": model.get_embedding_dimension(),
                 "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
                 "pad_id": getattr(tok, "pad_token_id", None) or 0}  # fmt: skip
@@ -134,7 +136,8 @@ class LeanEncoder:
         self.folder = Path(folder)
         self.meta = meta or json.loads((self.folder / EXPORT_FILE).read_text())
         self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.tokenizer.enable_truncation(self.meta["max_seq_length"])
+        if self.meta["max_seq_length"]:
+            self.tokenizer.enable_truncation(self.meta["max_seq_length"])
         self.prompt = self.meta.get("prompt", "")
         if self.meta["variant"] == "static":
             self.tokenizer.no_padding()
