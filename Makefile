@@ -23,14 +23,16 @@ EXAMPLE_CORPORA ?= $(if $(wildcard $(DATA_DIR)/cranfield),scifact cranfield cacm
 EXAMPLE_DATASETS ?= $(EXAMPLE_CORPORA) nfcorpus
 EXAMPLE_RUN := $(OUTPUT_DIR)/example-minilm-L2
 
-# make paper: the paper's layer-subset table for a 12-layer teacher
+# make paper: the paper's layer-subset table for a 12-layer teacher, zero-shot: the example's recipe (queries plus
+# document text, several epochs) with text of collections that are not evaluated (PAPER_CORPORA)
 PAPER_TEACHER ?= sentence-transformers/all-mpnet-base-v2
 PAPER_QUERIES ?= 20000
-PAPER_EPOCHS ?= 1
+PAPER_EPOCHS ?= 3
 PAPER_LR ?= 1e-3
 PAPER_LOSS ?= cosine
-PAPER_EXTRA ?= --freeze_embeddings --student_dropout 0 --per_device_train_batch_size 64
-PAPER_DATASETS ?= $(EXAMPLE_DATASETS)
+PAPER_EXTRA ?= --freeze_embeddings --student_dropout 0 --per_device_train_batch_size 64 --corpus_text_share 0.6
+PAPER_DATASETS ?= $(if $(wildcard $(DATA_DIR)/cranfield),cranfield cacm,scifact nfcorpus)
+PAPER_CORPORA ?= $(if $(wildcard $(DATA_DIR)/npl),nfcorpus npl,)
 PAPER_DEVICES ?= cpu $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')" 2>/dev/null)
 PAPER_OUT := $(OUTPUT_DIR)/paper
 # layer subsets of an L=12 teacher compared in the paper (1, 2 and 4 layers)
@@ -85,7 +87,8 @@ paper: install ## the paper's layer-subset table + quality-vs-latency plot (cach
 	@for layers in $(PAPER_LAYERS); do \
 		run=$(PAPER_OUT)/L$${layers//,/-}; \
 		if [ -f $$run/final/modules.json ]; then echo "done: $$run"; continue; fi; \
-		$(PY) distillation.py --teacher_model $(PAPER_TEACHER) --layers $${layers//,/ } --train_queries msmarco \
+		$(PY) distillation.py --teacher_model $(PAPER_TEACHER) --layers $${layers//,/ } \
+			--train_queries msmarco $(addprefix corpus:,$(PAPER_CORPORA)) \
 			--max_train_queries $(PAPER_QUERIES) --num_train_epochs $(PAPER_EPOCHS) --learning_rate $(PAPER_LR) \
 			--loss $(PAPER_LOSS) --output_path $(PAPER_OUT) --run_name L$${layers//,/-} --overwrite_output_dir \
 			$(PAPER_EXTRA) || exit 2; \
@@ -100,6 +103,6 @@ paper: install ## the paper's layer-subset table + quality-vs-latency plot (cach
 
 bench: install ## CPU speed benchmark: teachers vs 2-layer students, fp32 and int8, batch 1 and 32
 	$(PY) evaluate_speed.py --models $(EXAMPLE_TEACHER) $(EXAMPLE_RUN)/final --queries $(firstword $(EXAMPLE_DATASETS)) \
-		--devices cpu cuda --batch_sizes 1 32 --quantize none int8 --output_path $(OUTPUT_DIR) --run_name bench
+		--devices cpu cuda --batch_sizes 1 32 --backend torch onnx --quantize none int8 --output_path $(OUTPUT_DIR) --run_name bench
 
 COMMA := ,
