@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 # Where BEIR datasets and training queries live: downloads/ (filled by the official downloads), or a local copy,
-# e.g. `make example DATA_DIR=../shared/data` on a machine without internet.
+# e.g. `make example DATA_DIR=/path/to/data` on a machine without internet.
 DATA_DIR ?= downloads
 OUTPUT_DIR ?= output
 export DATA_DIR
