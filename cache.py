@@ -95,18 +95,10 @@ def cache_key(kind: str, model_path: str | Path, settings: dict) -> tuple[dict, 
 # ----------------------------------------------------------------------------- sharding across ranks
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def encode_sharded(encode, texts: list[str]) -> np.ndarray:
     """encode(texts), split across the ranks of a torchrun job: each encodes every world-th text, and all
     gather the rows back in order. A plain call in a single process."""
-    rank, world = _rank_world()
+    rank, world = common.rank_world()
     if world == 1:
         return np.asarray(encode(texts), dtype=np.float32)
     import torch.distributed as dist
@@ -151,9 +143,10 @@ def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, ba
         if pool is not None:
             teacher.stop_multi_process_pool(pool)
     secs = time.perf_counter() - t0
-    if _rank_world()[0] == 0:  # one writer: texts and meta first, the .npy last (its presence means complete)
+    rank, world = common.rank_world()
+    if rank == 0:  # one writer: texts and meta first, the .npy last (its presence means complete)
         logger.info("labelled %d texts in %.1fs (%.0f/s, %d process(es))", len(texts), secs, len(texts) / secs,
-                    _rank_world()[1])  # fmt: skip
+                    world)  # fmt: skip
         common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
         common.write_json(folder / f"{name}.texts.json", texts)
         common.write_json(folder / "key.json", key)
@@ -215,7 +208,7 @@ def teacher_index(
     t0 = time.perf_counter()
     dim = teacher.get_embedding_dimension()
     pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
-    main = _rank_world()[0] == 0  # under torchrun every rank encodes a share of each chunk; rank 0 writes
+    main = common.rank_world()[0] == 0  # under torchrun every rank encodes a share of each chunk; rank 0 writes
     try:
         with common.atomic_dir(folder) if main else contextlib.nullcontext() as tmp:
             emb = (

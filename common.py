@@ -52,12 +52,16 @@ def start_run(log_level: str, seed: int, output_path: str | Path) -> None:
     check_writable(output_path)
 
 
+def _number(text: str, kind):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (0 and negatives are rejected with exit code 2, never read as 'all')."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text} must be >= 1")
     return value
@@ -65,10 +69,7 @@ def positive_int(text: str) -> int:
 
 def positive(text: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    value = _number(text, float)
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"{text} must be > 0")
     return value
@@ -76,9 +77,9 @@ def positive(text: str) -> float:
 
 def share(text: str) -> float:
     """argparse type: a fraction in [0, 1)."""
-    value = positive(text) if text.strip() not in ("0", "0.0") else 0.0
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"{text} must be < 1")
+    value = _number(text, float)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be in [0, 1)")
     return value
 
 
@@ -101,6 +102,15 @@ def distributed(device: str) -> tuple[int, int, str]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), world, device
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def barrier() -> None:

@@ -247,10 +247,10 @@ def teacher_targets(teacher, label, train_texts, dev_texts, triples, augment: in
     return train_texts, train_emb, extra, dev_emb, docs, facts
 
 
-def check_inputs(args):
+def check_inputs(args, device: str):
     """Everything a user can get wrong, checked before any model loads or any folder is made."""
-    if (args.fp16 or args.bf16) and not common.pick_device(args.device).startswith("cuda"):
-        raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {common.pick_device(args.device)}")
+    if (args.fp16 or args.bf16) and not device.startswith("cuda"):
+        raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {device}")
     specs = [q for q in args.train_queries if not q.startswith("corpus:")]
     files = [data.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in specs]
     corpora, sources = [], {"query_files": [str(f) for f in files], "corpora": []}
@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
     common.start_run(args.log_level, args.seed, args.output_path)
     rank, world, device = common.distributed(common.pick_device(args.device))
     with common.main_first(rank):  # one download of the training queries, however many ranks
-        files, sources, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args)
+        files, sources, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args, device)
     teacher, _ = loading.load_model(args.teacher_model, device, path=teacher_path)
     student_settings = {"layers": args.layers, "num_layers": args.num_layers, "strategy": args.layer_strategy,
                         "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,

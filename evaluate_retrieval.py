@@ -167,9 +167,10 @@ def group_rows(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
-def dataset_digest(folder: Path, split: str) -> str:
-    """The content of what is evaluated: corpus, queries and this split's qrels."""
-    return cache.sha256_texts([cache.sha256_file(f) for f in data.check_beir(folder, split)])[:16]
+def dataset_hashes(folder: Path, split: str) -> tuple[str, str]:
+    """(digest of corpus, queries and this split's qrels; the corpus file's sha256)."""
+    hashes = [cache.sha256_file(f) for f in data.check_beir(folder, split)]
+    return cache.sha256_texts(hashes)[:16], hashes[0]
 
 
 def main(argv=None) -> dict:
@@ -182,7 +183,7 @@ def main(argv=None) -> dict:
     for dname, folder, group in data.expand_datasets(args.datasets, args.data_dir):
         split = args.split or ("dev" if folder.name == "msmarco" else "test")
         data.load_beir(folder, split)  # malformed files fail here, not after an hour of indexing
-        datasets.append((dname, folder, group, split, dataset_digest(folder, split)))
+        datasets.append((dname, folder, group, split, *dataset_hashes(folder, split)))
     names = list(dict.fromkeys([args.teacher_model, *args.models]))
     paths = {name: loading.resolve_model_path(name, args.data_dir) for name in names}
     teacher, _ = loading.load_model(args.teacher_model, device, path=paths[args.teacher_model])
@@ -200,11 +201,10 @@ def main(argv=None) -> dict:
             )
     sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
     sources = {name: text_sources(paths[name]) for name in names}
-    corpus_sha = {folder: cache.sha256_file(folder / "corpus.jsonl") for _, folder, *_ in datasets}
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
 
     rows = []
-    for dname, folder, group, split, digest in datasets:
+    for dname, folder, group, split, digest, corpus_sha in datasets:
         corpus, queries, qrels, data_stats = data.load_beir(folder, split)
         doc_emb, doc_ids, index_meta = cache.teacher_index(
             teacher,
@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
             if name != args.teacher_model:
                 record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
                 record["training_text_sources"] = sources[name]
-                record["in_domain_text"] = in_domain(sources[name], folder, corpus_sha[folder])
+                record["in_domain_text"] = in_domain(sources[name], folder, corpus_sha)
                 record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
             record["data_stats"] = data_stats
             if name in {p[0] for p in pending}:  # fresh results are written; reused ones stay as they are

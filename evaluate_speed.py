@@ -31,6 +31,7 @@ import data
 import loading
 import serving
 from common import UsageError, positive_int
+from search import cosine_rows
 
 logger = logging.getLogger("qdistill.speed")
 # torch.ao's dynamic int8 is deprecated in torch 2.13, but torchao's replacement (Int8DynamicActivationInt8Weight)
@@ -211,10 +212,6 @@ def model_facts(model) -> dict:
     }
 
 
-def cosine_rows(a, b) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-
-
 def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats, warmup) -> list[dict]:
     """One row per (variant, batch size, mode) on one device. variants: (model, backend, variant) ->
     (object to time, the model's torch fp32 embeddings). Speedups: against the reference model's torch fp32
@@ -250,12 +247,13 @@ def encode(model, texts):
 def exported(name, path, output_path, texts, int8: bool) -> dict:
     """{variant: LeanEncoder} of a model's ONNX Runtime export, made once per model content under output/onnx/."""
     folder = Path(output_path) / "onnx" / f"{common.slug(name)}-{cache.model_fingerprint(path)}"
-    if not any(serving.is_export(folder / v) for v in ("fp32", "static")) or (
-        int8 and not (folder / "static").exists() and not serving.is_export(folder / "int8")
-    ):
+
+    def wanted():  # a static student exports one table; a transformer fp32 (and int8)
+        return ["static"] if serving.is_export(folder / "static") else ["fp32"] + (["int8"] if int8 else [])
+
+    if not all(serving.is_export(folder / v) for v in wanted()):
         serving.export(path, folder, texts[:200], int8=int8)
-    wanted = ["static"] if (folder / "static").exists() else ["fp32"] + (["int8"] if int8 else [])
-    return {v: serving.LeanEncoder(folder / v) for v in wanted}
+    return {v: serving.LeanEncoder(folder / v) for v in wanted()}
 
 
 def main(argv=None) -> dict:

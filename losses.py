@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import search
+
 EMBED_TERMS, SCORE_TERMS = ("mse", "cosine"), ("kl", "margin_mse")
 
 
@@ -163,10 +165,7 @@ def make_evaluator(dev_texts, dev_labels, batch_size, score=None):
         def __call__(self, model, output_path=None, epoch=-1, steps=-1):
             metrics = super().__call__(model, output_path, epoch, steps)
             emb = self.embed_inputs(model, self.target_sentences)
-            cos = (emb * dev_labels).sum(1) / (
-                np.linalg.norm(emb, axis=1) * np.linalg.norm(dev_labels, axis=1) + 1e-12
-            )
-            extra = {f"{self.name}_cosine": float(cos.mean())}
+            extra = {f"{self.name}_cosine": float(search.cosine_rows(emb, dev_labels).mean())}
             if score is not None:
                 t_sc, s_sc = candidate_scores(
                     docs, cand, torch.as_tensor(emb), torch.as_tensor(dev_labels), score["similarity"] == "cosine"
@@ -182,8 +181,6 @@ def make_evaluator(dev_texts, dev_labels, batch_size, score=None):
 def score_targets(train_emb, dev_emb, docs, top_k, negatives, similarity, temperature, seed):
     """(train top-k rows, evaluator score settings): the teacher's top-k documents per query are fixed, so they
     are found once here (faiss, chunked), not on every step; dev queries also get fixed random negatives."""
-    import search
-
     cosine, k = similarity == "cosine", min(top_k, len(docs))
     top = search.exact_top_k(train_emb, docs, k, cosine).astype(np.float32)  # float32: exact ids up to 2**24 docs
     dev_rand = np.random.default_rng(seed).integers(0, len(docs), (len(dev_emb), negatives))

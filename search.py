@@ -16,6 +16,11 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
+def cosine_rows(a, b) -> np.ndarray:
+    """Cosine of each row of a with the same row of b."""
+    return (unit(a) * unit(b)).sum(1)
+
+
 def build_faiss(doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: int = 100_000, normalize=False):
     """A faiss inner-product index over doc embeddings; normalize=True (cosine teachers) works chunk by chunk."""
     import faiss

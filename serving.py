@@ -26,6 +26,7 @@ import common
 import data
 import loading
 from common import UsageError
+from search import cosine_rows
 
 logger = logging.getLogger("qdistill.serving")
 EXPORT_FILE = "export.json"
@@ -41,7 +42,7 @@ def backend_name(meta: dict) -> str:
 
 def _finish(tmp: Path, source: Path, meta: dict, reference, queries) -> dict:
     """Fidelity check against the torch model, export.json, and the student's training-text record."""
-    meta["cosine_to_torch"] = _cosine(LeanEncoder(tmp, meta).encode(queries), reference)
+    meta["cosine_to_torch"] = float(cosine_rows(LeanEncoder(tmp, meta).encode(queries), reference).mean())
     if (source / "training_text.json").is_file():  # in-domain marking follows the model into its exports
         shutil.copy(source / "training_text.json", tmp / "training_text.json")
     common.write_json(tmp / EXPORT_FILE, meta)
@@ -57,10 +58,6 @@ class _Pipeline(torch.nn.Module):
 
     def forward(self, *inputs):
         return self.model(dict(zip(self.names, inputs)))["sentence_embedding"]
-
-
-def _cosine(a, b) -> float:
-    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).mean())
 
 
 def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
