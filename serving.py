@@ -30,6 +30,7 @@ from search import cosine_rows
 
 logger = logging.getLogger("qdistill.serving")
 EXPORT_FILE = "export.json"
+INT8_OPS = ["MatMul", "Attention"]  # Attention: the fused QKV projection (0.90 -> 0.77 ms per MiniLM query)
 
 
 def is_export(path) -> bool:
@@ -88,13 +89,19 @@ def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
         return {"static": meta}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in tok.model_input_names else [])
     sample = tok(["a query to trace", "another"], padding=True, return_tensors="pt")
+    auto = getattr(model[0], "auto_model", None)
+    if hasattr(auto, "set_attn_implementation"):
+        try:  # the eager attention graph is the one ONNX Runtime's optimizer fuses into its Attention kernel
+            auto.set_attn_implementation("eager")
+        except (ValueError, NotImplementedError):
+            pass
     with common.atomic_dir(out / "fp32") as tmp:
         try:
             graph, inputs = _Pipeline(model.eval(), names), tuple(sample[n] for n in names)
             torch.onnx.export(
                 graph,
                 inputs,
-                str(tmp / "model.onnx"),
+                str(tmp / "traced.onnx"),
                 input_names=names,
                 output_names=["sentence_embedding"],
                 dynamo=False,
@@ -103,19 +110,49 @@ def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
             )
         except Exception as e:  # noqa: BLE001 - unsupported ops of an architecture: one line, nothing left behind
             raise UsageError(f"cannot export {model_path} to ONNX ({str(e).splitlines()[0][:120]})") from e
+        fused = _fuse(tmp / "traced.onnx", tmp / "model.onnx", getattr(auto, "config", None))
         tok.save_pretrained(str(tmp))
-        written["fp32"] = _finish(tmp, path, {**settings, "variant": "fp32", "inputs": names}, reference, queries)
+        meta = {**settings, "variant": "fp32", "inputs": names, "fused_ops": fused}
+        written["fp32"] = _finish(tmp, path, meta, reference, queries)
     if int8:
+        from onnx import TensorProto
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         with common.atomic_dir(out / "int8") as tmp:
-            # MatMul weights only, per channel, signed: per-tensor int8 loses ~2% cosine on MiniLM
+            # weights only, per channel, signed: per-tensor int8 loses ~2% cosine on MiniLM. The fused
+            # graph's com.microsoft ops defeat ONNX shape inference, hence the default tensor type.
             quantize_dynamic(out / "fp32" / "model.onnx", tmp / "model.onnx", weight_type=QuantType.QInt8,
-                             per_channel=True, op_types_to_quantize=["MatMul"])  # fmt: skip
+                             per_channel=True, op_types_to_quantize=INT8_OPS,
+                             extra_options={"DefaultTensorType": TensorProto.FLOAT})  # fmt: skip
             tok.save_pretrained(str(tmp))
-            meta = {**settings, "variant": "int8", "inputs": names, "quantization": "dynamic, MatMul, per-channel"}
+            how = f"dynamic, {'+'.join(INT8_OPS)}, per-channel"
+            meta = {**settings, "variant": "int8", "inputs": names, "quantization": how}
             written["int8"] = _finish(tmp, path, meta, reference, queries)
     return written
+
+
+def _fuse(traced: Path, target: Path, config) -> dict:
+    """ONNX Runtime's transformer optimizer: Attention, SkipLayerNorm, BiasGelu, EmbedLayerNorm where it finds them.
+
+    Returns {fused op: count}; an architecture it does not know is kept as traced ({}).
+    """
+    fused = {}
+    heads, hidden = getattr(config, "num_attention_heads", 0), getattr(config, "hidden_size", 0)
+    if heads and hidden:
+        from onnxruntime.transformers import optimizer
+
+        try:  # BERT's pattern matcher also serves MPNet/RoBERTa-like graphs; what it cannot match stays unfused
+            opt = optimizer.optimize_model(str(traced), model_type="bert", num_heads=heads, hidden_size=hidden)
+            fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+            opt.save_model_to_file(str(target))
+        except Exception as e:  # noqa: BLE001 - the traced graph is correct, only slower
+            logger.warning("ONNX Runtime's optimizer failed (%s); keeping the unfused graph", str(e)[:120])
+            fused = {}
+            target.unlink(missing_ok=True)
+    if not target.is_file():
+        shutil.copy(traced, target)
+    traced.unlink()
+    return fused
 
 
 def _normalizes(model) -> bool:
