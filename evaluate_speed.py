@@ -246,7 +246,7 @@ def encode(model, texts):
 
 def exported(name, path, output_path, texts, int8: bool) -> dict:
     """{variant: LeanEncoder} of a model's ONNX Runtime export, made once per model content under output/onnx/."""
-    folder = Path(output_path) / "onnx" / f"{common.slug(name)}-{cache.model_fingerprint(path)}"
+    folder = Path(output_path) / "onnx" / f"{common.slug(name)}-{cache.model_fingerprint(path)}-{serving.export_tag()}"
 
     def wanted():  # a static student exports one table; a transformer fp32 (and int8)
         return ["static"] if serving.is_export(folder / "static") else ["fp32"] + (["int8"] if int8 else [])
