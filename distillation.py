@@ -85,6 +85,8 @@ def parse_args(argv=None):
     add("--num_train_epochs", type=positive, default=1.0)
     add("--adam_epsilon", type=positive, default=1e-6)
     add("--weight_decay", type=float, default=0.01)
+    add("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+        help="batches of similar token length (less padding); --no-group_by_length: random batches")  # fmt: skip
     add("--eval_steps", type=positive_int, default=500)
     add("--logging_steps", type=positive_int, default=50)
     add("--save_total_limit", type=positive_int, default=2)
@@ -176,6 +178,10 @@ def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metri
 
     steps = max(1, int(-(-len(texts) // (hp["per_device_train_batch_size"] * world)) * hp["num_train_epochs"]))
     warmup, eval_steps = min(hp.pop("warmup_steps"), steps // 10), min(hp.pop("eval_steps"), steps)
+    if hp.pop("group_by_length"):
+        import batching
+
+        hp["batch_sampler"] = batching.length_grouped(student.tokenizer, texts, student.max_seq_length)
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         **hp,
@@ -320,7 +326,7 @@ def main(argv=None) -> dict:
     config.update(teacher_path=str(teacher_path), train_text_sources=sources, device=device, world_size=world)
     hp = {k: getattr(args, k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
           "warmup_steps", "num_train_epochs", "adam_epsilon", "weight_decay", "eval_steps", "logging_steps",
-          "save_total_limit", "seed", "fp16", "bf16")}  # fmt: skip
+          "save_total_limit", "seed", "fp16", "bf16", "group_by_length")}  # fmt: skip
     loss_settings = {"docs": docs, "similarity": similarity, "temperature": args.kl_temperature,
                      "top_k": top.shape[1], "negatives": args.kl_negatives, "seed": args.seed,
                      "margin_scale": args.margin_scale}  # fmt: skip

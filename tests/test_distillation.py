@@ -201,3 +201,31 @@ def test_set_dropout_reaches_modules_and_saved_config(tiny_bert, tmp_path):
     again = SentenceTransformer(str(tmp_path / "s"), device="cpu")
     assert again[0].auto_model.config.hidden_dropout_prob == 0.0
     assert all(m.p == 0.0 for m in again.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_length_grouped_batches_cover_every_text_once_per_epoch_with_little_padding():
+    import random
+
+    import batching
+
+    class Tok:  # token ids = words; what the sampler needs from a tokenizer
+        def __call__(self, texts, add_special_tokens=True):
+            return {"input_ids": [t.split() for t in texts]}
+
+    rng = random.Random(0)
+    texts = [" ".join(["w"] * rng.randint(2, 60)) for _ in range(1000)]
+    sampler = batching.length_grouped(Tok(), texts, max_length=40)(texts, batch_size=32, drop_last=False, seed=7)
+    lengths = [min(len(t.split()), 40) for t in texts]
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+
+    epoch0 = list(sampler)
+    assert sorted(i for b in epoch0 for i in b) == list(range(1000)) and len(epoch0) == len(sampler) == 32
+    shuffled = list(range(1000))
+    rng.shuffle(shuffled)
+    random_batches = [shuffled[i : i + 32] for i in range(0, 1000, 32)]
+    assert padded(epoch0) < 0.8 * padded(random_batches), "grouping removes most of the padding"
+    assert list(sampler) == epoch0, "the same epoch replays the same batches (resume)"
+    sampler.set_epoch(1)
+    assert list(sampler) != epoch0
