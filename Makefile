@@ -26,8 +26,8 @@ EXAMPLE_RUN := $(OUTPUT_DIR)/example-minilm-L2
 # make paper: the paper's layer-subset table for a 12-layer teacher, zero-shot: the example's recipe (queries plus
 # document text, several epochs) with text of collections that are not evaluated (PAPER_CORPORA)
 PAPER_TEACHER ?= sentence-transformers/all-mpnet-base-v2
-PAPER_QUERIES ?= 20000
-PAPER_EPOCHS ?= 3
+PAPER_QUERIES ?= 40000
+PAPER_EPOCHS ?= 5
 PAPER_LR ?= 1e-3
 PAPER_LOSS ?= cosine
 PAPER_EXTRA ?= --freeze_embeddings --student_dropout 0 --per_device_train_batch_size 64 --corpus_text_share 0.6
