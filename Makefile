@@ -13,8 +13,8 @@ export DATA_DIR
 # make example: a 2-layer student of all-MiniLM-L6-v2 trained on MS MARCO queries plus text of the user's own
 # collections (EXAMPLE_CORPORA: in-domain), evaluated on those and on a collection it never saw (zero-shot)
 EXAMPLE_TEACHER ?= sentence-transformers/all-MiniLM-L6-v2
-EXAMPLE_QUERIES ?= 15000
-EXAMPLE_EPOCHS ?= 3
+EXAMPLE_QUERIES ?= 12000
+EXAMPLE_EPOCHS ?= 4
 EXAMPLE_LR ?= 1e-3
 EXAMPLE_LOSS ?= cosine
 EXAMPLE_BATCH ?= 64
