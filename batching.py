@@ -36,5 +36,10 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
 
 def length_grouped(tokenizer, texts: list[str], max_length: int):
     """A batch_sampler for SentenceTransformerTrainingArguments (picklable, as checkpoints save the arguments)."""
-    lengths = [min(len(ids), max_length) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    if hasattr(tokenizer, "encode_batch"):  # a static student's tokenizers.Tokenizer
+        ids = [e.ids for e in tokenizer.encode_batch(texts)]
+    else:
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    cap = max_length if max_length and max_length != float("inf") else None  # static students have no limit
+    lengths = [len(x) if cap is None else min(len(x), cap) for x in ids]
     return functools.partial(LengthGroupedBatchSampler, lengths=lengths)
