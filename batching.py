@@ -34,12 +34,11 @@ class LengthGroupedBatchSampler(DefaultBatchSampler):
         return full + (0 if self.drop_last or not rest else 1)
 
 
-def length_grouped(tokenizer, texts: list[str], max_length: int):
+def length_grouped(tokenizer, texts: list[str], max_length: int | None):
     """A batch_sampler for SentenceTransformerTrainingArguments (picklable, as checkpoints save the arguments)."""
     if hasattr(tokenizer, "encode_batch"):  # a static student's tokenizers.Tokenizer
         ids = [e.ids for e in tokenizer.encode_batch(texts)]
     else:
         ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    cap = max_length if max_length and max_length != float("inf") else None  # static students have no limit
-    lengths = [len(x) if cap is None else min(len(x), cap) for x in ids]
+    lengths = [len(x) if max_length is None else min(len(x), max_length) for x in ids]
     return functools.partial(LengthGroupedBatchSampler, lengths=lengths)

@@ -181,7 +181,7 @@ def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metri
     if hp.pop("group_by_length"):
         import batching
 
-        hp["batch_sampler"] = batching.length_grouped(student.tokenizer, texts, student.max_seq_length)
+        hp["batch_sampler"] = batching.length_grouped(student.tokenizer, texts, loading.length_limit(student))
     targs = SentenceTransformerTrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         **hp,

@@ -122,6 +122,12 @@ def similarity_name(model) -> str:
     raise UsageError(f"model similarity {name!r} is not supported; only cosine and dot teachers are")
 
 
+def length_limit(model) -> int | None:
+    """The model's max_seq_length in tokens, or None when it has none (a static student's is inf)."""
+    n = model.max_seq_length
+    return int(n) if n and n != float("inf") else None
+
+
 @contextlib.contextmanager
 def max_length(model, n: int | None):
     """Encode with `model` at max length n (None: its own), restoring it after: the one place it changes."""

@@ -82,9 +82,8 @@ def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
     if not getattr(tok, "is_fast", True) and not isinstance(model[0], StaticEmbedding):
         raise UsageError(f"{model_path} has no fast tokenizer; the lean query path needs one (tokenizer.json)")
     reference = model.encode_query(queries, batch_size=64)
-    length = model.max_seq_length  # a static student has no limit (inf)
     settings = {"source": str(model_path), "source_fingerprint": __import__("cache").model_fingerprint(path),
-                "max_seq_length": int(length) if length and length != float("inf") else None,
+                "max_seq_length": loading.length_limit(model),
                 "prompt": model.prompts.get("query") or "",
                 "similarity": loading.similarity_name(model), "dim": model.get_embedding_dimension(),
                 "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,

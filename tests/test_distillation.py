@@ -232,12 +232,18 @@ def test_length_grouped_batches_cover_every_text_once_per_epoch_with_little_padd
 
 
 def test_length_grouping_reads_a_static_students_tokenizer():
+    from types import SimpleNamespace
+
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     import batching
+    import loading
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     texts = ["a b a", "b", "a a a a a a"]
-    sampler = batching.length_grouped(tok, texts, float("inf"))(texts, batch_size=2, drop_last=False)
+    sampler = batching.length_grouped(tok, texts, None)(texts, batch_size=2, drop_last=False)
     assert sampler.lengths == [3, 1, 6] and sorted(i for b in sampler for i in b) == [0, 1, 2]
+    # a static student's max_seq_length is inf: no limit, as for the sampler above
+    assert loading.length_limit(SimpleNamespace(max_seq_length=float("inf"))) is None
+    assert loading.length_limit(SimpleNamespace(max_seq_length=128)) == 128
