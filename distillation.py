@@ -126,6 +126,8 @@ def parse_args(argv=None):
         p.error("--token_loss_weight needs --student_model_init layer_reduction (same tokenizer and width)")
     if args.token_loss_weight < 0:
         p.error("--token_loss_weight must be >= 0")
+    if args.freeze_embeddings and args.student_model_init == "static":
+        p.error("--freeze_embeddings would leave a static student nothing to train; drop it")
     if args.warmup_steps < 0:
         p.error("--warmup_steps must be >= 0")
     return args
@@ -295,8 +297,9 @@ def main(argv=None) -> dict:
                         "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,
                         "max_seq_length": args.max_seq_length, "data_dir": args.data_dir,
                         "batch_size": args.label_batch_size}  # fmt: skip
-    if args.student_model_init == "layer_reduction":  # bad layer ids fail before any labelling
-        students.build_student("layer_reduction", teacher, device, **student_settings)
+    if args.student_model_init != "static":  # bad layer ids, unloadable students fail before any labelling
+        for plan in plans:
+            students.build_student(plan["init"], teacher, device, **student_settings)
     logger.info("%d training texts (%s), %d validation texts", len(train_texts), sources, len(dev_texts))
 
     def label(texts):

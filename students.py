@@ -100,6 +100,17 @@ def set_dropout(model, p: float) -> None:
                     setattr(config, field, p)
 
 
+def freeze_token_embeddings(student) -> None:
+    """Keep a transformer student's embedding layer fixed (a pretrained student too, e.g. an earlier run's final/)."""
+    embeddings = getattr(getattr(student[0], "auto_model", None), "embeddings", None)
+    if embeddings is None:
+        raise UsageError(
+            f"--freeze_embeddings needs a transformer student; {type(student[0]).__name__} has no embedding layer "
+            "to freeze apart from the rest: drop the flag"
+        )
+    embeddings.requires_grad_(False)
+
+
 def pretrained_student(name: str, teacher, device: str, data_dir: str):
     """A small pretrained model as student, with a trainable Dense projection to the teacher's dimension."""
     from sentence_transformers import models
@@ -194,13 +205,13 @@ def build_student(
         total = num_teacher_layers(teacher)
         keep = sorted(layers) if layers else choose_layers(total, num_layers, strategy)
         student = layer_reduced_student(teacher, keep)
-        if freeze_embeddings:
-            student[0].auto_model.embeddings.requires_grad_(False)
         info = {"student_init": init, "layers": keep, "teacher_layers": total}
     elif init == "static":
         student, info = static_student(teacher, device, batch_size), {"student_init": "static"}
     else:
         student, info = pretrained_student(init, teacher, device, data_dir), {"student_init": init}
+    if freeze_embeddings:
+        freeze_token_embeddings(student)
     if dropout is not None:
         set_dropout(student, dropout)
     if init != "static":

@@ -247,3 +247,22 @@ def test_length_grouping_reads_a_static_students_tokenizer():
     # a static student's max_seq_length is inf: no limit, as for the sampler above
     assert loading.length_limit(SimpleNamespace(max_seq_length=float("inf"))) is None
     assert loading.length_limit(SimpleNamespace(max_seq_length=128)) == 128
+
+
+def test_freeze_embeddings_holds_for_a_pretrained_student_and_is_refused_for_static(tiny_bert, tmp_path, capsys):
+    """A pretrained student (e.g. an earlier run's final/, for staged training) keeps its token embeddings fixed."""
+    small = make_tiny(tmp_path / "small", "bert", hidden=32, layers=1, seed=3)
+    queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
+    argv = _args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "pretrained",
+                 "--student_model_init_list", small, "--run_name", "frozen", "--freeze_embeddings",
+                 "--learning_rate", "1e-2", "--per_device_train_batch_size", "8")  # fmt: skip
+    out = distillation.main(argv)["runs"][0]
+    before = SentenceTransformer(small, device="cpu")[0].auto_model
+    after = SentenceTransformer(out["final_path"], device="cpu")[0].auto_model
+    assert torch.equal(before.embeddings.word_embeddings.weight, after.embeddings.word_embeddings.weight)
+    layer = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(before.state_dict()[layer], after.state_dict()[layer]), "the rest still trains"
+    with pytest.raises(SystemExit) as e:
+        distillation.main(_args(tiny_bert, tmp_path / "out2", queries, "--student_model_init", "static",
+                                "--freeze_embeddings"))  # fmt: skip
+    assert e.value.code == 2 and "nothing to train" in capsys.readouterr().err
