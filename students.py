@@ -214,6 +214,6 @@ def build_student(
         freeze_token_embeddings(student)
     if dropout is not None:
         set_dropout(student, dropout)
-    if init != "static":
+    if hasattr(student[0], "auto_model"):  # a transformer; a static table (ours or model2vec's) has no length limit
         student.max_seq_length = max_seq_length  # the student is a query encoder
     return student, info

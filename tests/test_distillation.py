@@ -266,3 +266,15 @@ def test_freeze_embeddings_holds_for_a_pretrained_student_and_is_refused_for_sta
         distillation.main(_args(tiny_bert, tmp_path / "out2", queries, "--student_model_init", "static",
                                 "--freeze_embeddings"))  # fmt: skip
     assert e.value.code == 2 and "nothing to train" in capsys.readouterr().err
+
+
+def test_a_static_table_trains_as_a_pretrained_student(tiny_bert, tmp_path):
+    """A static student saved earlier (ours, or model2vec's wrapped in StaticEmbedding) is aligned further as is."""
+    queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
+    first = distillation.main(_args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "static",
+                                    "--run_name", "static"))["runs"][0]  # fmt: skip
+    out = distillation.main(_args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "pretrained",
+                                  "--student_model_init_list", first["final_path"], "--run_name", "again",
+                                  "--learning_rate", "1e-2"))["runs"][0]  # fmt: skip
+    final = SentenceTransformer(out["final_path"], device="cpu")
+    assert type(final[0]).__name__ == "StaticEmbedding" and out["dev_mse"] <= out["initial_dev_mse"]
