@@ -19,6 +19,7 @@ under output/labels/. Several GPUs: `torchrun --nproc_per_node 4 distillation.py
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import shutil
@@ -348,7 +349,7 @@ def main(argv=None) -> dict:
             )
             evaluator = losses.make_evaluator(dev_texts, dev_labels, args.per_device_eval_batch_size, score)
             metrics = train_one(student, run_dir, texts, labels, evaluator, loss, dict(hp), device, plan["resume"],
-                                sources, rank, world)  # fmt: skip
+                                inherited_sources(sources, plan["init"]), rank, world)  # fmt: skip
         except BaseException:
             # a run that failed before its first checkpoint leaves nothing that blocks the corrected rerun
             if rank == 0 and created and not list(run_dir.glob("checkpoints/checkpoint-*")):
@@ -364,6 +365,24 @@ def main(argv=None) -> dict:
         results.append(metrics)
     common.barrier()  # no rank leaves before rank 0 has written everything
     return {"runs": results}
+
+
+def inherited_sources(sources: dict, init: str) -> dict:
+    """The run's training text plus that of a student it starts from (an earlier run's final/, staged training).
+
+    A collection whose text trained any stage stays in-domain for the final student.
+    """
+    earlier = Path(init) / "training_text.json"
+    if not earlier.is_file():
+        return sources
+    before = json.loads(earlier.read_text())
+    return {
+        **sources,
+        "query_files": sources["query_files"]
+        + [f for f in before.get("query_files", []) if f not in sources["query_files"]],
+        "corpora": sources["corpora"] + before.get("corpora", []),
+        "initialised_from": {"model": str(init), **before},
+    }
 
 
 def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resume, sources, rank=0, world=1) -> dict:

@@ -1,6 +1,7 @@
 """distillation.py: layer choice, pruning per architecture, projection students, bad input, and a real run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -273,8 +274,13 @@ def test_a_static_table_trains_as_a_pretrained_student(tiny_bert, tmp_path):
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
     first = distillation.main(_args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "static",
                                     "--run_name", "static"))["runs"][0]  # fmt: skip
-    out = distillation.main(_args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "pretrained",
+    later = write(tmp_path / "q2.tsv", "".join(f"{i}\tanother query {i} on subject {i % 5}\n" for i in range(80)))
+    out = distillation.main(_args(tiny_bert, tmp_path / "out", later, "--student_model_init", "pretrained",
                                   "--student_model_init_list", first["final_path"], "--run_name", "again",
                                   "--learning_rate", "1e-2"))["runs"][0]  # fmt: skip
     final = SentenceTransformer(out["final_path"], device="cpu")
     assert type(final[0]).__name__ == "StaticEmbedding" and out["dev_mse"] <= out["initial_dev_mse"]
+    # staged training: the text of every stage counts, so collections of the first stay in-domain
+    sources = json.loads((Path(out["final_path"]) / "training_text.json").read_text())
+    assert sources["query_files"] == [later, queries]
+    assert sources["initialised_from"]["model"] == first["final_path"]
