@@ -203,6 +203,17 @@ def write_json(path: str | Path, obj) -> None:
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str))
 
 
+# what a student trained on, saved in its final/ by distillation.py: evaluate_retrieval.py marks those collections
+# in-domain, serving.py copies it into exports, and a later run started from that final/ inherits it
+TRAINING_TEXT = "training_text.json"
+
+
+def text_sources(model_path: str | Path) -> dict | None:
+    """The training-text record of a model folder, or None (a teacher, a model from elsewhere)."""
+    path = Path(model_path) / TRAINING_TEXT
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def check_writable(path: str | Path) -> None:
     path = Path(path)
     try:

@@ -19,7 +19,6 @@ under output/labels/. Several GPUs: `torchrun --nproc_per_node 4 distillation.py
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import resource
 import shutil
@@ -298,9 +297,8 @@ def main(argv=None) -> dict:
                         "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,
                         "max_seq_length": args.max_seq_length, "data_dir": args.data_dir,
                         "batch_size": args.label_batch_size}  # fmt: skip
-    if args.student_model_init != "static":  # bad layer ids, unloadable students fail before any labelling
-        for plan in plans:
-            students.build_student(plan["init"], teacher, device, **student_settings)
+    # built once, before labelling: bad layer ids and unloadable students fail before any expensive work
+    built = [students.build_student(plan["init"], teacher, device, **student_settings) for plan in plans]
     logger.info("%d training texts (%s), %d validation texts", len(train_texts), sources, len(dev_texts))
 
     def label(texts):
@@ -335,13 +333,12 @@ def main(argv=None) -> dict:
                      "top_k": top.shape[1], "negatives": args.kl_negatives, "seed": args.seed,
                      "margin_scale": args.margin_scale}  # fmt: skip
     results = []
-    for plan in plans:  # one student per plan, all trained on the same targets
+    for plan, (student, info) in zip(plans, built):  # one student per plan, all trained on the same targets
         run_dir = plan["run_dir"]
         if rank == 0 and args.overwrite_output_dir and not plan["resume"] and run_dir.exists():
             shutil.rmtree(run_dir)
         created = not run_dir.exists()
         try:
-            student, info = students.build_student(plan["init"], teacher, device, **student_settings)
             if rank == 0:  # one writer; first, so a crashed run still says what it was
                 common.write_json(run_dir / "config.json", {**config, "student": info})
             loss = losses.make_loss(
@@ -372,10 +369,9 @@ def inherited_sources(sources: dict, init: str) -> dict:
 
     A collection whose text trained any stage stays in-domain for the final student.
     """
-    earlier = Path(init) / "training_text.json"
-    if not earlier.is_file():
+    before = common.text_sources(init)
+    if before is None:
         return sources
-    before = json.loads(earlier.read_text())
     return {
         **sources,
         "query_files": sources["query_files"]
@@ -408,7 +404,7 @@ def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resu
         with common.atomic_dir(run_dir / "final") as tmp:
             student.save(str(tmp), model_name=run_dir.name)
             # travels with the model: evaluate_retrieval.py marks collections whose text it trained on as in-domain
-            common.write_json(tmp / "training_text.json", sources)
+            common.write_json(tmp / common.TRAINING_TEXT, sources)
     metrics = {
         "num_dev_queries": len(evaluator.target_sentences),
         "initial_dev_mse": -initial["dev_negative_mse"] / 100,

@@ -134,12 +134,6 @@ def results_table(rows: list[dict], datasets: list[str], teacher: str) -> str:
     return "\n".join(lines) + "\n\n\\* the student trained on text of this collection (in-domain text)\n"
 
 
-def text_sources(model_path: Path) -> dict | None:
-    """What a student trained on, from the training_text.json distillation.py writes into final/."""
-    path = Path(model_path) / "training_text.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def in_domain(sources: dict | None, folder: Path, corpus_sha256: str) -> bool:
     """A collection is in-domain for a student that trained on its documents or on queries from its folder."""
     if not sources:
@@ -200,7 +194,7 @@ def main(argv=None) -> dict:
                 "train it with distillation.py against this teacher"
             )
     sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
-    sources = {name: text_sources(paths[name]) for name in names}
+    sources = {name: common.text_sources(paths[name]) for name in names}
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
 
     rows = []

@@ -54,8 +54,8 @@ def backend_name(meta: dict) -> str:
 def _finish(tmp: Path, source: Path, meta: dict, reference, queries) -> dict:
     """Fidelity check against the torch model, export.json, and the student's training-text record."""
     meta["cosine_to_torch"] = float(cosine_rows(LeanEncoder(tmp, meta).encode(queries), reference).mean())
-    if (source / "training_text.json").is_file():  # in-domain marking follows the model into its exports
-        shutil.copy(source / "training_text.json", tmp / "training_text.json")
+    if (source / common.TRAINING_TEXT).is_file():  # in-domain marking follows the model into its exports
+        shutil.copy(source / common.TRAINING_TEXT, tmp / common.TRAINING_TEXT)
     common.write_json(tmp / EXPORT_FILE, meta)
     return meta
 
