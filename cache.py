@@ -41,10 +41,11 @@ def sha256_texts(texts) -> str:
 
 
 def model_fingerprint(path: str | Path) -> str:
-    """Content fingerprint of a model folder: small files hashed, large weight files by size, head and tail.
+    """Content fingerprint of a model folder: every file hashed whole, names included.
 
-    Stands in for the hub revision and works for local folders; memoized per (file, size, mtime) listing,
-    so a model retrained at the same path gets a new fingerprint even within one process.
+    A partial hash (size, head, tail) misses retrained encoder weights in the middle of a safetensors file, so
+    nothing is sampled. Memoized per (file, size, mtime) listing: a model retrained at the same path gets a new
+    fingerprint even within one process, and an unchanged one is hashed once.
     """
     files = sorted(p for p in Path(path).rglob("*") if p.is_file() and ".cache" not in p.parts)
     listing = tuple((p.as_posix(), p.stat().st_mtime_ns, p.stat().st_size) for p in files)
@@ -52,16 +53,8 @@ def model_fingerprint(path: str | Path) -> str:
         return _FINGERPRINTS[listing]
     h = hashlib.sha256()
     for p in files:
-        h.update(p.relative_to(path).as_posix().encode())
-        size = p.stat().st_size
-        if size < 4 << 20:
-            h.update(p.read_bytes())
-        else:
-            h.update(str(size).encode())
-            with open(p, "rb") as f:  # head and tail catch retrained weights of the same size
-                h.update(f.read(1 << 16))
-                f.seek(-(1 << 16), 2)
-                h.update(f.read())
+        h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        h.update(sha256_file(p).encode())
     _FINGERPRINTS[listing] = h.hexdigest()[:16]
     return _FINGERPRINTS[listing]
 
@@ -123,14 +116,19 @@ def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, ba
     key, digest = cache_key("query_labels", teacher_path, encoder_settings(teacher, "query", max_seq_length))
     folder = Path(output_path) / "labels" / digest
     name = sha256_texts(texts)[:24]
-    if (folder / f"{name}.npy").exists():
+    if (folder / f"{name}.texts.json").exists() and (folder / f"{name}.npy").exists():
         logger.info("reusing cached teacher labels %s (%d texts)", folder / name, len(texts))
         return np.load(folder / f"{name}.npy").astype(np.float32), True
     for other in sorted(folder.glob("*.texts.json")):
-        cached = {t: i for i, t in enumerate(json.loads(other.read_text()))}
-        if all(t in cached for t in texts):
+        npy = other.with_name(other.name.replace(".texts.json", ".npy"))
+        try:  # a set is complete when both files read back and agree; anything else is skipped, not trusted
+            cached = {t: i for i, t in enumerate(json.loads(other.read_text()))}
+            emb = np.load(npy, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            logger.warning("skipping incomplete cached label set %s (%s)", other.name, e.__class__.__name__)
+            continue
+        if emb.shape[0] == len(cached) and all(t in cached for t in texts):
             logger.info("serving %d labels from cached superset %s", len(texts), other.name)
-            emb = np.load(other.with_name(other.name.replace(".texts.json", ".npy")), mmap_mode="r")
             return np.asarray(emb[[cached[t] for t in texts]], dtype=np.float32), True
     COUNTERS["label_runs"] += 1
     t0 = time.perf_counter()
@@ -144,14 +142,16 @@ def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, ba
             teacher.stop_multi_process_pool(pool)
     secs = time.perf_counter() - t0
     rank, world = common.rank_world()
-    if rank == 0:  # one writer: texts and meta first, the .npy last (its presence means complete)
-        logger.info("labelled %d texts in %.1fs (%.0f/s, %d process(es))", len(texts), secs, len(texts) / secs,
-                    world)  # fmt: skip
-        common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
-        common.write_json(folder / f"{name}.texts.json", texts)
+    if rank == 0:  # one writer: meta and the .npy first, the texts last (their presence means complete)
+        logger.info(
+            "labelled %d texts in %.1fs (%.0f/s, %d process(es))", len(texts), secs, len(texts) / secs, world
+        )
         common.write_json(folder / "key.json", key)
+        common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
+        # fp32, as the fresh run trains on: a rerun from the cache trains on the very same targets
         with common.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
-            np.save(f, emb.astype(np.float16))  # fp16 is plenty for targets of unit-norm vectors
+            np.save(f, emb.astype(np.float32))
+        common.write_json(folder / f"{name}.texts.json", texts)
     common.barrier()
     return emb.astype(np.float32), False
 
@@ -187,9 +187,12 @@ def teacher_index(
     corpus_file = Path(corpus_file)
     # a BEIR folder's corpus.jsonl is named after its folder, a collection tsv after itself
     name = corpus_file.parent.resolve().name if corpus_file.name == "corpus.jsonl" else corpus_file.stem
+    ids = sorted(corpus)
+    texts = [doc_text(corpus[i]) for i in ids]
     settings = {
         "teacher": teacher_name,
-        "corpus_sha256": sha256_file(corpus_file),
+        # what is encoded (ids and texts), not the file it came from: a part of a corpus gets its own key
+        "corpus_content_sha256": sha256_texts(x for i, t in zip(ids, texts) for x in (i, t)),
         **encoder_settings(teacher, "document", max_seq_length),
     }
     key, digest = cache_key("document_index", teacher_path, settings)
@@ -200,8 +203,6 @@ def teacher_index(
         ids = json.loads((folder / "ids.json").read_text())
         return np.load(folder / "embeddings.npy", mmap_mode="r"), ids, {**meta, "folder": str(folder)}
 
-    ids = sorted(corpus)
-    texts = [doc_text(corpus[i]) for i in ids]
     # longest first in chunks: little padding per batch, and a progress bar that moves
     order = sorted(range(len(ids)), key=lambda i: -len(texts[i]))
     COUNTERS["index_builds"] += 1

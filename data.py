@@ -89,6 +89,18 @@ def read_queries(path: str | Path) -> dict[str, str]:
     return {k: v["text"] for k, v in read_records(path).items()}
 
 
+def normalise(text: str) -> str:
+    """The form in which two query texts count as the same: whitespace collapsed, lower-cased."""
+    return " ".join(str(text).split()).lower()
+
+
+def text_hashes(texts) -> list[str]:
+    """Sorted 16-hex sha256 digests of the normalised texts: what a student trained on, without the texts."""
+    import hashlib
+
+    return sorted({hashlib.sha256(normalise(t).encode("utf-8")).hexdigest()[:16] for t in texts})
+
+
 def clean_queries(texts) -> list[str]:
     """Strip, drop empties and de-duplicate (case-insensitively), keeping first-seen order."""
     seen, out = set(), []
@@ -98,6 +110,17 @@ def clean_queries(texts) -> list[str]:
             seen.add(t.lower())
             out.append(t)
     return out
+
+
+def query_texts(spec: str, data_dir: str | Path) -> list[str]:
+    """Non-empty texts of a query file, or of a BEIR dataset's queries (name or folder): what serving.py and
+    evaluate_speed.py read their real queries from."""
+    path = Path(spec)
+    queries = read_queries(path if path.is_file() else dataset_path(spec, data_dir) / "queries.jsonl")
+    texts = [t for t in (" ".join(q.split()) for q in queries.values()) if t]
+    if not texts:
+        raise UsageError(f"no non-empty queries in {spec}; pass a file or dataset with queries")
+    return texts
 
 
 def msmarco_train_queries(data_dir: str | Path) -> Path:
@@ -248,15 +271,25 @@ def expand_datasets(names, data_dir) -> list[tuple[str, Path, str | None]]:
 
     Two folders with the same basename get distinct display names (name, name~2, ...), so neither is lost.
     """
-    out, seen = [], {}
+    out = []
     for name in names:
         if Path(name).name == "cqadupstack":
             root = dataset_path(name, data_dir)
             out += [(f"cqadupstack-{f}", root / f, "cqadupstack") for f in CQADUPSTACK_FORUMS]
             continue
-        folder = dataset_path(name, data_dir)
-        seen[folder.name] = seen.get(folder.name, 0) + 1
-        out.append((folder.name if seen[folder.name] == 1 else f"{folder.name}~{seen[folder.name]}", folder, None))
+        out.append((None, dataset_path(name, data_dir), None))
+    shown = display_names([folder.name if d is None else d for d, folder, _ in out])
+    return [(d, folder, group) for d, (_, folder, group) in zip(shown, out)]
+
+
+def display_names(names: list[str]) -> list[str]:
+    """Result names of datasets: a repeated basename gets name~2, name~3, ... (evaluate_retrieval.py and
+    report.py both name result files this way, so a second folder never reads the first one's table)."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}~{seen[name]}")
     return out
 
 
@@ -290,26 +323,44 @@ def load_beir(folder: str | Path, split: str = "test"):
     all_queries = loader.queries
     if not all_queries:
         raise UsageError(f"{q_file} holds no queries; fix the file or re-download the dataset")
-    qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_file, encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL), 1):
-            if not row or (lineno == 1 and not row[-1].lstrip("-").isdigit()):
-                continue  # blank line or header
-            if len(row) != 3 or not row[2].lstrip("-").isdigit():
-                raise UsageError(f"{qrels_file}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score' (integer)")
-            qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+    qrels = read_qrels(qrels_file)
     unknown_q = sum(q not in all_queries for q in qrels)
     clean = {q: {d: s for d, s in r.items() if d in corpus} for q, r in qrels.items() if q in all_queries}
     unknown_d = sum(len(qrels[q]) - len(r) for q, r in clean.items())
     clean = {q: r for q, r in clean.items() if r}
+    # a query with no positive judgment can only score 0: averaged in, it would pull every model down alike
+    no_positive = sorted(q for q, r in clean.items() if max(r.values()) <= 0)
+    clean = {q: r for q, r in clean.items() if max(r.values()) > 0}
     if unknown_q or unknown_d:
         logger.warning(
             "%s: dropped qrels naming %d unknown queries and %d unknown docs", folder.name, unknown_q, unknown_d
         )
+    if no_positive:
+        logger.warning("%s: left out %d queries with no positive judgment", folder.name, len(no_positive))
     if not clean:
-        raise UsageError(f"{qrels_file}: no judged queries left (its ids match no query/document); check the file")
+        raise UsageError(
+            f"{qrels_file}: no judged queries left (ids match no query/document, or no score > 0); check the file"
+        )
     queries = {q: all_queries[q] for q in clean}
-    return corpus, queries, clean, {"unknown_qrels_queries": unknown_q, "unknown_qrels_docs": unknown_d}
+    stats = {"unknown_qrels_queries": unknown_q, "unknown_qrels_docs": unknown_d,
+             "queries_without_positive": len(no_positive)}  # fmt: skip
+    return corpus, queries, clean, stats
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """{query id: {doc id: score}} of a BEIR qrels tsv (header optional), each bad line named."""
+    qrels: dict[str, dict[str, int]] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_MINIMAL), 1):
+                if not row or (lineno == 1 and not row[-1].lstrip("-").isdigit()):
+                    continue  # blank line or header
+                if len(row) != 3 or not row[2].lstrip("-").isdigit():
+                    raise UsageError(f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score' (integer)")
+                qrels.setdefault(row[0], {})[row[1]] = int(row[2])
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from e
+    return qrels
 
 
 def load_corpus(path: str | Path) -> tuple[dict, Path]:

@@ -19,11 +19,13 @@ under output/labels/. Several GPUs: `torchrun --nproc_per_node 4 distillation.py
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -100,6 +102,8 @@ def parse_args(argv=None):
     add("--output_path", default="output")
     add("--run_name", default=None, help="default: derived from teacher and student")
     add("--overwrite_output_dir", action="store_true")
+    add("--skip_finished", action="store_true",
+        help="keep a run whose final/ was made by the same recipe (flags and data content); retrain others")  # fmt: skip
     add("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' (newest complete one)")
     add("--save_asymmetric", action="store_true", help="also save <run>/asymmetric: student queries, teacher docs")
     add("--push_to_hub", action="store_true")
@@ -124,8 +128,14 @@ def parse_args(argv=None):
         p.error("--student_dropout must be in [0, 1)")
     if args.token_loss_weight and args.student_model_init != "layer_reduction":
         p.error("--token_loss_weight needs --student_model_init layer_reduction (same tokenizer and width)")
-    if args.token_loss_weight < 0:
-        p.error("--token_loss_weight must be >= 0")
+    if not 0 <= args.token_loss_weight < float("inf"):  # nan fails this too: it would train to a NaN final/
+        p.error("--token_loss_weight must be a finite number >= 0")
+    if args.span_words and args.span_words[0] > args.span_words[1]:
+        p.error(f"--span_words MIN MAX: {args.span_words[0]} > {args.span_words[1]}; give the shorter length first")
+    specs = [q for q in args.train_queries]
+    if len(set(specs)) != len(specs):
+        dup = next(q for q in specs if specs.count(q) > 1)
+        p.error(f"--train_queries names {dup} twice; give each source once (shares are split evenly)")
     if args.freeze_embeddings and args.student_model_init == "static":
         p.error("--freeze_embeddings would leave a static student nothing to train; drop it")
     if args.warmup_steps < 0:
@@ -161,12 +171,46 @@ def run_names(init: str, inits: list[str], run_name: str | None, teacher: str, l
     return [(m, f"{run_name or teacher + '-pretrained'}/{n}") for m, n in zip(inits, names)]
 
 
-def plan_runs(names, output_path, overwrite: bool, resume: str | None) -> list[dict]:
+# flags that change where and how a run is written or logged, never the student it trains
+NOT_RECIPE = {"log_level", "overwrite_output_dir", "skip_finished", "resume_from_checkpoint", "push_to_hub",
+              "hub_model_id", "label_batch_size", "label_devices", "per_device_eval_batch_size", "output_path",
+              "data_dir", "device", "run_name", "teacher_model", "train_queries", "score_corpus", "dev_queries",
+              "margin_triples", "triples_collection", "save_asymmetric"}  # fmt: skip
+
+
+def recipe(args, sources: dict, teacher_path: Path, init: str) -> dict:
+    """Everything that makes the student: the flags that change training, and the content (not the names) of the
+    teacher, the training text sources, the validation queries and the triples. Equal recipes, equal students."""
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
+    files = {"dev_queries": args.dev_queries, "margin_triples": args.margin_triples}
+    return json.loads(json.dumps({
+        "flags": flags,
+        "student_init": init if init in ("layer_reduction", "static") else cache.model_fingerprint(
+            loading.resolve_model_path(init, args.data_dir)),
+        "teacher_fingerprint": cache.model_fingerprint(teacher_path),
+        "sources": sources,
+        **{k: cache.sha256_file(v) if v else None for k, v in files.items()},
+    }, sort_keys=True, default=str))  # fmt: skip
+
+
+def finished_with(run_dir: Path, wanted: dict) -> bool:
+    """A run folder holds a finished student (final/, metrics.json) made by exactly this recipe."""
+    try:
+        done = json.loads((run_dir / "metrics.json").read_text())["config"].get("recipe")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+    if (run_dir / "final" / "modules.json").is_file() and done == wanted:
+        return True
+    logger.info("%s holds a run of another recipe (or an unfinished one): it is trained again", run_dir)
+    return False
+
+
+def plan_runs(names, output_path, overwrite: bool, resume: str | None, skip: bool = False) -> list[dict]:
     """One entry per student: its run folder (refused when it holds another run) and its resume point."""
     plans = []
     for init, name in names:
         run_dir = Path(output_path) / name
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not (overwrite or resume):
+        if run_dir.is_dir() and any(run_dir.iterdir()) and not (overwrite or resume or skip):
             raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
         plans.append({"init": init, "run_dir": run_dir, "resume": resume_point(run_dir, resume)})
     return plans
@@ -255,26 +299,59 @@ def teacher_targets(teacher, label, train_texts, dev_texts, triples, augment: in
     return train_texts, train_emb, extra, dev_emb, docs, facts
 
 
-def check_inputs(args, device: str):
+class Inputs(NamedTuple):
+    """What check_inputs read and resolved, before any model loads."""
+
+    sources: dict  # the training-text record (training_text.json), without the text hashes
+    train: list[str]
+    dev: list[str]
+    triples: tuple | None
+    score_corpus: tuple | None
+    teacher_path: Path
+    plans: list[dict]
+
+
+def _corpus_record(spec: str, file: Path, role: str, texts: int) -> dict:
+    return {"spec": spec, "corpus_file": str(file.resolve()), "corpus_sha256": cache.sha256_file(file),
+            "role": role, "texts": texts}  # fmt: skip
+
+
+def check_inputs(args, device: str) -> Inputs:
     """Everything a user can get wrong, checked before any model loads or any folder is made."""
     if (args.fp16 or args.bf16) and not device.startswith("cuda"):
         raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {device}")
     specs = [q for q in args.train_queries if not q.startswith("corpus:")]
     files = [data.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in specs]
-    corpora, sources = [], {"query_files": [str(f) for f in files], "corpora": []}
+    corpora, seen = [], {}
     for spec in (q for q in args.train_queries if q.startswith("corpus:")):
         corpus, file, held_out = data.corpus_source(spec, args.data_dir)
-        corpora.append((spec, corpus, held_out))
-        sources["corpora"].append({"spec": spec, "corpus_file": str(file), "corpus_sha256": cache.sha256_file(file)})
-    train, dev, counts = data.training_texts(files, corpora, args.dev_queries, args.num_dev_queries,
-                                             args.max_train_queries, args.corpus_text_share, args.seed,
-                                             args.span_words, args.title_share)  # fmt: skip
-    for c in sources["corpora"]:
-        c["texts"] = counts[c["spec"]]
-    sources["queries"] = counts.get("queries", 0)
+        if file.resolve() in seen:  # corpus:scifact and corpus:$DATA_DIR/scifact are one source
+            raise UsageError(f"{spec} and {seen[file.resolve()]} are the same collection; give it once")
+        seen[file.resolve()] = spec
+        corpora.append((spec, corpus, held_out, file))
+    train, dev, counts = data.training_texts(files, [c[:3] for c in corpora], args.dev_queries,
+                                             args.num_dev_queries, args.max_train_queries, args.corpus_text_share,
+                                             args.seed, args.span_words, args.title_share)  # fmt: skip
+    sources = {
+        "query_files": [{"path": str(f.resolve()), "sha256": cache.sha256_file(f)} for f in files],
+        "queries": counts.get("queries", 0),
+        "corpora": [],
+    }
+    for spec, _, _, file in corpora:  # only sources that gave text mark a collection in-domain
+        if counts[spec]:
+            sources["corpora"].append(_corpus_record(spec, file, "training text", counts[spec]))
+        else:
+            logger.warning("%s gave no training text (--corpus_text_share %g); not recorded", spec,
+                           args.corpus_text_share)  # fmt: skip
     triples = args.margin_triples and data.read_triples(args.margin_triples, files, args.triples_collection, train,
                                                         args.max_train_queries, args.seed)  # fmt: skip
+    if triples:
+        sources["corpora"].append(_corpus_record(args.triples_collection, Path(args.triples_collection),
+                                                 "margin triples", len(triples[1])))  # fmt: skip
     score_corpus = data.load_corpus(args.score_corpus) if args.score_corpus else None
+    if score_corpus:  # its documents train the student (kl / margin_mse): that collection is not zero-shot
+        sources["corpora"].append(_corpus_record(args.score_corpus, score_corpus[1], "score corpus",
+                                                 len(score_corpus[0])))  # fmt: skip
     teacher_path = loading.resolve_model_path(args.teacher_model, args.data_dir)
     for name in args.student_model_init_list:
         loading.resolve_model_path(name, args.data_dir)
@@ -282,8 +359,16 @@ def check_inputs(args, device: str):
     keep = sorted(args.layers) if args.layers else total and students.choose_layers(total, args.num_layers,
                                                                                     args.layer_strategy)  # fmt: skip
     names = run_names(args.student_model_init, args.student_model_init_list, args.run_name, args.teacher_model, keep)
-    plans = plan_runs(names, args.output_path, args.overwrite_output_dir, args.resume_from_checkpoint)
-    return files, sources, train, dev, triples or None, score_corpus, teacher_path, plans
+    plans = plan_runs(names, args.output_path, args.overwrite_output_dir, args.resume_from_checkpoint,
+                      args.skip_finished)  # fmt: skip
+    for plan in plans:
+        plan["recipe"] = recipe(args, sources, teacher_path, plan["init"])
+        plan["done"] = args.skip_finished and finished_with(plan["run_dir"], plan["recipe"])
+        run_dir = plan["run_dir"]
+        if not plan["done"] and run_dir.is_dir() and any(run_dir.iterdir()) and not args.overwrite_output_dir:
+            if not args.resume_from_checkpoint:
+                raise UsageError(f"{run_dir} holds a run of another recipe; pass --overwrite_output_dir to retrain")
+    return Inputs(sources, train, dev, triples or None, score_corpus, teacher_path, plans)
 
 
 def main(argv=None) -> dict:
@@ -291,60 +376,73 @@ def main(argv=None) -> dict:
     common.start_run(args.log_level, args.seed, args.output_path)
     rank, world, device = common.distributed(common.pick_device(args.device))
     with common.main_first(rank):  # one download of the training queries, however many ranks
-        files, sources, train_texts, dev_texts, triples, score_corpus, teacher_path, plans = check_inputs(args, device)
-    teacher, _ = loading.load_model(args.teacher_model, device, path=teacher_path)
+        inputs = check_inputs(args, device)
+    done = [p for p in inputs.plans if p["done"]]
+    for plan in done:
+        logger.info("%s: finished earlier by the same recipe, kept (--skip_finished)", plan["run_dir"])
+    plans = [p for p in inputs.plans if not p["done"]]
+    results = [{**json.loads((p["run_dir"] / "metrics.json").read_text()), "reused": True} for p in done]
+    if not plans:
+        return {"runs": results}
+    teacher, _ = loading.load_model(args.teacher_model, device, path=inputs.teacher_path)
     student_settings = {"layers": args.layers, "num_layers": args.num_layers, "strategy": args.layer_strategy,
                         "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,
                         "max_seq_length": args.max_seq_length, "data_dir": args.data_dir,
                         "batch_size": args.label_batch_size}  # fmt: skip
     # built once, before labelling: bad layer ids and unloadable students fail before any expensive work
     built = [students.build_student(plan["init"], teacher, device, **student_settings) for plan in plans]
-    logger.info("%d training texts (%s), %d validation texts", len(train_texts), sources, len(dev_texts))
+    logger.info("%d training texts (%s), %d validation texts", len(inputs.train), inputs.sources, len(inputs.dev))
 
     def label(texts):
-        return cache.teacher_labels(teacher, teacher_path, texts, args.output_path, args.max_seq_length,
+        return cache.teacher_labels(teacher, inputs.teacher_path, texts, args.output_path, args.max_seq_length,
                                     args.label_batch_size, args.label_devices)  # fmt: skip
 
     # under torchrun every rank labels (and indexes) a share of the texts; rank 0 writes the caches
     t0 = time.perf_counter()
-    texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, train_texts, dev_texts, triples,
-                                                                    args.augment, args.seed)  # fmt: skip
-    if score_corpus is not None:
-        corpus, file = score_corpus
+    runs = cache.COUNTERS["label_runs"]
+    texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, inputs.train, inputs.dev,
+                                                                    inputs.triples, args.augment, args.seed)  # fmt: skip
+    if inputs.score_corpus is not None:
+        corpus, file = inputs.score_corpus
         if (file.parent / "qrels").is_dir():
-            logger.warning("--score_corpus %s is an evaluation dataset: results on it are not zero-shot", file.parent)
-        docs, _, _ = cache.teacher_index(teacher, args.teacher_model, teacher_path, corpus, file, args.output_path)
-    facts.update(world_size=world, teacher_label_runs=cache.COUNTERS["label_runs"],
+            logger.warning("--score_corpus %s is an evaluation dataset: results on it are in-domain", file.parent)
+        docs, _, _ = cache.teacher_index(teacher, args.teacher_model, inputs.teacher_path, corpus, file,
+                                         args.output_path)  # fmt: skip
+    facts.update(world_size=world, teacher_label_runs=cache.COUNTERS["label_runs"] - runs,
                  label_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
+    # the leak guard's input: which normalised texts trained the student (evaluation counts its queries among them)
+    sources = {**inputs.sources, "text_hashes": data.text_hashes(texts)}
     similarity, score, top = loading.similarity_name(teacher), None, np.zeros((len(texts), 0), np.float32)
     if set(args.loss) & set(losses.SCORE_TERMS):  # each query's teacher top-k, found once here
         t0 = time.perf_counter()
+        # a triples-only Margin-MSE run scores the file's documents: no training query needs its top-k
+        train_top = "kl" in args.loss or inputs.triples is None
         top, score = losses.score_targets(labels, dev_labels, docs, args.kl_top_k, args.kl_negatives, similarity,
-                                          args.kl_temperature, args.seed)  # fmt: skip
+                                          args.kl_temperature, args.seed, train_top)  # fmt: skip
         facts["candidate_seconds"] = round(time.perf_counter() - t0, 2)
     # a label row: [teacher embedding | top-k doc rows (score terms) | pos row, neg row, margin (triples)]
     labels = np.concatenate([labels, top, *([] if extra is None else [extra])], 1)
     config = common.run_info(vars(args))
-    config.update(teacher_path=str(teacher_path), train_text_sources=sources, device=device, world_size=world)
+    config.update(teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device,
+                  world_size=world)  # fmt: skip
     hp = {k: getattr(args, k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",
           "warmup_steps", "num_train_epochs", "adam_epsilon", "weight_decay", "eval_steps", "logging_steps",
           "save_total_limit", "seed", "fp16", "bf16", "group_by_length")}  # fmt: skip
     loss_settings = {"docs": docs, "similarity": similarity, "temperature": args.kl_temperature,
                      "top_k": top.shape[1], "negatives": args.kl_negatives, "seed": args.seed,
                      "margin_scale": args.margin_scale}  # fmt: skip
-    results = []
     for plan, (student, info) in zip(plans, built):  # one student per plan, all trained on the same targets
-        run_dir = plan["run_dir"]
-        if rank == 0 and args.overwrite_output_dir and not plan["resume"] and run_dir.exists():
+        run_dir, run_config = plan["run_dir"], {**config, "student": info, "recipe": plan["recipe"]}
+        if rank == 0 and (args.overwrite_output_dir or args.skip_finished) and not plan["resume"] and run_dir.exists():
             shutil.rmtree(run_dir)
         created = not run_dir.exists()
         try:
             if rank == 0:  # one writer; first, so a crashed run still says what it was
-                common.write_json(run_dir / "config.json", {**config, "student": info})
+                common.write_json(run_dir / "config.json", run_config)
             loss = losses.make_loss(
                 student, args.loss, teacher.get_embedding_dimension(), args.token_loss_weight, teacher, **loss_settings
             )
-            evaluator = losses.make_evaluator(dev_texts, dev_labels, args.per_device_eval_batch_size, score)
+            evaluator = losses.make_evaluator(inputs.dev, dev_labels, args.per_device_eval_batch_size, score)
             metrics = train_one(student, run_dir, texts, labels, evaluator, loss, dict(hp), device, plan["resume"],
                                 inherited_sources(sources, plan["init"]), rank, world)  # fmt: skip
         except BaseException:
@@ -354,14 +452,25 @@ def main(argv=None) -> dict:
             raise
         metrics = {"run_dir": str(run_dir), "final_path": str(run_dir / "final"), **info, **facts, **metrics}
         if rank == 0:
-            common.write_json(run_dir / "metrics.json", {**metrics, "config": {**config, "student": info}})
-            if args.save_asymmetric:
-                students.save_asymmetric(student, teacher, run_dir / "asymmetric")
+            if args.save_asymmetric:  # the same query encoder, so the same training-text record beside it
+                students.save_asymmetric(student, teacher, run_dir / "asymmetric", run_dir / "final")
             if args.push_to_hub:
-                student.push_to_hub(f"{args.hub_model_id}-{run_dir.name}" if len(plans) > 1 else args.hub_model_id)
+                push_folder(run_dir / "final", f"{args.hub_model_id}-{run_dir.name}" if len(plans) > 1
+                            else args.hub_model_id)  # fmt: skip
+            # last: metrics.json with the recipe marks the run finished (--skip_finished reads it)
+            common.write_json(run_dir / "metrics.json", {**metrics, "config": run_config})
         results.append(metrics)
     common.barrier()  # no rank leaves before rank 0 has written everything
     return {"runs": results}
+
+
+def push_folder(folder: Path, repo_id: str) -> None:
+    """Upload the saved final/ (weights, model card, training_text.json), not the in-memory model."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="query encoder distillation")
 
 
 def inherited_sources(sources: dict, init: str) -> dict:
@@ -377,6 +486,7 @@ def inherited_sources(sources: dict, init: str) -> dict:
         "query_files": sources["query_files"]
         + [f for f in before.get("query_files", []) if f not in sources["query_files"]],
         "corpora": sources["corpora"] + before.get("corpora", []),
+        "text_hashes": sorted(set(sources.get("text_hashes", [])) | set(before.get("text_hashes", []))),
         "initialised_from": {"model": str(init), **before},
     }
 

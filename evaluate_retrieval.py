@@ -29,7 +29,7 @@ import data
 import loading
 import serving
 from common import UsageError, positive_int
-from search import build_faiss, cached_faiss, search, unit
+from search import build_faiss, cached_faiss, check_index_size, search, unit
 
 logger = logging.getLogger("qdistill.retrieval")
 
@@ -78,15 +78,29 @@ def to_results(q_ids, doc_ids, scores, rows) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate(qrels, results, k_values) -> dict[str, float]:
+def drop_own_ids(qrels, results) -> tuple[dict, int]:
+    """(results without each query's own id, how many were dropped). On ArguAna and Quora a query is also a
+    document and finds itself; that hit is dropped, unless the qrels judge it relevant for that very query
+    (Cranfield's query 225 has document 225 relevant): beir's ignore_identical_ids would drop that one too."""
+    out, dropped = {}, 0
+    for qid, docs in results.items():
+        if qid in docs and qrels.get(qid, {}).get(qid, 0) <= 0:
+            docs, dropped = {d: s for d, s in docs.items() if d != qid}, dropped + 1
+        out[qid] = docs
+    return out, dropped
+
+
+def evaluate(qrels, results, k_values) -> tuple[dict[str, float], int]:
+    """(metrics, identical ids dropped): every metric, MRR@10 included, on the results with own ids dropped."""
     from beir.retrieval.evaluation import EvaluateRetrieval
 
-    # evaluate() mutates `results` (pops identical ids): hand it copies
+    results, dropped = drop_own_ids(qrels, results)
+    # evaluate() mutates `results`: hand it copies
     ndcg, _map, recall, precision = EvaluateRetrieval.evaluate(
-        qrels, copy.deepcopy(results), k_values, ignore_identical_ids=True
+        qrels, copy.deepcopy(results), k_values, ignore_identical_ids=False
     )
     mrr = EvaluateRetrieval.evaluate_custom(qrels, copy.deepcopy(results), [10], metric="mrr")
-    return {**ndcg, **_map, **recall, **precision, **mrr}
+    return {**ndcg, **_map, **recall, **precision, **mrr}, dropped
 
 
 def overlap_at_k(exact_rows, approx_rows, k) -> float:
@@ -134,13 +148,24 @@ def results_table(rows: list[dict], datasets: list[str], teacher: str) -> str:
     return "\n".join(lines) + "\n\n\\* the student trained on text of this collection (in-domain text)\n"
 
 
-def in_domain(sources: dict | None, folder: Path, corpus_sha256: str) -> bool:
-    """A collection is in-domain for a student that trained on its documents or on queries from its folder."""
+def in_domain(sources: dict | None, folder: Path, corpus_sha256: str, queries_sha256: str, overlap: int) -> bool:
+    """A collection is in-domain for a student that trained on its documents, on its query file (same content,
+    or a file inside its folder), or on any of its evaluation queries (overlap: the leak guard's count)."""
     if not sources:
         return False
-    if corpus_sha256 in {c["corpus_sha256"] for c in sources.get("corpora", [])}:
+    if overlap or corpus_sha256 in {c["corpus_sha256"] for c in sources.get("corpora", []) if c.get("texts", 1)}:
         return True
-    return any(Path(f).resolve().is_relative_to(folder.resolve()) for f in sources.get("query_files", []))
+    for f in sources.get("query_files", []):
+        record = f if isinstance(f, dict) else {"path": f}  # records written before content hashes: paths only
+        if record.get("sha256") == queries_sha256 or Path(record["path"]).resolve().is_relative_to(folder.resolve()):
+            return True
+    return False
+
+
+def training_overlap(sources: dict | None, query_texts) -> int:
+    """How many evaluation queries (normalised text) the student trained on: the leak guard."""
+    trained = set((sources or {}).get("text_hashes", []))
+    return sum(h in trained for h in (data.text_hashes([t])[0] for t in query_texts)) if trained else 0
 
 
 def group_rows(rows: list[dict]) -> list[dict]:
@@ -161,10 +186,10 @@ def group_rows(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
-def dataset_hashes(folder: Path, split: str) -> tuple[str, str]:
-    """(digest of corpus, queries and this split's qrels; the corpus file's sha256)."""
+def dataset_hashes(folder: Path, split: str) -> tuple[str, str, str]:
+    """(digest of corpus, queries and this split's qrels; the corpus file's sha256; the query file's sha256)."""
     hashes = [cache.sha256_file(f) for f in data.check_beir(folder, split)]
-    return cache.sha256_texts(hashes)[:16], hashes[0]
+    return cache.sha256_texts(hashes)[:16], hashes[0], hashes[1]
 
 
 def main(argv=None) -> dict:
@@ -176,10 +201,14 @@ def main(argv=None) -> dict:
     datasets = []
     for dname, folder, group in data.expand_datasets(args.datasets, args.data_dir):
         split = args.split or ("dev" if folder.name == "msmarco" else "test")
-        data.load_beir(folder, split)  # malformed files fail here, not after an hour of indexing
+        corpus = data.load_beir(folder, split)[0]  # malformed files fail here, not after an hour of indexing
+        check_index_size(args.index, len(corpus), dname)
         datasets.append((dname, folder, group, split, *dataset_hashes(folder, split)))
     names = list(dict.fromkeys([args.teacher_model, *args.models]))
     paths = {name: loading.resolve_model_path(name, args.data_dir) for name in names}
+    for name in names[1:]:  # a damaged export fails here, before the teacher loads
+        if serving.is_export(paths[name]):
+            serving.check_export(paths[name])
     teacher, _ = loading.load_model(args.teacher_model, device, path=paths[args.teacher_model])
     models = {args.teacher_model: teacher}
     for name in names[1:]:  # an ONNX Runtime export is evaluated through the lean query path it deploys with
@@ -198,7 +227,7 @@ def main(argv=None) -> dict:
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
 
     rows = []
-    for dname, folder, group, split, digest, corpus_sha in datasets:
+    for dname, folder, group, split, digest, corpus_sha, queries_sha in datasets:
         corpus, queries, qrels, data_stats = data.load_beir(folder, split)
         doc_emb, doc_ids, index_meta = cache.teacher_index(
             teacher,
@@ -219,10 +248,13 @@ def main(argv=None) -> dict:
             "teacher_index": index_digest,
             "k_values": args.k_values,
             "similarity": sim,
+            "faiss": __import__("faiss").__version__,
+            **({"seed": args.seed} if args.index != "flat" else {}),  # hnsw/ivfpq are built with the seed
         }
         records, pending = {}, []
         for name in names:  # finished results are reused only when model, data and settings all match
-            key, key_digest = cache.cache_key("retrieval", paths[name], settings)
+            runtime = {"onnxruntime": __import__("onnxruntime").__version__} if serving.is_export(paths[name]) else {}
+            key, key_digest = cache.cache_key("retrieval", paths[name], {**settings, **runtime})
             path = out_root / common.slug(name) / f"{dname}.json"
             old = json.loads(path.read_text()) if path.exists() and not args.overwrite else {}
             if old.get("result_key") == key_digest:
@@ -241,8 +273,13 @@ def main(argv=None) -> dict:
             record = {**records[name], "dataset": dname, "dataset_path": str(folder), "split": split}
             if name != args.teacher_model:
                 record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
-                record["training_text_sources"] = sources[name]
-                record["in_domain_text"] = in_domain(sources[name], folder, corpus_sha)
+                overlap = training_overlap(sources[name], queries.values())
+                if overlap:
+                    logger.warning("%s trained on %d of the %d %s queries: in-domain, not zero-shot", name, overlap,
+                                   len(queries), dname)  # fmt: skip
+                record["training_text_sources"] = {k: v for k, v in (sources[name] or {}).items() if k != "text_hashes"}
+                record["training_query_overlap"] = overlap
+                record["in_domain_text"] = in_domain(sources[name], folder, corpus_sha, queries_sha, overlap)
                 record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
             record["data_stats"] = data_stats
             if name in {p[0] for p in pending}:  # fresh results are written; reused ones stay as they are
@@ -280,7 +317,7 @@ def evaluate_models(pending, models, corpus, queries, qrels, doc_emb, doc_ids, i
         t0 = time.perf_counter()
         results = retrieve(index, q_emb, q_ids, doc_ids, max_k)
         search_secs = time.perf_counter() - t0
-        metrics = evaluate(qrels, results, args.k_values)
+        metrics, dropped = evaluate(qrels, results, args.k_values)
         out[name] = {
             "model": name,
             "backend": serving.backend_name(model.meta) if isinstance(model, serving.LeanEncoder) else "torch",
@@ -291,6 +328,7 @@ def evaluate_models(pending, models, corpus, queries, qrels, doc_emb, doc_ids, i
             "key": key,
             "num_queries": len(q_ids),
             "num_docs": len(doc_ids),
+            "identical_ids_dropped": dropped,
             "metrics": metrics,
             "timings": {
                 "query_encode_seconds": round(enc_secs, 3),

@@ -67,16 +67,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_query_texts(spec: str, data_dir: str) -> list[str]:
-    """Texts of a query file, or the queries of a BEIR dataset (name or folder)."""
-    path = Path(spec)
-    queries = data.read_queries(path if path.is_file() else data.dataset_path(spec, data_dir) / "queries.jsonl")
-    texts = [t for t in (" ".join(q.split()) for q in queries.values()) if t]
-    if not texts:
-        raise UsageError(f"no non-empty queries in {spec}; pass a file or dataset with queries")
-    return texts
-
-
 def plan_variants(devices, precisions, quantize, cuda: bool) -> tuple[list[tuple[str, str]], list[str]]:
     """(device, variant) pairs that apply on this machine, and a note for each one skipped."""
     plan, notes = [], []
@@ -111,7 +101,8 @@ def time_calls(fn, inputs, device: str) -> list[float]:
     """Seconds per call of fn(x), synchronizing around each call on GPU."""
     import torch
 
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    # the device timed, not the current one: cuda:1's kernels are waited for on cuda:1
+    sync = (lambda: torch.cuda.synchronize(device)) if device.startswith("cuda") else (lambda: None)
     out = []
     with torch.inference_mode():
         for x in inputs:
@@ -244,16 +235,25 @@ def encode(model, texts):
     return model.encode_query(texts, batch_size=64)
 
 
-def exported(name, path, output_path, texts, int8: bool) -> dict:
-    """{variant: LeanEncoder} of a model's ONNX Runtime export, made once per model content under output/onnx/."""
+def exported(name, path, output_path, texts, int8: bool, num_threads: int) -> dict:
+    """{variant: LeanEncoder} of a model's ONNX Runtime export, made once per model content under output/onnx/.
+
+    A damaged cache entry (an interrupted copy, a truncated graph) is exported again, never trusted."""
     folder = Path(output_path) / "onnx" / f"{common.slug(name)}-{cache.model_fingerprint(path)}-{serving.export_tag()}"
 
     def wanted():  # a static student exports one table; a transformer fp32 (and int8)
         return ["static"] if serving.is_export(folder / "static") else ["fp32"] + (["int8"] if int8 else [])
 
-    if not all(serving.is_export(folder / v) for v in wanted()):
-        serving.export(path, folder, texts[:200], int8=int8)
-    return {v: serving.LeanEncoder(folder / v) for v in wanted()}
+    def intact(variant):
+        try:
+            return serving.is_export(folder / variant) and bool(serving.check_export(folder / variant))
+        except UsageError as e:
+            logger.warning("rebuilding a damaged cached export: %s", e)
+            return False
+
+    if not all([intact(v) for v in wanted()]):
+        serving.export(path, folder, texts[:200], int8=int8, num_threads=num_threads)
+    return {v: serving.LeanEncoder(folder / v, num_threads=num_threads) for v in wanted()}
 
 
 def main(argv=None) -> dict:
@@ -267,7 +267,7 @@ def main(argv=None) -> dict:
         notes.append("onnx: timed on cpu only (ONNX Runtime's CPU provider)")
     if not plan:
         raise UsageError(f"nothing to time on this machine ({'; '.join(notes)}); add --devices cpu --precision fp32")
-    texts = load_query_texts(args.queries, args.data_dir)
+    texts = data.query_texts(args.queries, args.data_dir)
     texts = [
         texts[i]
         for i in sorted(np.random.default_rng(args.seed).choice(len(texts), min(args.num_queries, len(texts)), False))
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
                 variants[(name, "torch", variant)] = (make_variant(model, device, variant), ref_emb)
             if "onnx" in args.backend and device == "cpu":
                 for variant, enc in exported(
-                    name, paths[name], args.output_path, texts, "int8" in args.quantize
+                    name, paths[name], args.output_path, texts, "int8" in args.quantize, args.num_threads
                 ).items():
                     backend = "numpy" if variant == "static" else "onnx"
                     variants[(name, backend, "fp32" if variant == "static" else variant)] = (enc, ref_emb)

@@ -69,10 +69,14 @@ def resolve_model_path(name: str, data_dir: str | Path = DATA_DIR) -> Path:
     """Turn an HF id or local folder into a local folder: local path, HF cache/hub, then pip-packaged copies."""
     p = Path(name)
     if p.is_dir():
+        # first: a run folder has a config.json of its own (the run's settings), which is not a model's
+        if (p / "final" / "modules.json").exists() and not (p / "modules.json").exists():
+            raise UsageError(f"{name} is a distillation run folder, not a model; did you mean {p / 'final'}?")
+        if (p / "fp32" / "export.json").exists() or (p / "static" / "export.json").exists():
+            variants = ", ".join(str(v.parent) for v in sorted(p.glob("*/export.json")))
+            raise UsageError(f"{name} holds ONNX exports, not a model; pass one variant folder ({variants})")
         if (p / "modules.json").exists() or (p / "config.json").exists() or (p / "export.json").exists():
             return p
-        if (p / "final" / "modules.json").exists():
-            raise UsageError(f"{name} is a distillation run folder, not a model; did you mean {p / 'final'}?")
         raise UsageError(f"{name} is a folder but holds no model (no modules.json/config.json); check the path")
     if p.exists():
         raise UsageError(f"model {name} is a file, expected a SentenceTransformer folder or an HF id")

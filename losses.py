@@ -31,8 +31,8 @@ def parse_loss(spec: str) -> dict[str, float]:
             terms[name] = float(weight) if weight else 1.0
         except ValueError:
             raise argparse.ArgumentTypeError(f"loss weight {weight!r} is not a number (e.g. mse:1.0,kl:5.0)") from None
-        if terms[name] <= 0:
-            raise argparse.ArgumentTypeError(f"loss weight {weight!r} must be > 0")
+        if not 0 < terms[name] < float("inf"):  # nan and inf too: they would train to a NaN model
+            raise argparse.ArgumentTypeError(f"loss weight {weight!r} must be a finite number > 0")
     return terms
 
 
@@ -178,11 +178,15 @@ def make_evaluator(dev_texts, dev_labels, batch_size, score=None):
     return CachedMSEEvaluator(dev_texts, dev_texts, teacher_model=None, batch_size=batch_size, name="dev")
 
 
-def score_targets(train_emb, dev_emb, docs, top_k, negatives, similarity, temperature, seed):
+def score_targets(train_emb, dev_emb, docs, top_k, negatives, similarity, temperature, seed, train_top=True):
     """(train top-k rows, evaluator score settings): the teacher's top-k documents per query are fixed, so they
-    are found once here (faiss, chunked), not on every step; dev queries also get fixed random negatives."""
+    are found once here (faiss, chunked), not on every step; dev queries also get fixed random negatives.
+    train_top=False (Margin-MSE on published triples: the file names the documents) skips the training queries."""
     cosine, k = similarity == "cosine", min(top_k, len(docs))
-    top = search.exact_top_k(train_emb, docs, k, cosine).astype(np.float32)  # float32: exact ids up to 2**24 docs
+    if train_top:  # float32 in the label row: exact ids up to 2**24 docs
+        top = search.exact_top_k(train_emb, docs, k, cosine).astype(np.float32)
+    else:
+        top = np.zeros((len(train_emb), 0), np.float32)
     dev_rand = np.random.default_rng(seed).integers(0, len(docs), (len(dev_emb), negatives))
     dev_cand = np.concatenate([search.exact_top_k(dev_emb, docs, k, cosine), dev_rand], 1)
     return top, {"docs": docs, "candidates": dev_cand, "similarity": similarity, "temperature": temperature}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import common
+import data
 from common import UsageError
 
 
@@ -31,23 +32,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_retrieval(output_path, teacher, model, dataset) -> dict:
-    path = Path(output_path) / "retrieval" / common.slug(teacher) / common.slug(model) / f"{Path(dataset).name}.json"
+def result_names(datasets: list[str]) -> dict[str, str]:
+    """{dataset as given: the name of its result file}, named as evaluate_retrieval.py names them."""
+    return dict(zip(datasets, data.display_names([Path(d).name for d in datasets])))
+
+
+def load_retrieval(output_path, teacher, model, dataset, name=None) -> dict:
+    """The result of model on dataset, checked to be of that very folder when a folder is given."""
+    name = name or Path(dataset).name
+    path = Path(output_path) / "retrieval" / common.slug(teacher) / common.slug(model) / f"{name}.json"
     if not path.exists():
         raise UsageError(f"{path} missing; run evaluate_retrieval.py for {model} on {dataset} first")
-    return json.loads(path.read_text())
+    record = json.loads(path.read_text())
+    given, made = Path(dataset), Path(record.get("dataset_path", ""))
+    if given.is_dir() and made.is_dir() and given.resolve() != made.resolve():
+        raise UsageError(
+            f"{path} holds results of {made}, not of {given}; run evaluate_retrieval.py with the datasets in this order"
+        )
+    return record
 
 
-def speed_rows(speed_file, device="cpu", batch=1, mode="end_to_end", variant="fp32") -> dict[str, dict]:
+def speed_rows(speed_file, device="cpu", batch=1, mode="end_to_end", variant="fp32", backend="torch") -> dict:
+    """{model: row} of one (device, batch, mode, variant, backend) cell: never another backend's numbers."""
     path = Path(speed_file)
     if not path.exists():
         raise UsageError(f"{path} missing; run evaluate_speed.py first")
     rows = json.loads(path.read_text())["results"]
-    return {
-        r["model"]: r
-        for r in rows
-        if r["device"] == device and r["batch_size"] == batch and r["mode"] == mode and r["variant"] == variant
-    }
+    want = {"device": device, "batch_size": batch, "mode": mode, "variant": variant, "backend": backend}
+    return {r["model"]: r for r in rows if all(r.get(k) == v for k, v in want.items())}
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -92,13 +104,13 @@ def example_table(args) -> str:
     speed = speed_rows(args.speed)
     lines = ["| dataset | training text | teacher nDCG@10 | student nDCG@10 | retention |", "|---|---|---|---|---|"]
     rets = {"zero-shot": [], "in-domain": []}
-    for d in args.datasets:
-        t = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d)["metrics"]["NDCG@10"]
-        record = load_retrieval(args.output_path, args.teacher_model, args.student, d)
+    for d, name in result_names(args.datasets).items():
+        t = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, name)["metrics"]["NDCG@10"]
+        record = load_retrieval(args.output_path, args.teacher_model, args.student, d, name)
         kind = "in-domain" if record.get("in_domain_text") else "zero-shot"
         s = record["metrics"]["NDCG@10"]
         rets[kind].append(s / t if t else float("nan"))
-        lines.append(f"| {Path(d).name} | {kind} | {t:.4f} | {s:.4f} | {rets[kind][-1]:.3f} |")
+        lines.append(f"| {name} | {kind} | {t:.4f} | {s:.4f} | {rets[kind][-1]:.3f} |")
     for kind, values in rets.items():  # never one mean over both kinds
         if values:
             lines.append(f"| **mean retention, {kind}** | | | | **{np.mean(values):.3f}** |")
@@ -124,7 +136,8 @@ def layers_label(path: str) -> str:
 def paper_table(args) -> str:
     cpu = speed_rows(args.speed, "cpu")
     gpu = speed_rows(args.speed, "cuda")
-    names = [Path(d).name for d in args.datasets]
+    result = result_names(args.datasets)
+    names = list(result.values())
     head = [
         "student",
         *[f"{d} nDCG@10" for d in names],
@@ -137,12 +150,12 @@ def paper_table(args) -> str:
         head += ["GPU b1 ms", "GPU speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     teacher = {
-        d: load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d)["metrics"]
+        d: load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, result[d])["metrics"]
         for d in args.datasets
     }
     labels, points = [], []
     for model in [args.teacher_model, *args.students]:
-        records = {d: load_retrieval(args.output_path, args.teacher_model, model, d) for d in args.datasets}
+        records = {d: load_retrieval(args.output_path, args.teacher_model, model, d, result[d]) for d in args.datasets}
         if any(r.get("in_domain_text") for r in records.values()):
             raise UsageError(f"{model} trained on text of an evaluated collection; the paper table is zero-shot only")
         ms = {d: r["metrics"] for d, r in records.items()}

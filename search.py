@@ -21,6 +21,19 @@ def cosine_rows(a, b) -> np.ndarray:
     return (unit(a) * unit(b)).sum(1)
 
 
+# ivfpq learns coarse centroids and product-quantizer codebooks from the documents: below this it cannot train
+# (faiss needs at least 2^nbits points) and would be worse than exact search anyway
+IVFPQ_MIN_DOCS = 256
+
+
+def check_index_size(kind: str, num_docs: int, name: str) -> None:
+    if kind == "ivfpq" and num_docs < IVFPQ_MIN_DOCS:
+        raise common.UsageError(
+            f"--index ivfpq needs at least {IVFPQ_MIN_DOCS} documents to train, {name} has {num_docs}; "
+            "use --index flat (exact) or hnsw"
+        )
+
+
 def build_faiss(doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: int = 100_000, normalize=False):
     """A faiss inner-product index over doc embeddings; normalize=True (cosine teachers) works chunk by chunk."""
     import faiss

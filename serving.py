@@ -43,17 +43,63 @@ def export_tag() -> str:
     return hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:8]
 
 
+VARIANTS = ("fp32", "int8", "static")
+# the export's mean cosine to the torch model on real queries: fp32 must be the same model, int8 close to it
+MIN_COSINE = {"fp32": 0.999, "int8": 0.98, "static": 0.999}
+
+
 def is_export(path) -> bool:
     return (Path(path) / EXPORT_FILE).is_file()
+
+
+def check_export(folder) -> dict:
+    """export.json of an exported folder, its graph (or table) and tokenizer checked to read back; one line
+    naming what is damaged otherwise (a truncated copy, an interrupted write)."""
+    folder = Path(folder)
+    fix = f"export it again: python serving.py --model <the run's final/> --output_path {folder.parent}"
+    try:
+        meta = json.loads((folder / EXPORT_FILE).read_text())
+        missing = [k for k in ("variant", "max_seq_length", "dim") if k not in meta]
+        if missing or meta["variant"] not in VARIANTS:
+            raise ValueError(f"missing fields {missing}" if missing else f"unknown variant {meta['variant']!r}")
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{folder / EXPORT_FILE} is malformed ({str(e)[:80]}); {fix}") from e
+    try:
+        if meta["variant"] == "static":
+            np.load(folder / "table.npy", mmap_mode="r")
+        else:
+            import onnx
+
+            onnx.checker.check_model(str(folder / "model.onnx"))
+        from tokenizers import Tokenizer
+
+        Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # noqa: BLE001 - protobuf, numpy and tokenizers each raise their own kinds
+        raise UsageError(f"{folder} holds a damaged export ({str(e).splitlines()[0][:100]}); {fix}") from e
+    return meta
 
 
 def backend_name(meta: dict) -> str:
     return "numpy static" if meta["variant"] == "static" else f"onnxruntime {meta['variant']}"
 
 
-def _finish(tmp: Path, source: Path, meta: dict, reference, queries) -> dict:
-    """Fidelity check against the torch model, export.json, and the student's training-text record."""
-    meta["cosine_to_torch"] = float(cosine_rows(LeanEncoder(tmp, meta).encode(queries), reference).mean())
+def _finish(tmp: Path, source: Path, meta: dict, reference, queries, num_threads=None, accept=False) -> dict:
+    """Fidelity check against the torch model, export.json, and the student's training-text record.
+
+    An fp32 (or static) export below MIN_COSINE is refused: it is not the same model. int8 below it is kept
+    with a loud warning. accept=True keeps either (the value is recorded in export.json).
+    """
+    enc = LeanEncoder(tmp, meta, num_threads)
+    meta["cosine_to_torch"] = float(cosine_rows(enc.encode(queries), reference).mean())
+    low, floor = meta["cosine_to_torch"] < MIN_COSINE[meta["variant"]], MIN_COSINE[meta["variant"]]
+    if low and not accept and meta["variant"] != "int8":
+        raise UsageError(
+            f"the {meta['variant']} export's cosine to the torch model is {meta['cosine_to_torch']:.4f} (< {floor}): "
+            "it is not the same model; report it, or pass --accept_low_fidelity to keep it anyway"
+        )
+    if low:
+        logger.warning("LOW FIDELITY: the %s export's cosine to the torch model is %.4f (< %g); check its retention",
+                       meta["variant"], meta["cosine_to_torch"], floor)  # fmt: skip
     if (source / common.TRAINING_TEXT).is_file():  # in-domain marking follows the model into its exports
         shutil.copy(source / common.TRAINING_TEXT, tmp / common.TRAINING_TEXT)
     common.write_json(tmp / EXPORT_FILE, meta)
@@ -71,8 +117,21 @@ class _Pipeline(torch.nn.Module):
         return self.model(dict(zip(self.names, inputs)))["sentence_embedding"]
 
 
-def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
-    """Export a saved student (any final/) for ONNX Runtime; returns {variant: export.json content}."""
+def export(model_path, out, queries: list[str], int8: bool = True, num_threads=None, accept=False) -> dict:
+    """Export a saved student (any final/) for ONNX Runtime; returns {variant: export.json content}.
+
+    Variant folders of an earlier export to the same `out` that this one does not write are removed, so the
+    folder never holds two models.
+    """
+    written = _export(model_path, out, queries, int8, num_threads, accept)
+    for stale in set(VARIANTS) - set(written):
+        if (Path(out) / stale).is_dir():
+            logger.info("removing %s: an earlier export's variant, not written by this one", Path(out) / stale)
+            shutil.rmtree(Path(out) / stale)
+    return written
+
+
+def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
     from sentence_transformers.models import Router, StaticEmbedding
 
     model, path = loading.load_model(str(model_path), "cpu")
@@ -94,7 +153,7 @@ def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
             np.save(tmp / "table.npy", model[0].embedding.weight.detach().float().numpy())
             model[0].tokenizer.save(str(tmp / "tokenizer.json"))
             meta = _finish(tmp, path, {**settings, "variant": "static", "normalize": _normalizes(model)}, reference,
-                           queries)  # fmt: skip
+                           queries, num_threads, accept)  # fmt: skip
         return {"static": meta}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in tok.model_input_names else [])
     sample = tok(["a query to trace", "another"], padding=True, return_tensors="pt")
@@ -122,7 +181,7 @@ def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
         fused = _fuse(tmp / "traced.onnx", tmp / "model.onnx", getattr(auto, "config", None))
         tok.save_pretrained(str(tmp))
         meta = {**settings, "variant": "fp32", "inputs": names, "fused_ops": fused}
-        written["fp32"] = _finish(tmp, path, meta, reference, queries)
+        written["fp32"] = _finish(tmp, path, meta, reference, queries, num_threads, accept)
     if int8:
         from onnx import TensorProto
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -136,7 +195,7 @@ def export(model_path, out, queries: list[str], int8: bool = True) -> dict:
             tok.save_pretrained(str(tmp))
             how = f"dynamic, {'+'.join(INT8_OPS)}, per-channel"
             meta = {**settings, "variant": "int8", "inputs": names, "quantization": how}
-            written["int8"] = _finish(tmp, path, meta, reference, queries)
+            written["int8"] = _finish(tmp, path, meta, reference, queries, num_threads, accept)
     return written
 
 
@@ -229,30 +288,31 @@ class LeanEncoder:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument(
-        "--model", required=True, help="a saved student (output/RUN/final) or any SentenceTransformer folder"
-    )
-    p.add_argument("--queries", required=True, help="real queries for the fidelity check: BEIR name/folder or file")
-    p.add_argument("--output_path", default=None, help="default: <model>/../onnx")
-    p.add_argument("--no_int8", action="store_true", help="skip the int8 variant")
-    p.add_argument("--data_dir", default=common.DATA_DIR)
-    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    add = p.add_argument
+    add("--model", required=True, help="a saved student (output/RUN/final) or any SentenceTransformer folder")
+    add("--queries", required=True, help="real queries for the fidelity check: BEIR name/folder or file")
+    add("--output_path", default=None, help="default: <model>/../onnx")
+    add("--no_int8", action="store_true", help="skip the int8 variant")
+    add("--num_threads", type=common.positive_int, default=None, help="CPU threads (default: ONNX Runtime's)")
+    add("--accept_low_fidelity", action="store_true", help=f"keep an export below cosine {MIN_COSINE['fp32']}")
+    add("--data_dir", default=common.DATA_DIR)
+    add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.output_path or Path(args.model).resolve().parent / "onnx")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_path {out} is a file; pass a folder (the export writes fp32/ and int8/ in it)")
+    if is_export(args.model):
+        raise UsageError(f"{args.model} is already an ONNX export; pass the torch model it came from (a final/)")
     common.start_run(args.log_level, 42, out.parent)
-    path = Path(args.queries)
-    queries = data.read_queries(
-        path if path.is_file() else data.dataset_path(args.queries, args.data_dir) / "queries.jsonl"
-    )
-    texts = [t for t in queries.values() if t.strip()][:500]
-    if not texts:
-        raise UsageError(f"no queries in {args.queries} for the fidelity check")
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    texts = data.query_texts(args.queries, args.data_dir)[:500]
     loading.resolve_model_path(args.model, args.data_dir)  # a bad path fails before anything is written
-    written = export(args.model, out, texts, int8=not args.no_int8)
+    written = export(args.model, out, texts, not args.no_int8, args.num_threads, args.accept_low_fidelity)
     for variant, meta in written.items():
         print(f"{out / variant}: {backend_name(meta)}, cosine to the torch model {meta['cosine_to_torch']:.4f}")
     return written

@@ -168,8 +168,13 @@ def static_student(teacher, device: str, batch_size: int = 512):
     return student
 
 
-def save_asymmetric(student, teacher, path):
-    """One folder, one SentenceTransformer: encode_query runs the student, encode_document the teacher."""
+def save_asymmetric(student, teacher, path, final=None):
+    """One folder, one SentenceTransformer: encode_query runs the student, encode_document the teacher.
+
+    The student's training-text record (in `final`) is copied in, so evaluations mark it as they mark final/.
+    """
+    import shutil
+
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Router
 
@@ -182,6 +187,8 @@ def save_asymmetric(student, teacher, path):
     )
     with common.atomic_dir(path) as tmp:
         model.save(str(tmp))
+        if final is not None and (Path(final) / common.TRAINING_TEXT).is_file():
+            shutil.copy(Path(final) / common.TRAINING_TEXT, tmp / common.TRAINING_TEXT)
 
 
 def build_student(

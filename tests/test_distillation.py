@@ -282,5 +282,10 @@ def test_a_static_table_trains_as_a_pretrained_student(tiny_bert, tmp_path):
     assert type(final[0]).__name__ == "StaticEmbedding" and out["dev_mse"] <= out["initial_dev_mse"]
     # staged training: the text of every stage counts, so collections of the first stay in-domain
     sources = json.loads((Path(out["final_path"]) / "training_text.json").read_text())
-    assert sources["query_files"] == [later, queries]
+    assert [f["path"] for f in sources["query_files"]] == [str(Path(later).resolve()), str(Path(queries).resolve())]
+    assert all(len(f["sha256"]) == 64 for f in sources["query_files"])
+    # the text hashes of both stages: the leak guard finds a first-stage query in an evaluation
+    assert set(data.text_hashes(["QUERY number 3  about topic 3", "another query 4 on subject 4"])) <= set(
+        sources["text_hashes"]
+    )
     assert sources["initialised_from"]["model"] == first["final_path"]

@@ -52,7 +52,8 @@ def run(args, out):
 def test_metrics_by_hand():
     qrels = {"q1": {"d1": 2, "d3": 1}, "q2": {"d2": 1}}
     results = {"q1": {"d3": 0.9, "d1": 0.8, "d2": 0.1}, "q2": {"d1": 0.5, "d2": 0.4, "d3": 0.3}}
-    m = er.evaluate(qrels, results, [1, 3])
+    m, dropped = er.evaluate(qrels, results, [1, 3])
+    assert dropped == 0
     # pytrec_eval (trec_eval) uses the graded label itself as gain: q1 has gains (1, 2, 0) at ranks 1..3
     dcg1 = 1 / math.log2(2) + 2 / math.log2(3)
     idcg1 = 2 / math.log2(2) + 1 / math.log2(3)
@@ -65,9 +66,13 @@ def test_metrics_by_hand():
     assert results["q1"] == {"d3": 0.9, "d1": 0.8, "d2": 0.1}, "evaluate must not mutate its input"
 
 
-def test_identical_ids_are_ignored():
-    m = er.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1])
-    assert m["NDCG@1"] == 1.0
+def test_identical_ids_are_ignored_unless_judged_relevant_and_before_every_metric():
+    m, dropped = er.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1])
+    assert m["NDCG@1"] == 1.0 and dropped == 1
+    assert m["MRR@10"] == 1.0, "MRR@10 is computed after the query's own id is dropped too (was 0.5)"
+    # Cranfield's query 225 has document 225 judged relevant: that hit counts (beir's flag dropped it)
+    m, dropped = er.evaluate({"225": {"225": 2, "7": 1}}, {"225": {"225": 0.9, "7": 0.5, "8": 0.1}}, [1, 3])
+    assert dropped == 0 and m["NDCG@1"] == 1.0 and m["Recall@3"] == 1.0 and m["MRR@10"] == 1.0
 
 
 @pytest.mark.slow
@@ -117,7 +122,21 @@ def test_unknown_qrels_are_dropped_and_counted(tmp_path):
     folder = make_beir(tmp_path / "u", DOCS, {"q1": "cat"}, {"q1": {"d1": 1, "dX": 1}, "qZ": {"d2": 1}})
     corpus, queries, qrels, stats = data.load_beir(folder)
     assert qrels == {"q1": {"d1": 1}} and list(queries) == ["q1"]
-    assert stats == {"unknown_qrels_queries": 1, "unknown_qrels_docs": 1}
+    assert stats == {"unknown_qrels_queries": 1, "unknown_qrels_docs": 1, "queries_without_positive": 0}
+
+
+def test_queries_with_no_positive_judgment_are_left_out_and_counted(tmp_path):
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 0, "d3": -1}}
+    folder = make_beir(tmp_path / "p", DOCS, {"q1": "cat", "q2": "rocket"}, qrels)
+    _, queries, kept, stats = data.load_beir(folder)
+    assert list(queries) == ["q1"] and kept == {"q1": {"d1": 1}} and stats["queries_without_positive"] == 1
+
+
+def test_qrels_that_are_not_utf8_are_one_line(tmp_path):
+    folder = make_beir(tmp_path / "b", DOCS, {"q1": "cat"}, {"q1": {"d1": 1}})
+    (folder / "qrels" / "test.tsv").write_bytes(b"query-id\tcorpus-id\tscore\nq1\td\xe91\t1\n")
+    with pytest.raises(data.UsageError, match="not UTF-8"):
+        data.load_beir(folder)
 
 
 @pytest.mark.slow
