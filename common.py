@@ -32,7 +32,17 @@ def cli(main, argv=None) -> None:
         main(argv)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
+        _leave_process_group()
         sys.exit(2)
+
+
+def _leave_process_group() -> None:
+    """Close a torchrun process group before exiting: left open, gloo's threads abort the process (exit -6)."""
+    with contextlib.suppress(Exception):
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def setup_logging(level: str = "info") -> None:
@@ -120,14 +130,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _share_outcome(message: str | None) -> str | None:
+    """Rank 0's outcome (None, or its error line) sent to every rank."""
+    import torch.distributed as dist
+
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 @contextlib.contextmanager
 def main_first(rank: int):
-    """Rank 0 runs the block first (filling caches); the other ranks run it after, reading what it wrote."""
+    """Rank 0 runs the block first (checking inputs, filling caches); the other ranks run it after, reading what
+    it wrote. A bad input found by rank 0 reaches every rank, so all exit 2 with the same one line instead of
+    waiting in a barrier for a rank that is gone."""
+    if rank_world()[1] == 1:
+        yield
+        return
     if rank != 0:
-        barrier()
-    yield
-    if rank == 0:
-        barrier()
+        error = _share_outcome(None)
+        if error is not None:
+            raise UsageError(error)
+        yield
+        return
+    try:
+        yield
+    except UsageError as e:
+        _share_outcome(str(e))
+        raise
+    _share_outcome(None)
 
 
 # ----------------------------------------------------------------------------- files
@@ -242,8 +273,9 @@ def slug(name: str) -> str:
 # ----------------------------------------------------------------------------- run metadata
 
 
-def run_info(args: dict) -> dict:
-    """Everything needed to say how a result was made: args, versions, commit, hardware."""
+def run_info(args: dict, device: str | None = None) -> dict:
+    """Everything needed to say how a result was made: args, versions, commit, hardware (the GPU named is the one
+    `device` runs on)."""
     import torch
 
     versions = {"python": platform.python_version()}
@@ -264,7 +296,9 @@ def run_info(args: dict) -> dict:
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "gpu": torch.cuda.get_device_name(torch.device(device if (device or "").startswith("cuda") else "cuda"))
+            if torch.cuda.is_available()
+            else None,
             "platform": platform.platform(),
         },
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

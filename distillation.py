@@ -222,7 +222,10 @@ def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metri
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
-    steps = max(1, int(-(-len(texts) // (hp["per_device_train_batch_size"] * world)) * hp["num_train_epochs"]))
+    # one process with several GPUs: the trainer wraps the student in DataParallel, one batch per GPU per step
+    in_process = torch.cuda.device_count() if device == "cuda" and world == 1 else 1
+    per_step = hp["per_device_train_batch_size"] * world * max(1, in_process)
+    steps = max(1, int(-(-len(texts) // per_step) * hp["num_train_epochs"]))
     warmup, eval_steps = min(hp.pop("warmup_steps"), steps // 10), min(hp.pop("eval_steps"), steps)
     if hp.pop("group_by_length"):
         import batching
@@ -320,6 +323,10 @@ def check_inputs(args, device: str) -> Inputs:
     """Everything a user can get wrong, checked before any model loads or any folder is made."""
     if (args.fp16 or args.bf16) and not device.startswith("cuda"):
         raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {device}")
+    if device.startswith("cuda:") and device != "cuda:0" and common.rank_world()[1] == 1:
+        # the trainer places the model on the process's default GPU, whatever --device says: the teacher (and
+        # the token loss) would sit on one GPU and the student on another
+        raise UsageError(f"--device {device}: select the GPU with CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda")
     specs = [q for q in args.train_queries if not q.startswith("corpus:")]
     files = [data.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in specs]
     corpora, seen = [], {}
@@ -422,7 +429,7 @@ def main(argv=None) -> dict:
         facts["candidate_seconds"] = round(time.perf_counter() - t0, 2)
     # a label row: [teacher embedding | top-k doc rows (score terms) | pos row, neg row, margin (triples)]
     labels = np.concatenate([labels, top, *([] if extra is None else [extra])], 1)
-    config = common.run_info(vars(args))
+    config = common.run_info(vars(args), device)
     config.update(teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device,
                   world_size=world)  # fmt: skip
     hp = {k: getattr(args, k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",

@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.start_run(args.log_level, args.seed, args.output_path)
     device = common.pick_device(args.device)
-    config = common.run_info(vars(args))
+    config = common.run_info(vars(args), device)
     # every dataset and model path is checked before the teacher loads or any index is built
     datasets = []
     for dname, folder, group in data.expand_datasets(args.datasets, args.data_dir):

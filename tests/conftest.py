@@ -27,6 +27,12 @@ MINILM_LOCAL = _minilm_local()  # the teacher again, under another name
 needs_data = pytest.mark.skipif(not (DATA / "scifact").is_dir(), reason=f"real data not found at {DATA}")
 
 
+def pytest_sessionstart(session):
+    """In CI a missing data folder is one clear failure, never a row of skipped real-data tests."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and not (DATA / "scifact").is_dir():
+        pytest.exit(f"error: real data not found at {DATA}; set DATA_DIR to the shared data folder", returncode=2)
+
+
 @pytest.fixture(autouse=True)
 def hermetic_fast_tier(request, monkeypatch):
     """Fast tests never load a real model and never reach the network: both fail loudly if they try."""

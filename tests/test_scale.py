@@ -37,6 +37,18 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
+    # a missing query file: rank 0 finds it, and every rank exits 2 with the same one line (no gloo traceback)
+    bad = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "distillation.py", *common,
+         "--train_queries", str(tmp_path / "missing.tsv"), "--output_path", str(tmp_path / "bad")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode != 0 and len(errors) == 2 and "missing.tsv" in errors[0], bad.stderr[-2000:]
+    # torchrun's own report: the first rank out exited 2 (not aborted, not timed out in a collective); torchrun
+    # then stops the other, which has printed the same line
+    assert "exitcode  : 2" in bad.stderr and "exitcode  : -6" not in bad.stderr, bad.stderr[-2000:]
+    assert "gloo" not in bad.stderr.lower(), bad.stderr[-2000:]
     assert log.count("qdistill.cache: labelled") == 2, "train and dev labels, computed once (shared by 2 ranks)"
     assert log.count("2 process(es)") == 2
     runs = list((tmp_path / "ddp").glob("*/final"))
