@@ -13,12 +13,11 @@ export DATA_DIR
 # make example: a 2-layer student of all-MiniLM-L6-v2 trained on MS MARCO queries plus text of the user's own
 # collections (EXAMPLE_CORPORA: in-domain), evaluated on those and on a collection it never saw (zero-shot)
 EXAMPLE_TEACHER ?= sentence-transformers/all-MiniLM-L6-v2
+# the recipe is distillation.py's default (--recipe best: cosine, lr 1e-3, batch 64, 4 epochs, frozen embeddings,
+# dropout 0, 60% document text); EXAMPLE_EXTRA overrides any of it
 EXAMPLE_QUERIES ?= 12000
 EXAMPLE_EPOCHS ?= 4
-EXAMPLE_LR ?= 1e-3
-EXAMPLE_LOSS ?= cosine
-EXAMPLE_BATCH ?= 64
-EXAMPLE_EXTRA ?= --freeze_embeddings --student_dropout 0 --corpus_text_share 0.6
+EXAMPLE_EXTRA ?=
 EXAMPLE_CORPORA ?= $(if $(wildcard $(DATA_DIR)/cranfield),scifact cranfield cacm,scifact)
 EXAMPLE_DATASETS ?= $(EXAMPLE_CORPORA) nfcorpus
 EXAMPLE_RUN := $(OUTPUT_DIR)/example-minilm-L2
@@ -26,11 +25,12 @@ EXAMPLE_RUN := $(OUTPUT_DIR)/example-minilm-L2
 # make paper: the paper's layer-subset table for a 12-layer teacher, zero-shot: the example's recipe (queries plus
 # document text, several epochs) with text of collections that are not evaluated (PAPER_CORPORA)
 PAPER_TEACHER ?= sentence-transformers/all-mpnet-base-v2
+# PAPER_RECIPE=paper: the paper's own settings (mse, lr 1e-4, batch 128, 1 epoch; set PAPER_EPOCHS=1 and
+# PAPER_CORPORA= for queries only)
+PAPER_RECIPE ?= best
 PAPER_QUERIES ?= 40000
 PAPER_EPOCHS ?= 5
-PAPER_LR ?= 1e-3
-PAPER_LOSS ?= cosine
-PAPER_EXTRA ?= --freeze_embeddings --student_dropout 0 --per_device_train_batch_size 64 --corpus_text_share 0.6
+PAPER_EXTRA ?=
 PAPER_DATASETS ?= $(if $(wildcard $(DATA_DIR)/cranfield),cranfield cacm,scifact nfcorpus)
 PAPER_CORPORA ?= $(if $(wildcard $(DATA_DIR)/npl),nfcorpus npl,)
 PAPER_DEVICES ?= cpu $(shell $(PY) -c "import torch; print('cuda' if torch.cuda.is_available() else '')" 2>/dev/null)
@@ -76,8 +76,7 @@ clean: ## remove output/, caches and the venv (never downloads/)
 example: install ## distill, evaluate and benchmark a 2-layer MiniLM student; prints one table
 	$(PY) distillation.py --teacher_model $(EXAMPLE_TEACHER) --num_layers 2 \
 		--train_queries msmarco $(addprefix corpus:,$(EXAMPLE_CORPORA)) --max_train_queries $(EXAMPLE_QUERIES) \
-		--num_train_epochs $(EXAMPLE_EPOCHS) --learning_rate $(EXAMPLE_LR) --loss $(EXAMPLE_LOSS) \
-		--per_device_train_batch_size $(EXAMPLE_BATCH) --output_path $(OUTPUT_DIR) \
+		--num_train_epochs $(EXAMPLE_EPOCHS) --recipe best --output_path $(OUTPUT_DIR) \
 		--run_name $(notdir $(EXAMPLE_RUN)) --overwrite_output_dir $(EXAMPLE_EXTRA)
 	$(PY) evaluate_retrieval.py --teacher_model $(EXAMPLE_TEACHER) --models $(EXAMPLE_RUN)/final \
 		--datasets $(EXAMPLE_DATASETS) --output_path $(OUTPUT_DIR) --overwrite
@@ -90,8 +89,8 @@ paper: install ## the paper's layer-subset table + quality-vs-latency plot (cach
 	@for layers in $(PAPER_LAYERS); do \
 		$(PY) distillation.py --teacher_model $(PAPER_TEACHER) --layers $${layers//,/ } \
 			--train_queries msmarco $(addprefix corpus:,$(PAPER_CORPORA)) \
-			--max_train_queries $(PAPER_QUERIES) --num_train_epochs $(PAPER_EPOCHS) --learning_rate $(PAPER_LR) \
-			--loss $(PAPER_LOSS) --output_path $(PAPER_OUT) --run_name L$${layers//,/-} --skip_finished \
+			--max_train_queries $(PAPER_QUERIES) --num_train_epochs $(PAPER_EPOCHS) --recipe $(PAPER_RECIPE) \
+			--output_path $(PAPER_OUT) --run_name L$${layers//,/-} --skip_finished \
 			--overwrite_output_dir \
 			$(PAPER_EXTRA) || exit 2; \
 	done

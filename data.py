@@ -266,19 +266,24 @@ def dataset_path(name_or_path: str, data_dir: str | Path) -> Path:
         ) from e
 
 
-def expand_datasets(names, data_dir) -> list[tuple[str, Path, str | None]]:
+def expand_datasets(names, data_dir, allow_files=False) -> list[tuple[str, Path, str | None]]:
     """(display name, folder, group) per dataset; cqadupstack expands to its 12 forums (group = cqadupstack).
 
     Two folders with the same basename get distinct display names (name, name~2, ...), so neither is lost.
+    allow_files: a collection file (pid<TAB>text tsv, or a corpus.jsonl) is a dataset too, named by its stem.
     """
     out = []
     for name in names:
+        if allow_files and Path(name).is_file():
+            out.append((Path(name).stem if Path(name).name != "corpus.jsonl" else None, Path(name), None))
+            continue
         if Path(name).name == "cqadupstack":
             root = dataset_path(name, data_dir)
             out += [(f"cqadupstack-{f}", root / f, "cqadupstack") for f in CQADUPSTACK_FORUMS]
             continue
         out.append((None, dataset_path(name, data_dir), None))
-    shown = display_names([folder.name if d is None else d for d, folder, _ in out])
+    shown = display_names([(folder.parent.name if folder.is_file() else folder.name) if d is None else d
+                           for d, folder, _ in out])  # fmt: skip
     return [(d, folder, group) for d, (_, folder, group) in zip(shown, out)]
 
 

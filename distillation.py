@@ -35,6 +35,7 @@ import common
 import data
 import loading
 import losses
+import recipes
 import students
 from common import UsageError, positive, positive_int, share
 
@@ -50,8 +51,9 @@ def parse_args(argv=None):
     add("--num_layers", type=positive_int, default=2, help="layers to keep when --layers is not given")
     add("--layer_strategy", default="top_bottom", choices=students.STRATEGIES)
     add("--student_model_init_list", nargs="+", default=[], help="pretrained students: one <run_name>/<student> each")
-    add("--student_dropout", type=float, default=None, help="default: the teacher's; 0 fits regression targets")
-    add("--freeze_embeddings", action="store_true", help="keep the token embeddings fixed (cheaper steps)")
+    add("--student_dropout", type=float, default=None, help="default: the recipe's (best: 0; paper: the teacher's)")
+    add("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=None,
+        help="keep the token embeddings fixed (cheaper steps); default: the recipe's (best: on)")  # fmt: skip
     add = p.add_argument_group("data").add_argument
     add(
         "--train_queries",
@@ -61,7 +63,7 @@ def parse_args(argv=None):
         "(document text: titles and query-length windows); e.g. msmarco corpus:scifact",
     )
     add("--max_train_queries", type=positive_int, default=None, help="seeded sample of this many training texts")
-    add("--corpus_text_share", type=share, default=0.5, help="share of training texts from corpus: sources")
+    add("--corpus_text_share", type=share, default=None, help="share of training texts from corpus: sources")
     add("--span_words", type=positive_int, nargs=2, metavar=("MIN", "MAX"), help="window lengths (default: queries')")
     add("--title_share", type=share, default=0.3, help="share of document texts that are titles")
     add("--dev_queries", default=None, help="validation queries (default: a held-out training slice)")
@@ -70,7 +72,7 @@ def parse_args(argv=None):
     add("--max_seq_length", type=positive_int, default=128, help="query max length (labels and student)")
     add("--augment", type=int, default=0, choices=range(11), metavar="0..10", help="perturbed variants per query")
     add = p.add_argument_group("objective").add_argument
-    add("--loss", default="mse", type=losses.parse_loss, help="mse, cosine, or weighted terms, e.g. mse:1.0,kl:5.0")
+    add("--loss", default=None, type=losses.parse_loss, help="mse, cosine, or weighted terms, e.g. mse:1.0,kl:5.0")
     add("--token_loss_weight", type=float, default=0.0, help="also match the teacher's last-layer token states")
     add("--score_corpus", default=None, help="BEIR folder or collection tsv for kl/margin_mse (not an eval set)")
     add("--kl_temperature", type=positive, default=0.05)
@@ -79,15 +81,18 @@ def parse_args(argv=None):
     add("--margin_triples", default=None, help="pos<TAB>neg<TAB>qid<TAB>pid_pos<TAB>pid_neg (Margin-MSE)")
     add("--triples_collection", default=None, help="pid<TAB>text passages for --margin_triples")
     add("--margin_scale", type=positive, default=1.0, help="scales the file's margins to the teacher's range")
-    add = p.add_argument_group("training (paper defaults)").add_argument
-    add("--per_device_train_batch_size", "--train_batch_size", type=positive_int, default=128)
+    add = p.add_argument_group("training (unset: the recipe's value)").add_argument
+    add("--recipe", default="best", choices=sorted(recipes.RECIPES),
+        help="best: the recipe measured best here (cosine, lr 1e-3, batch 64, 4 epochs, frozen embeddings,\n"
+        "dropout 0, grouped batches); paper: mse, lr 1e-4, batch 128, warm-up 1000, 1 epoch")  # fmt: skip
+    add("--per_device_train_batch_size", "--train_batch_size", type=positive_int, default=None)
     add("--per_device_eval_batch_size", "--eval_batch_size", type=positive_int, default=128)
-    add("--learning_rate", type=positive, default=1e-4)
-    add("--warmup_steps", type=int, default=1000, help="capped at 10%% of the run's steps")
-    add("--num_train_epochs", type=positive, default=1.0)
+    add("--learning_rate", type=positive, default=None)
+    add("--warmup_steps", type=int, default=None, help="capped at 10%% of the run's steps")
+    add("--num_train_epochs", type=positive, default=None)
     add("--adam_epsilon", type=positive, default=1e-6)
     add("--weight_decay", type=float, default=0.01)
-    add("--group_by_length", action=argparse.BooleanOptionalAction, default=True,
+    add("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
         help="batches of similar token length (less padding); --no-group_by_length: random batches")  # fmt: skip
     add("--eval_steps", type=positive_int, default=500)
     add("--logging_steps", type=positive_int, default=50)
@@ -110,6 +115,7 @@ def parse_args(argv=None):
     add("--hub_model_id", default=None)
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
+    recipes.resolve(args, args.student_model_init)
     if args.student_model_init == "pretrained" and not args.student_model_init_list:
         p.error("--student_model_init pretrained needs --student_model_init_list M1 [M2 ...]")
     if args.student_model_init_list and args.student_model_init != "pretrained":
@@ -172,7 +178,7 @@ def run_names(init: str, inits: list[str], run_name: str | None, teacher: str, l
 
 
 # flags that change where and how a run is written or logged, never the student it trains
-NOT_RECIPE = {"log_level", "overwrite_output_dir", "skip_finished", "resume_from_checkpoint", "push_to_hub",
+NOT_RECIPE = {"explicit_flags", "log_level", "overwrite_output_dir", "skip_finished", "resume_from_checkpoint", "push_to_hub",
               "hub_model_id", "label_batch_size", "label_devices", "per_device_eval_batch_size", "output_path",
               "data_dir", "device", "run_name", "teacher_model", "train_queries", "score_corpus", "dev_queries",
               "margin_triples", "triples_collection", "save_asymmetric"}  # fmt: skip
@@ -217,8 +223,12 @@ def plan_runs(names, output_path, overwrite: bool, resume: str | None, skip: boo
 
 
 def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metric: str, device: str, resume,
-          world: int = 1) -> dict:  # fmt: skip
-    """Train with SentenceTransformerTrainer; the best validation checkpoint is loaded at the end."""
+          world: int = 1, prompt: str = "") -> dict:  # fmt: skip
+    """Train with SentenceTransformerTrainer; the best validation checkpoint is loaded at the end.
+
+    prompt: the teacher's query prompt. The labels are encode_query(prompt + text) and the student will serve
+    prompt + text too (its folder keeps the prompts), so it trains on exactly those inputs.
+    """
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
@@ -245,15 +255,10 @@ def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metri
         greater_is_better=True,
         report_to="none",
         metric_for_best_model=best_metric,
+        prompts={"query": prompt} if prompt else None,
     )
-    logger.info(
-        "training %s: %d texts, %d steps (warmup %d), lr %g",
-        run_dir.name,
-        len(texts),
-        steps,
-        warmup,
-        hp["learning_rate"],
-    )
+    logger.info("training %s: %d texts, %d steps (warmup %d), lr %g, query prompt %r", run_dir.name, len(texts),
+                steps, warmup, hp["learning_rate"], prompt)  # fmt: skip
     ds = Dataset.from_dict({"query": texts, "label": labels})
     trainer = SentenceTransformerTrainer(model=student, args=targs, train_dataset=ds, loss=loss, evaluator=evaluator)
     if resume:
@@ -266,6 +271,7 @@ def train(student, run_dir, texts, labels, evaluator, loss, hp: dict, best_metri
         peak["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return {
         "train_texts": len(texts),
+        "train_prompt": prompt,
         "train_steps": out.global_step,
         "warmup_steps": warmup,
         "train_seconds": round(secs, 1),
@@ -393,7 +399,8 @@ def main(argv=None) -> dict:
         return {"runs": results}
     teacher, _ = loading.load_model(args.teacher_model, device, path=inputs.teacher_path)
     student_settings = {"layers": args.layers, "num_layers": args.num_layers, "strategy": args.layer_strategy,
-                        "freeze_embeddings": args.freeze_embeddings, "dropout": args.student_dropout,
+                        "freeze_embeddings": args.freeze_embeddings and (
+                        "freeze_embeddings" in args.explicit_flags or "if_any"), "dropout": args.student_dropout,
                         "max_seq_length": args.max_seq_length, "data_dir": args.data_dir,
                         "batch_size": args.label_batch_size}  # fmt: skip
     # built once, before labelling: bad layer ids and unloadable students fail before any expensive work
@@ -438,7 +445,9 @@ def main(argv=None) -> dict:
     loss_settings = {"docs": docs, "similarity": similarity, "temperature": args.kl_temperature,
                      "top_k": top.shape[1], "negatives": args.kl_negatives, "seed": args.seed,
                      "margin_scale": args.margin_scale}  # fmt: skip
+    prompt = cache.encoder_settings(teacher, "query")["prompt"]  # the prompt the labels were made with
     for plan, (student, info) in zip(plans, built):  # one student per plan, all trained on the same targets
+        student.prompts = {**student.prompts, **dict(teacher.prompts)}  # it answers for the teacher's query side
         run_dir, run_config = plan["run_dir"], {**config, "student": info, "recipe": plan["recipe"]}
         if rank == 0 and (args.overwrite_output_dir or args.skip_finished) and not plan["resume"] and run_dir.exists():
             shutil.rmtree(run_dir)
@@ -451,7 +460,7 @@ def main(argv=None) -> dict:
             )
             evaluator = losses.make_evaluator(inputs.dev, dev_labels, args.per_device_eval_batch_size, score)
             metrics = train_one(student, run_dir, texts, labels, evaluator, loss, dict(hp), device, plan["resume"],
-                                inherited_sources(sources, plan["init"]), rank, world)  # fmt: skip
+                                inherited_sources(sources, plan["init"]), rank, world, prompt)  # fmt: skip
         except BaseException:
             # a run that failed before its first checkpoint leaves nothing that blocks the corrected rerun
             if rank == 0 and created and not list(run_dir.glob("checkpoints/checkpoint-*")):
@@ -498,7 +507,8 @@ def inherited_sources(sources: dict, init: str) -> dict:
     }
 
 
-def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resume, sources, rank=0, world=1) -> dict:
+def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resume, sources, rank=0, world=1,
+              prompt="") -> dict:  # fmt: skip
     """Train one student, save the best validation checkpoint as final/, and return its metrics."""
     # the best checkpoint by MSE to the teacher, or by KL when only score terms are trained
     embed = not isinstance(loss, losses.QueryDistillLoss) or set(loss.weights) & set(losses.EMBED_TERMS)
@@ -515,6 +525,7 @@ def train_one(student, run_dir, texts, labels, evaluator, loss, hp, device, resu
         device,
         resume,
         world,
+        prompt,
     )
     final = evaluator(student)
     if rank == 0:

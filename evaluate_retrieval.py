@@ -1,25 +1,33 @@
-"""Score student query encoders on BEIR against the teacher's own cached document index.
+"""Score student query encoders against the teacher's own cached document index: with relevance labels (BEIR
+qrels: nDCG@10 retention with 95% intervals) and without them (agreement with the teacher's own ranking).
 
 The teacher is always evaluated too (its query encoder against its index), so each student gets a
-retention = student nDCG@10 / teacher nDCG@10 per dataset, and the mean of those ratios.
+retention = student nDCG@10 / teacher nDCG@10 per dataset and the mean of those ratios, each with a paired
+bootstrap interval and a paired t-test (stats.py), and its agreement with the teacher on the same queries:
+overlap@10, the share of teacher top-1s in the student's top-10, and the cosine to the teacher's query embedding.
 
     python evaluate_retrieval.py --teacher_model sentence-transformers/all-MiniLM-L6-v2 \\
         --models output/all-MiniLM-L6-v2-L0-5/final --datasets scifact nfcorpus fiqa
     python evaluate_retrieval.py --teacher_model T --models S \\
         --datasets $DATA_DIR/scifact $DATA_DIR/cranfield --index hnsw
+    # your collection, no relevance labels: a query log, or pseudo-queries sampled from the documents
+    python evaluate_retrieval.py --teacher_model T --models S --datasets my_docs.tsv --queries my_log.tsv
+    python evaluate_retrieval.py --teacher_model T --models S --datasets $DATA_DIR/nfcorpus --label_free \\
+        --pseudo_queries 500
 
 Outputs: output/index/<teacher>/<dataset>/ (cached teacher embeddings), one JSON per (model, dataset) in
-output/retrieval/<teacher>/<model>/<dataset>.json, and the table output/retrieval/<teacher>/results.md.
+output/retrieval/<teacher>/<model>/<dataset>.json (with per-query values), and the table
+output/retrieval/<teacher>/results.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,11 +35,15 @@ import cache
 import common
 import data
 import loading
+import metrics
 import serving
+import stats
 from common import UsageError, positive_int
+from metrics import evaluate  # noqa: F401 - part of this script's interface (tests, notebooks)
 from search import build_faiss, cached_faiss, check_index_size, search, unit
 
 logger = logging.getLogger("qdistill.retrieval")
+RESULT_SCHEMA = 2  # 2: per-query values and agreement in every result file; older results are recomputed
 
 
 def parse_args(argv=None):
@@ -39,9 +51,13 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--teacher_model", default=common.PAPER_TEACHER, help="HF id or folder; its document index is searched")
     add("--models", nargs="*", default=[], help="student models (HF ids or folders such as output/RUN/final)")
-    add("--datasets", nargs="+", required=True, help="BEIR names or BEIR-format folders")
+    add("--datasets", nargs="+", required=True, help="BEIR names or folders; without qrels also a collection tsv")
     add("--data_dir", default=common.DATA_DIR, help="where BEIR names are looked for / downloaded to")
     add("--split", default=None, help="qrels split (default: test; dev for msmarco)")
+    add("--label_free", action="store_true", help="ignore qrels: agreement with the teacher only")
+    add("--queries", default=None, help="queries of label-free datasets: a file or log (id<TAB>text or one a line)")
+    add("--pseudo_queries", type=positive_int, default=None,
+        help="label-free datasets without queries: N pseudo-queries sampled from the documents")  # fmt: skip
     add("--k_values", type=positive_int, nargs="+", default=[1, 3, 5, 10, 100], help="must include 10")
     add("--corpus_max_seq_length", type=positive_int, default=None, help="default: the teacher's max_seq_length")
     add("--corpus_batch_size", type=positive_int, default=32)
@@ -57,95 +73,87 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if 10 not in args.k_values:
         p.error("--k_values must include 10: nDCG@10 is the reported metric and the base of retention")
+    if args.queries and args.pseudo_queries:
+        p.error("--queries and --pseudo_queries are two query sources; give one")
     args.k_values = sorted(set(args.k_values))
     return args
 
 
-# ----------------------------------------------------------------------------- search and metrics
+# ----------------------------------------------------------------------------- datasets
 
 
-def retrieve(index, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
-    """Top-k results per query. Searches k+1, as beir does: evaluation drops a document whose id equals the
-    query's (ArguAna, Quora), and k hits must remain after that. faiss's -1 padding ids are dropped."""
-    scores, rows = search(index, q_emb, k + 1)
-    return to_results(q_ids, doc_ids, scores, rows)
+class Dataset(NamedTuple):
+    name: str
+    folder: Path  # the BEIR folder, or the collection tsv of a label-free dataset
+    group: str | None
+    split: str | None  # None: label-free
+    digest: str  # corpus, queries and qrels content
+    corpus_sha256: str
+    queries_sha256: str
 
 
-def to_results(q_ids, doc_ids, scores, rows) -> dict[str, dict[str, float]]:
-    out = {}
-    for qid, srow, rrow in zip(q_ids, scores, rows):
-        out[qid] = {doc_ids[r]: float(s) for s, r in zip(srow, rrow) if r >= 0}  # drop faiss -1 padding
+def labelled_dataset(name, folder: Path, group, split) -> Dataset:
+    """A BEIR folder with qrels, every file read and checked (malformed files fail here, not after indexing)."""
+    data.load_beir(folder, split)
+    hashes = [cache.sha256_file(f) for f in data.check_beir(folder, split)]
+    return Dataset(name, folder, group, split, cache.sha256_texts(hashes)[:16], hashes[0], hashes[1])
+
+
+def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, str]:
+    """{id: text}: --queries, else the folder's queries.jsonl, else --pseudo_queries N sampled from the documents
+    (seeded; never a text any evaluated student trained on)."""
+    if args.queries:
+        return data.read_queries(args.queries)
+    if folder.is_dir() and (folder / "queries.jsonl").is_file() and not args.pseudo_queries:
+        return data.read_queries(folder / "queries.jsonl")
+    if not args.pseudo_queries:
+        raise UsageError(
+            f"{folder} has no relevance labels and no queries; pass --queries FILE (a query log) or --pseudo_queries N"
+        )
+    spans = data.sample_spans(corpus, 2 * args.pseudo_queries, list(range(3, 13)), args.seed + 5)
+    seen = trained()  # every evaluated student's training-text hashes
+    spans = [s for s in spans if data.text_hashes([s])[0] not in seen][: args.pseudo_queries]
+    return {f"pseudo-{i}": s for i, s in enumerate(spans)}
+
+
+def label_free_dataset(args, name, path: Path, group, trained) -> tuple[Dataset, dict]:
+    corpus, file = data.load_corpus(path)
+    queries = {q: t for q, t in label_free_queries(args, path, corpus, trained).items() if t.strip()}
+    if not queries:
+        raise UsageError(f"no queries for {name}; pass --queries FILE or --pseudo_queries N")
+    q_sha = cache.sha256_texts(x for q in sorted(queries) for x in (q, queries[q]))
+    corpus_sha = cache.sha256_file(file)
+    return Dataset(name, path, group, None, cache.sha256_texts([corpus_sha, q_sha])[:16], corpus_sha, q_sha), queries
+
+
+def load_dataset(ds: Dataset, queries=None):
+    """(corpus, corpus file, queries, qrels or None, stats)."""
+    if ds.split is None:
+        corpus, file = data.load_corpus(ds.folder)
+        return corpus, file, queries, None, {"label_free": True, "num_queries": len(queries)}
+    corpus, queries, qrels, data_stats = data.load_beir(ds.folder, ds.split)
+    return corpus, ds.folder / "corpus.jsonl", queries, qrels, data_stats
+
+
+def check_datasets(args, trained) -> list[tuple[Dataset, dict | None]]:
+    """Every dataset read and checked before the teacher loads or any index is built. trained() gives the
+    training-text hashes that pseudo-queries must avoid (read only when pseudo-queries are sampled)."""
+    out = []
+    for name, path, group in data.expand_datasets(args.datasets, args.data_dir, allow_files=True):
+        split = args.split or ("dev" if path.name == "msmarco" else "test")
+        has_qrels = path.is_dir() and (path / "qrels" / f"{split}.tsv").is_file()
+        if has_qrels and not args.label_free:
+            out.append((labelled_dataset(name, path, group, split), None))
+        elif args.label_free or args.queries or args.pseudo_queries or path.is_file():
+            out.append(label_free_dataset(args, name, path, group, trained))
+        else:
+            data.check_beir(path, split)  # the one-line error naming the missing qrels file
+        corpus, _ = data.load_corpus(path)
+        check_index_size(args.index, len(corpus), name)
     return out
 
 
-def drop_own_ids(qrels, results) -> tuple[dict, int]:
-    """(results without each query's own id, how many were dropped). On ArguAna and Quora a query is also a
-    document and finds itself; that hit is dropped, unless the qrels judge it relevant for that very query
-    (Cranfield's query 225 has document 225 relevant): beir's ignore_identical_ids would drop that one too."""
-    out, dropped = {}, 0
-    for qid, docs in results.items():
-        if qid in docs and qrels.get(qid, {}).get(qid, 0) <= 0:
-            docs, dropped = {d: s for d, s in docs.items() if d != qid}, dropped + 1
-        out[qid] = docs
-    return out, dropped
-
-
-def evaluate(qrels, results, k_values) -> tuple[dict[str, float], int]:
-    """(metrics, identical ids dropped): every metric, MRR@10 included, on the results with own ids dropped."""
-    from beir.retrieval.evaluation import EvaluateRetrieval
-
-    results, dropped = drop_own_ids(qrels, results)
-    # evaluate() mutates `results`: hand it copies
-    ndcg, _map, recall, precision = EvaluateRetrieval.evaluate(
-        qrels, copy.deepcopy(results), k_values, ignore_identical_ids=False
-    )
-    mrr = EvaluateRetrieval.evaluate_custom(qrels, copy.deepcopy(results), [10], metric="mrr")
-    return {**ndcg, **_map, **recall, **precision, **mrr}, dropped
-
-
-def overlap_at_k(exact_rows, approx_rows, k) -> float:
-    """Recall@k of an approximate index against exact search: shared top-k ids / k, averaged over queries."""
-    hits = [len(set(e[:k]) & set(a[:k])) / min(k, len(e)) for e, a in zip(exact_rows, approx_rows)]
-    return float(np.mean(hits))
-
-
-# ----------------------------------------------------------------------------- the table
-
-
-def fmt(x, digits=3):
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def results_table(rows: list[dict], datasets: list[str], teacher: str) -> str:
-    """Markdown: rows = models, columns = nDCG@10 per dataset (retention; * = the student trained on that
-    collection's text), then mean retention of nDCG@10 and R@100 over zero-shot and in-domain-text datasets
-    apart: the two are never mixed into one number."""
-    by = {(r["model"], r["dataset"]): r for r in rows}
-    kinds = ("zero-shot", "in-domain")
-    head = [
-        "model",
-        *[f"{d} nDCG@10" for d in datasets],
-        *[f"{k} ret. {m}" for m in ("nDCG@10", "R@100") for k in kinds],
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in dict.fromkeys(r["model"] for r in rows):
-        cells, ret = [m + (" (teacher)" if m == teacher else "")], {(k, x): [] for k in kinds for x in ("n", "r")}
-        for d in datasets:
-            r, t = by.get((m, d)), by.get((teacher, d))
-            if r is None:
-                cells.append("-")
-                continue
-            kind = "in-domain" if r.get("in_domain_text") else "zero-shot"
-            ratio = {x: r["metrics"][k] / t["metrics"][k] if t and t["metrics"].get(k) else None
-                     for x, k in (("n", "NDCG@10"), ("r", "Recall@100"))}  # fmt: skip
-            for x, v in ratio.items():
-                if v is not None:
-                    ret[(kind, x)].append(v)
-            mark = "*" if kind == "in-domain" else ""
-            cells.append(f"{fmt(r['metrics']['NDCG@10'])} ({fmt(ratio['n'], 2)}){mark}")
-        cells += [fmt(np.mean(ret[(k, x)]) if ret[(k, x)] else None) for x in ("n", "r") for k in kinds]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n\\* the student trained on text of this collection (in-domain text)\n"
+# ----------------------------------------------------------------------------- in-domain marking
 
 
 def in_domain(sources: dict | None, folder: Path, corpus_sha256: str, queries_sha256: str, overlap: int) -> bool:
@@ -157,7 +165,8 @@ def in_domain(sources: dict | None, folder: Path, corpus_sha256: str, queries_sh
         return True
     for f in sources.get("query_files", []):
         record = f if isinstance(f, dict) else {"path": f}  # records written before content hashes: paths only
-        if record.get("sha256") == queries_sha256 or Path(record["path"]).resolve().is_relative_to(folder.resolve()):
+        path = Path(record["path"]).resolve()
+        if record.get("sha256") == queries_sha256 or (folder.is_dir() and path.is_relative_to(folder.resolve())):
             return True
     return False
 
@@ -168,11 +177,75 @@ def training_overlap(sources: dict | None, query_texts) -> int:
     return sum(h in trained for h in (data.text_hashes([t])[0] for t in query_texts)) if trained else 0
 
 
+# ----------------------------------------------------------------------------- the table
+
+
+def fmt(x, digits=3):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def retention_cis(rows: list[dict], teacher: str, seed: int) -> None:
+    """Per-dataset retention of nDCG@10 with its interval and paired test, into each student row (in place)."""
+    by = {(r["model"], r["dataset"]): r for r in rows}
+    for r in rows:
+        t = by.get((teacher, r["dataset"]))
+        if r["model"] == teacher or not t or "per_query" not in r or "per_query" not in t:
+            continue
+        r["retention"] = {m: stats.retention_ci(r["per_query"][m], t["per_query"][m], seed)
+                          for m in ("NDCG@10", "Recall@100") if m in r["per_query"]}  # fmt: skip
+
+
+def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int = 0) -> str:
+    """Markdown: rows = models, columns = nDCG@10 per dataset (retention [95% interval]; * = the student trained
+    on that collection's text), the mean retention of nDCG@10 and R@100 over zero-shot and in-domain datasets
+    apart (never mixed), and the mean overlap@10 with the teacher; label-free datasets show overlap@10."""
+    by = {(r["model"], r["dataset"]): r for r in rows}
+    kinds = ("zero-shot", "in-domain")
+    head = ["model", *[f"{d} nDCG@10 (ret.)" for d in datasets],
+            *[f"{k} ret. {m}" for m in ("nDCG@10", "R@100") for k in kinds], "overlap@10 w/ teacher"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        cells, pairs, ratios = [m + (" (teacher)" if m == teacher else "")], {}, {}
+        overlaps = []
+        for d in datasets:
+            r, t = by.get((m, d)), by.get((teacher, d))
+            if r is None:
+                cells.append("-")
+                continue
+            agree = r.get("agreement", {}).get("overlap@10")
+            if agree:
+                overlaps.append(agree["value"])
+            if "metrics" not in r:  # label-free: agreement only
+                cells.append(f"overlap@10 {stats.fmt_ci(agree, 2)}" if agree else "-")
+                continue
+            kind = "in-domain" if r.get("in_domain_text") else "zero-shot"
+            for x, k in (("n", "NDCG@10"), ("r", "Recall@100")):
+                if t and t["metrics"].get(k) and m != teacher:
+                    ratios.setdefault((kind, x), []).append(r["metrics"][k] / t["metrics"][k])
+                    if "per_query" in r and "per_query" in t and k in r["per_query"]:
+                        pairs.setdefault((kind, x), []).append((r["per_query"][k], t["per_query"][k]))
+            mark = "*" if kind == "in-domain" else ""
+            ret = r.get("retention", {}).get("NDCG@10") or ({"value": r.get("retention_ndcg@10")} if m != teacher else None)
+            cells.append(f"{fmt(r['metrics']['NDCG@10'])} ({stats.fmt_ci(ret, 2)}){mark}" if ret else
+                         fmt(r["metrics"]["NDCG@10"]))  # fmt: skip
+        for x in ("n", "r"):
+            for k in kinds:
+                if (k, x) in pairs and len(pairs[(k, x)]) == len(ratios[(k, x)]):
+                    cells.append(stats.fmt_ci(stats.mean_retention_ci(pairs[(k, x)], seed)))
+                else:  # grouped datasets (CQADupStack) and older result files: the mean alone
+                    cells.append(fmt(np.mean(ratios[(k, x)])) if ratios.get((k, x)) else "-")
+        cells.append(fmt(np.mean(overlaps)) if overlaps and m != teacher else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    note = ("\n\n\\* the student trained on text of this collection (in-domain text). Brackets: 95% paired bootstrap "
+            "intervals over queries (stats.py).\n")  # fmt: skip
+    return "\n".join(lines) + note
+
+
 def group_rows(rows: list[dict]) -> list[dict]:
     """Add one averaged row per (model, group) for grouped datasets (CQADupStack = mean of its forums)."""
     groups, inside = {}, {}
     for r in rows:
-        if r.get("group"):
+        if r.get("group") and "metrics" in r:
             groups.setdefault((r["model"], r["group"]), []).append(r["metrics"])
             inside[(r["model"], r["group"])] = inside.get((r["model"], r["group"])) or r.get("in_domain_text", False)
     extra = []
@@ -186,10 +259,23 @@ def group_rows(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
-def dataset_hashes(folder: Path, split: str) -> tuple[str, str, str]:
-    """(digest of corpus, queries and this split's qrels; the corpus file's sha256; the query file's sha256)."""
-    hashes = [cache.sha256_file(f) for f in data.check_beir(folder, split)]
-    return cache.sha256_texts(hashes)[:16], hashes[0], hashes[1]
+def load_models(args, names, paths, device):
+    """{name: model}: the teacher and each student (an ONNX Runtime export through its lean query path)."""
+    for name in names[1:]:  # a damaged export fails here, before the teacher loads
+        if serving.is_export(paths[name]):
+            serving.check_export(paths[name])
+    teacher, _ = loading.load_model(args.teacher_model, device, path=paths[args.teacher_model])
+    models = {args.teacher_model: teacher}
+    for name in names[1:]:
+        exported = serving.is_export(paths[name])
+        models[name] = serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, paths[name])[0]
+        dim = models[name].get_embedding_dimension()
+        if dim != teacher.get_embedding_dimension():
+            raise UsageError(
+                f"{name} gives {dim}-d embeddings but the teacher index is {teacher.get_embedding_dimension()}-d; "
+                "train it with distillation.py against this teacher"
+            )
+    return models
 
 
 def main(argv=None) -> dict:
@@ -197,104 +283,96 @@ def main(argv=None) -> dict:
     common.start_run(args.log_level, args.seed, args.output_path)
     device = common.pick_device(args.device)
     config = common.run_info(vars(args), device)
-    # every dataset and model path is checked before the teacher loads or any index is built
-    datasets = []
-    for dname, folder, group in data.expand_datasets(args.datasets, args.data_dir):
-        split = args.split or ("dev" if folder.name == "msmarco" else "test")
-        corpus = data.load_beir(folder, split)[0]  # malformed files fail here, not after an hour of indexing
-        check_index_size(args.index, len(corpus), dname)
-        datasets.append((dname, folder, group, split, *dataset_hashes(folder, split)))
     names = list(dict.fromkeys([args.teacher_model, *args.models]))
-    paths = {name: loading.resolve_model_path(name, args.data_dir) for name in names}
-    for name in names[1:]:  # a damaged export fails here, before the teacher loads
-        if serving.is_export(paths[name]):
-            serving.check_export(paths[name])
-    teacher, _ = loading.load_model(args.teacher_model, device, path=paths[args.teacher_model])
-    models = {args.teacher_model: teacher}
-    for name in names[1:]:  # an ONNX Runtime export is evaluated through the lean query path it deploys with
-        exported = serving.is_export(paths[name])
-        models[name] = (
-            serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, paths[name])[0]
-        )
-        dim = models[name].meta["dim"] if exported else models[name].get_embedding_dimension()
-        if dim != teacher.get_embedding_dimension():
-            raise UsageError(
-                f"{name} gives {dim}-d embeddings but the teacher index is {teacher.get_embedding_dimension()}-d; "
-                "train it with distillation.py against this teacher"
-            )
-    sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
-    sources = {name: common.text_sources(paths[name]) for name in names}
+    paths = {}
+
+    def trained():
+        return {h for n in names for h in (common.text_sources(resolve(n)) or {}).get("text_hashes", [])}
+
+    def resolve(name):
+        paths[name] = paths.get(name) or loading.resolve_model_path(name, args.data_dir)
+        return paths[name]
+
+    datasets = check_datasets(args, trained)  # first: a bad dataset is named before any model is looked up
+    sources = {name: common.text_sources(resolve(name)) for name in names}
+    models = load_models(args, names, paths, device)
+    sim = loading.similarity_name(models[args.teacher_model])  # the teacher's own score function, not beir's cosine
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
 
     rows = []
-    for dname, folder, group, split, digest, corpus_sha, queries_sha in datasets:
-        corpus, queries, qrels, data_stats = data.load_beir(folder, split)
+    for ds, label_free_queries_ in datasets:
+        corpus, corpus_file, queries, qrels, data_stats = load_dataset(ds, label_free_queries_)
         doc_emb, doc_ids, index_meta = cache.teacher_index(
-            teacher,
-            args.teacher_model,
-            paths[args.teacher_model],
-            corpus,
-            folder / "corpus.jsonl",
-            args.output_path,
-            args.corpus_max_seq_length,
-            args.corpus_batch_size,
-            devices=args.encode_devices,
-        )
+            models[args.teacher_model], args.teacher_model, paths[args.teacher_model], corpus, corpus_file,
+            args.output_path, args.corpus_max_seq_length, args.corpus_batch_size, devices=args.encode_devices,
+        )  # fmt: skip
         index_digest = cache.sha256_texts([json.dumps(index_meta["key"], sort_keys=True)])[:16]
-        settings = {
-            "dataset": digest,
-            "split": split,
-            "index": args.index,
-            "teacher_index": index_digest,
-            "k_values": args.k_values,
-            "similarity": sim,
-            "faiss": __import__("faiss").__version__,
-            **({"seed": args.seed} if args.index != "flat" else {}),  # hnsw/ivfpq are built with the seed
-        }
+        settings = {"dataset": ds.digest, "split": ds.split, "index": args.index, "teacher_index": index_digest,
+                    "k_values": args.k_values, "similarity": sim, "faiss": __import__("faiss").__version__,
+                    "schema": RESULT_SCHEMA, **({"seed": args.seed} if args.index != "flat" else {})}  # fmt: skip
         records, pending = {}, []
         for name in names:  # finished results are reused only when model, data and settings all match
             runtime = {"onnxruntime": __import__("onnxruntime").__version__} if serving.is_export(paths[name]) else {}
             key, key_digest = cache.cache_key("retrieval", paths[name], {**settings, **runtime})
-            path = out_root / common.slug(name) / f"{dname}.json"
+            path = out_root / common.slug(name) / f"{ds.name}.json"
             old = json.loads(path.read_text()) if path.exists() and not args.overwrite else {}
             if old.get("result_key") == key_digest:
-                logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, dname)
+                logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name)
                 records[name] = old
             else:
                 pending.append((name, path, key, key_digest))
         if pending:
             records.update(
-                evaluate_models(
-                    pending, models, corpus, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config
-                )
+                evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config)
             )
-        teacher_ndcg = records[args.teacher_model]["metrics"]["NDCG@10"]
         for name in names:
-            record = {**records[name], "dataset": dname, "dataset_path": str(folder), "split": split}
+            record = {**records[name], "dataset": ds.name, "dataset_path": str(ds.folder), "split": ds.split}
             if name != args.teacher_model:
-                record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
+                teacher_ndcg = records[args.teacher_model].get("metrics", {}).get("NDCG@10")
+                if qrels is not None:
+                    record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
                 overlap = training_overlap(sources[name], queries.values())
                 if overlap:
                     logger.warning("%s trained on %d of the %d %s queries: in-domain, not zero-shot", name, overlap,
-                                   len(queries), dname)  # fmt: skip
+                                   len(queries), ds.name)  # fmt: skip
                 record["training_text_sources"] = {k: v for k, v in (sources[name] or {}).items() if k != "text_hashes"}
                 record["training_query_overlap"] = overlap
-                record["in_domain_text"] = in_domain(sources[name], folder, corpus_sha, queries_sha, overlap)
+                record["in_domain_text"] = in_domain(sources[name], ds.folder, ds.corpus_sha256, ds.queries_sha256,
+                                                     overlap)  # fmt: skip
                 record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
             record["data_stats"] = data_stats
             if name in {p[0] for p in pending}:  # fresh results are written; reused ones stay as they are
-                common.write_json(out_root / common.slug(name) / f"{dname}.json", record)
-            rows.append({**record, "group": group, "reused": name not in {p[0] for p in pending}})
+                common.write_json(out_root / common.slug(name) / f"{ds.name}.json", record)
+            rows.append({**record, "group": ds.group, "reused": name not in {p[0] for p in pending}})
 
+    retention_cis(rows, args.teacher_model, args.seed)
     rows = group_rows(rows)
     shown = list(dict.fromkeys(r["dataset"] for r in rows))
-    table = results_table(rows, shown, args.teacher_model)
+    table = results_table(rows, shown, args.teacher_model, args.seed)
     common.write_text(out_root / "results.md", table)
     print(table)
     return {"rows": rows, "table": table}
 
 
-def evaluate_models(pending, models, corpus, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config):
+def retrieve(index, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
+    """Top-k results per query. Searches k+1: evaluation drops a document whose id equals the query's (ArguAna,
+    Quora), and k hits must remain after that. faiss's -1 padding ids are dropped."""
+    scores, rows = search(index, q_emb, k + 1)
+    return {qid: {doc_ids[r]: float(s) for s, r in zip(srow, rrow) if r >= 0} for qid, srow, rrow in zip(q_ids, scores, rows)}
+
+
+def encode_and_search(model, index, q_texts, q_ids, doc_ids, args, cosine):
+    """(query embeddings, results with own ids dropped where unjudged, encode seconds, search seconds)."""
+    t0 = time.perf_counter()
+    q_emb = model.encode_query(q_texts, batch_size=args.query_batch_size, convert_to_numpy=True)
+    enc_secs = time.perf_counter() - t0
+    q_emb = unit(q_emb) if cosine else np.asarray(q_emb, np.float32)
+    t0 = time.perf_counter()
+    results = retrieve(index, q_emb, q_ids, doc_ids, max(args.k_values))
+    return q_emb, results, enc_secs, time.perf_counter() - t0
+
+
+def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config):
     """{model name: record} for the models not evaluated before on this dataset; TREC runs on --save_run."""
     t0 = time.perf_counter()
     cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
@@ -304,64 +382,50 @@ def evaluate_models(pending, models, corpus, queries, qrels, doc_emb, doc_ids, i
     q_ids = sorted(queries)
     q_texts = [queries[q] for q in q_ids]
     max_k = max(args.k_values)
+    # the teacher's own ranking and query embeddings: what each student's agreement is measured against
+    teacher_run = encode_and_search(models[args.teacher_model], index, q_texts, q_ids, doc_ids, args, cosine)
+    t_emb, t_results = teacher_run[:2]
+    t_top = metrics.top_ids(metrics.drop_own_ids(qrels, t_results)[0], 10)
     out = {}
     for name, path, key, key_digest in pending:
-        t0 = time.perf_counter()
         model = models[name]
-        if isinstance(model, serving.LeanEncoder):
-            q_emb = model.encode(q_texts, batch_size=args.query_batch_size)
-        else:
-            q_emb = model.encode_query(q_texts, batch_size=args.query_batch_size, convert_to_numpy=True)
-        enc_secs = time.perf_counter() - t0
-        q_emb = unit(q_emb) if cosine else q_emb
-        t0 = time.perf_counter()
-        results = retrieve(index, q_emb, q_ids, doc_ids, max_k)
-        search_secs = time.perf_counter() - t0
-        metrics, dropped = evaluate(qrels, results, args.k_values)
-        out[name] = {
+        q_emb, results, enc_secs, search_secs = (
+            teacher_run if name == args.teacher_model
+            else encode_and_search(model, index, q_texts, q_ids, doc_ids, args, cosine)
+        )  # fmt: skip
+        record = {
             "model": name,
             "backend": serving.backend_name(model.meta) if isinstance(model, serving.LeanEncoder) else "torch",
-            "teacher": args.teacher_model,
-            "similarity": sim,
-            "index": args.index,
-            "result_key": key_digest,
-            "key": key,
-            "num_queries": len(q_ids),
-            "num_docs": len(doc_ids),
-            "identical_ids_dropped": dropped,
-            "metrics": metrics,
-            "timings": {
-                "query_encode_seconds": round(enc_secs, 3),
-                "search_seconds": round(search_secs, 4),
-                "queries_per_second": round(len(q_ids) / enc_secs, 1),
-                "index_build_seconds": round(build_secs, 3),
-                "corpus_encode_seconds": index_meta.get("encode_seconds"),
-            },
+            "teacher": args.teacher_model, "similarity": sim, "index": args.index, "result_key": key_digest,
+            "key": key, "num_queries": len(q_ids), "num_docs": len(doc_ids),
+            "timings": {"query_encode_seconds": round(enc_secs, 3), "search_seconds": round(search_secs, 4),
+                        "queries_per_second": round(len(q_ids) / enc_secs, 1),
+                        "index_build_seconds": round(build_secs, 3),
+                        "corpus_encode_seconds": index_meta.get("encode_seconds")},
             "config": config,
-        }
+        }  # fmt: skip
+        if qrels is not None:
+            record["metrics"], record["identical_ids_dropped"] = metrics.evaluate(qrels, results, args.k_values)
+            record["per_query"] = metrics.per_query(qrels, results, args.k_values)
+        if name != args.teacher_model:
+            s_top = metrics.top_ids(metrics.drop_own_ids(qrels, results)[0], 10)
+            agree = metrics.agreement(s_top, t_top, q_emb, t_emb, q_ids, args.seed)
+            record["agreement"] = agree["summary"]
+            record.setdefault("per_query", {}).update(agree["per_query"])
         if exact is not None:
-            exact_ids = search(exact, q_emb, max_k)[1]
-            approx_ids = search(index, q_emb, max_k)[1]
-            out[name]["approx_recall"] = {
-                f"@{k}": overlap_at_k(exact_ids, approx_ids, k) for k in (10, 100) if k <= max_k
+            exact_ids, approx_ids = search(exact, q_emb, max_k)[1], search(index, q_emb, max_k)[1]
+            record["approx_recall"] = {
+                f"@{k}": metrics.overlap_at_k(exact_ids, approx_ids, k) for k in (10, 100) if k <= max_k
             }
         if args.save_run:
-            lines = [
-                f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}"
-                for qid in q_ids
-                for rank, (did, score) in enumerate(sorted(results[qid].items(), key=lambda x: -x[1]), 1)
-            ]
+            lines = [f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}" for qid in q_ids
+                     for rank, (did, score) in enumerate(sorted(results[qid].items(), key=lambda x: -x[1]), 1)]  # fmt: skip
             common.write_text(path.with_suffix(".trec"), "\n".join(lines) + "\n")
-        logger.info(
-            "%s: nDCG@10 %.4f R@%d %.4f (%d queries, encode %.2fs, search %.3fs)",
-            name,
-            metrics["NDCG@10"],
-            max_k,
-            metrics.get(f"Recall@{max_k}", float("nan")),
-            len(q_ids),
-            enc_secs,
-            search_secs,
-        )
+        summary = (f"nDCG@10 {record['metrics']['NDCG@10']:.4f}" if qrels is not None else
+                   f"overlap@10 {record.get('agreement', {}).get('overlap@10', {}).get('value', 1.0):.3f}")  # fmt: skip
+        logger.info("%s: %s (%d queries, encode %.2fs, search %.3fs)", name, summary, len(q_ids), enc_secs,
+                    search_secs)  # fmt: skip
+        out[name] = record
     return out
 
 

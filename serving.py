@@ -281,6 +281,13 @@ class LeanEncoder:
             emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
         return emb
 
+    def get_embedding_dimension(self) -> int:
+        return self.meta["dim"]
+
+    def encode_query(self, texts, batch_size: int = 64, **_) -> np.ndarray:
+        """The query side, called as SentenceTransformer.encode_query is (the prompt is added in tokenize)."""
+        return self.encode(list(texts), batch_size)
+
     def encode(self, texts, batch_size: int = 64) -> np.ndarray:
         out = [self.forward(self.features(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.meta["dim"]), np.float32)

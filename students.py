@@ -217,6 +217,8 @@ def build_student(
         student, info = static_student(teacher, device, batch_size), {"student_init": "static"}
     else:
         student, info = pretrained_student(init, teacher, device, data_dir), {"student_init": init}
+    if freeze_embeddings == "if_any":  # the recipe's default: a table student (static) has nothing apart to freeze
+        freeze_embeddings = getattr(getattr(student[0], "auto_model", None), "embeddings", None) is not None
     if freeze_embeddings:
         freeze_token_embeddings(student)
     if dropout is not None:

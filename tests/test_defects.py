@@ -47,7 +47,7 @@ def queries_file(tmp_path, n=80):
 
 def distill_argv(teacher, out, queries, *extra):
     return ["--teacher_model", teacher, "--num_layers", "2", "--train_queries", queries, "--output_path", str(out),
-            "--num_dev_queries", "5", "--eval_steps", "2", "--per_device_train_batch_size", "16",
+            "--num_dev_queries", "5", "--eval_steps", "2", "--per_device_train_batch_size", "16", "--num_train_epochs", "1",
             "--log_level", "error", *extra]  # fmt: skip
 
 

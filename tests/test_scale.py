@@ -28,6 +28,7 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     coll.write_text("".join(f"{d}\t{cache.doc_text(corpus[d])}\n" for d in sorted(corpus)[:300]))
     common = ["--teacher_model", MINILM, "--num_layers", "2", "--train_queries", str(queries),
               "--num_dev_queries", "50", "--learning_rate", "1e-3", "--loss", "cosine:1.0,kl:1.0", "--eval_steps", "4",
+              "--num_train_epochs", "1",
               "--score_corpus", str(coll),
               "--log_level", "info"]  # fmt: skip
     proc = subprocess.run(
