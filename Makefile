@@ -84,6 +84,9 @@ example: install ## distill, evaluate and benchmark a 2-layer MiniLM student; pr
 		--devices cpu --batch_sizes 1 --num_queries 200 --repeats 3 --output_path $(OUTPUT_DIR) --run_name example
 	$(PY) report.py example --teacher_model $(EXAMPLE_TEACHER) --student $(EXAMPLE_RUN)/final \
 		--datasets $(EXAMPLE_DATASETS) --speed $(OUTPUT_DIR)/speed/example.json --output_path $(OUTPUT_DIR)
+	@echo "label-free check on $(lastword $(EXAMPLE_DATASETS)), as if it had no relevance labels (its query file):"
+	$(PY) evaluate_retrieval.py --teacher_model $(EXAMPLE_TEACHER) --models $(EXAMPLE_RUN)/final \
+		--datasets $(lastword $(EXAMPLE_DATASETS)) --label_free --output_path $(OUTPUT_DIR) --log_level warning
 
 paper: install ## the paper's layer-subset table + quality-vs-latency plot (cached, resumable)
 	@for layers in $(PAPER_LAYERS); do \

@@ -123,6 +123,8 @@ def label_free_dataset(args, name, path: Path, group, trained) -> tuple[Dataset,
         raise UsageError(f"no queries for {name}; pass --queries FILE or --pseudo_queries N")
     q_sha = cache.sha256_texts(x for q in sorted(queries) for x in (q, queries[q]))
     corpus_sha = cache.sha256_file(file)
+    # its own result name: never the labelled results of the same folder, nor the other query source's
+    name = f"{name}-{'pseudo' if args.pseudo_queries else 'label-free'}"
     return Dataset(name, path, group, None, cache.sha256_texts([corpus_sha, q_sha])[:16], corpus_sha, q_sha), queries
 
 

@@ -17,17 +17,19 @@ import numpy as np
 
 import common
 import data
+import stats
 from common import UsageError
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("kind", choices=["example", "paper"])
+    p.add_argument("kind", choices=["example", "paper", "agreement"])
     p.add_argument("--teacher_model", required=True)
     p.add_argument("--student", help="example: the student")
     p.add_argument("--students", nargs="+", default=[], help="paper: the students")
     p.add_argument("--datasets", nargs="+", required=True, help="names or folders, as given to evaluate_retrieval.py")
-    p.add_argument("--speed", required=True, help="evaluate_speed.py JSON")
+    p.add_argument("--speed", help="evaluate_speed.py JSON (example, paper)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--output_path", default="output")
     return p.parse_args(argv)
 
@@ -100,20 +102,31 @@ def plot_quality_latency(labels, points, path, title="") -> list[int]:
     return front
 
 
+def per_query_ndcg(record: dict, path_hint: str) -> dict:
+    if "per_query" not in record:
+        raise UsageError(f"{path_hint} has no per-query values (an older result); rerun evaluate_retrieval.py")
+    return record["per_query"]["NDCG@10"]
+
+
 def example_table(args) -> str:
     speed = speed_rows(args.speed)
-    lines = ["| dataset | training text | teacher nDCG@10 | student nDCG@10 | retention |", "|---|---|---|---|---|"]
-    rets = {"zero-shot": [], "in-domain": []}
+    lines = ["| dataset | training text | teacher nDCG@10 | student nDCG@10 | retention [95% CI] | p (paired t) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    pairs = {"zero-shot": [], "in-domain": []}
     for d, name in result_names(args.datasets).items():
-        t = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, name)["metrics"]["NDCG@10"]
+        teacher = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, name)
         record = load_retrieval(args.output_path, args.teacher_model, args.student, d, name)
         kind = "in-domain" if record.get("in_domain_text") else "zero-shot"
-        s = record["metrics"]["NDCG@10"]
-        rets[kind].append(s / t if t else float("nan"))
-        lines.append(f"| {name} | {kind} | {t:.4f} | {s:.4f} | {rets[kind][-1]:.3f} |")
-    for kind, values in rets.items():  # never one mean over both kinds
+        pair = (per_query_ndcg(record, f"{args.student} on {name}"), per_query_ndcg(teacher, f"the teacher on {name}"))
+        pairs[kind].append(pair)
+        ci = stats.retention_ci(*pair, seed=args.seed)
+        t, s = teacher["metrics"]["NDCG@10"], record["metrics"]["NDCG@10"]
+        p = "-" if ci["p_value"] is None else f"{ci['p_value']:.2g}"
+        lines.append(f"| {name} | {kind} | {t:.4f} | {s:.4f} | {stats.fmt_ci(ci)} | {p} |")
+    for kind, values in pairs.items():  # never one mean over both kinds
         if values:
-            lines.append(f"| **mean retention, {kind}** | | | | **{np.mean(values):.3f}** |")
+            ci = stats.mean_retention_ci(values, seed=args.seed)
+            lines.append(f"| **mean retention, {kind}** | | | | **{stats.fmt_ci(ci)}** | |")
     t_sp, s_sp = speed.get(args.teacher_model), speed.get(args.student)
     if t_sp and s_sp:
         sp = s_sp["speedup"]
@@ -149,20 +162,24 @@ def paper_table(args) -> str:
     if gpu:
         head += ["GPU b1 ms", "GPU speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    teacher = {
-        d: load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, result[d])["metrics"]
-        for d in args.datasets
-    }
+    teacher_pq = {}
+    for d in args.datasets:
+        record = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, result[d])
+        per_query_ndcg(record, f"the teacher on {result[d]}")
+        teacher_pq[d] = record["per_query"]
     labels, points = [], []
     for model in [args.teacher_model, *args.students]:
         records = {d: load_retrieval(args.output_path, args.teacher_model, model, d, result[d]) for d in args.datasets}
+        for d, r in records.items():
+            per_query_ndcg(r, f"{model} on {result[d]}")
         if any(r.get("in_domain_text") for r in records.values()):
             raise UsageError(f"{model} trained on text of an evaluated collection; the paper table is zero-shot only")
         ms = {d: r["metrics"] for d, r in records.items()}
-        ret = np.mean([ms[d]["NDCG@10"] / teacher[d]["NDCG@10"] for d in args.datasets])
-        ret100 = np.mean([ms[d]["Recall@100"] / teacher[d]["Recall@100"] for d in args.datasets])
+        cis = [stats.mean_retention_ci([(records[d]["per_query"][m], teacher_pq[d][m]) for d in args.datasets],
+                                       seed=args.seed) for m in ("NDCG@10", "Recall@100")]  # fmt: skip
+        ret = cis[0]["value"]
         label = "teacher" if model == args.teacher_model else layers_label(model)
-        cells = [label, *[f"{ms[d]['NDCG@10']:.4f}" for d in args.datasets], f"{ret:.3f}", f"{ret100:.3f}"]
+        cells = [label, *[f"{ms[d]['NDCG@10']:.4f}" for d in args.datasets], *map(stats.fmt_ci, cis)]
         for rows in (cpu, gpu) if gpu else (cpu,):
             r = rows.get(model)
             cells += [
@@ -179,12 +196,71 @@ def paper_table(args) -> str:
     return "\n".join(lines) + "\n"
 
 
+def agreement_table(args) -> str:
+    """Label-free agreement beside nDCG@10 retention for every (student, dataset), and how well each agreement
+    measure predicts retention: Spearman's rank correlation (scipy.stats.spearmanr) over all pairs, and a plot."""
+    from scipy.stats import spearmanr
+
+    result = result_names(args.datasets)
+    head = "| student | dataset | training text | retention nDCG@10 [95% CI] | overlap@10 | top-1 in top-10 | query cos |"
+    lines = [head, "|---|---|---|---|---|---|---|"]
+    points = []
+    for model in args.students:
+        for d, name in result.items():
+            teacher = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, name)
+            record = load_retrieval(args.output_path, args.teacher_model, model, d, name)
+            if "agreement" not in record:
+                raise UsageError(f"{model} on {name} has no agreement values; rerun evaluate_retrieval.py")
+            ci = stats.retention_ci(per_query_ndcg(record, name), per_query_ndcg(teacher, name), seed=args.seed)
+            agree = record["agreement"]
+            kind = "in-domain" if record.get("in_domain_text") else "zero-shot"
+            lines.append(f"| {Path(model).parent.name or model} | {name} | {kind} | {stats.fmt_ci(ci)} | "
+                         + " | ".join(stats.fmt_ci(agree[m]) for m in ("overlap@10", "top1_in_top10", "query_cosine"))
+                         + " |")  # fmt: skip
+            points.append((ci["value"], *(agree[m]["value"] for m in ("overlap@10", "top1_in_top10", "query_cosine"))))
+    if len(points) < 3:
+        raise UsageError("the agreement report needs at least 3 (student, dataset) pairs; add students or datasets")
+    ret = [p[0] for p in points]
+    lines += ["", f"Spearman rank correlation with nDCG@10 retention over {len(points)} (student, dataset) pairs:"]
+    for i, m in enumerate(("overlap@10", "top-1 in top-10", "query cosine"), 1):
+        rho, p = spearmanr([q[i] for q in points], ret)
+        lines.append(f"- {m}: rho = {rho:.3f} (p = {p:.2g})")
+    plot = Path(args.output_path) / "agreement_vs_retention.png"
+    plot_agreement(points, plot, f"{args.teacher_model}: {len(args.students)} students x {len(result)} datasets")
+    lines += ["", f"plot: {plot}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_agreement(points, path, title="") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.scatter([p[1] for p in points], [p[0] for p in points], color="tab:blue")
+    ax.set_xlabel("overlap@10 with the teacher's top-10 (no relevance labels)")
+    ax.set_ylabel("nDCG@10 retention (relevance labels)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
+    if args.kind != "agreement" and not args.speed:
+        raise UsageError(f"report.py {args.kind} needs --speed (an evaluate_speed.py JSON)")
     if args.kind == "example":
         if not args.student:
             raise UsageError("report.py example needs --student")
         table = example_table(args)
+    elif args.kind == "agreement":
+        if not args.students:
+            raise UsageError("report.py agreement needs --students")
+        table = agreement_table(args)
     else:
         table = paper_table(args)
     common.write_text(Path(args.output_path) / f"{args.kind}_results.md", table)

@@ -88,4 +88,5 @@ def fmt_ci(ci: dict | None, digits: int = 3) -> str:
         return "-"
     if ci.get("low") is None:
         return f"{ci['value']:.{digits}f}"
-    return f"{ci['value']:.{digits}f} [{ci['low']:.{digits - 1}f}, {ci['high']:.{digits - 1}f}]"
+    bound = max(2, digits - 1)
+    return f"{ci['value']:.{digits}f} [{ci['low']:.{bound}f}, {ci['high']:.{bound}f}]"
