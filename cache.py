@@ -61,14 +61,12 @@ def model_fingerprint(path: str | Path) -> str:
 
 def encoder_settings(model, side: str, max_seq_length: int | None = None) -> dict:
     """The settings that change a model's embeddings on one side (query/document)."""
-    from sentence_transformers.models import Normalize
-
     prompt = model.prompts.get(side) or (model.prompts.get("passage") if side == "document" else None) or ""
     return {
         "side": side,
         "max_seq_length": max_seq_length or model.max_seq_length,
         "prompt": prompt,
-        "normalize": any(isinstance(m, Normalize) for m in model),
+        "normalize": loading.normalizes(model),
         "similarity": loading.similarity_name(model),
     }
 

@@ -273,25 +273,22 @@ def slug(name: str) -> str:
 # ----------------------------------------------------------------------------- run metadata
 
 
-def run_info(args: dict, device: str | None = None) -> dict:
-    """Everything needed to say how a result was made: args, versions, commit, hardware (the GPU named is the one
-    `device` runs on)."""
+def run_info(args: dict, device: str | None = None, argv=None, script: str | None = None) -> dict:
+    """Everything needed to say how a result was made: args, versions, commit and whether the tree had
+    uncommitted changes, hardware (the GPU named is the one `device` runs on), and the command: the arguments
+    given to main (argv), or the process's own when main was called without them."""
     import torch
 
     versions = {"python": platform.python_version()}
     for pkg in ("torch", "transformers", "sentence_transformers", "beir", "faiss", "numpy", "datasets", "onnxruntime"):
         with contextlib.suppress(Exception):
             versions[pkg] = __import__(pkg).__version__
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
     return {
         "args": dict(args),
         "versions": versions,
         "git_commit": commit or None,
+        "git_dirty": None if not commit else bool(dirty),
         "hardware": {
             "cpu": cpu_name(),
             "cpu_count": os.cpu_count(),
@@ -301,8 +298,16 @@ def run_info(args: dict, device: str | None = None) -> dict:
             else None,
             "platform": platform.platform(),
         },
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join(sys.argv if argv is None else [Path(script or sys.argv[0]).name, *map(str, argv)]),
     }
+
+
+def _git(*args) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
 def cpu_name() -> str:

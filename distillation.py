@@ -436,7 +436,7 @@ def main(argv=None) -> dict:
         facts["candidate_seconds"] = round(time.perf_counter() - t0, 2)
     # a label row: [teacher embedding | top-k doc rows (score terms) | pos row, neg row, margin (triples)]
     labels = np.concatenate([labels, top, *([] if extra is None else [extra])], 1)
-    config = common.run_info(vars(args), device)
+    config = common.run_info(vars(args), device, argv, __file__)
     config.update(teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device,
                   world_size=world)  # fmt: skip
     hp = {k: getattr(args, k) for k in ("per_device_train_batch_size", "per_device_eval_batch_size", "learning_rate",

@@ -284,7 +284,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     common.start_run(args.log_level, args.seed, args.output_path)
     device = common.pick_device(args.device)
-    config = common.run_info(vars(args), device)
+    config = common.run_info(vars(args), device, argv, __file__)
     names = list(dict.fromkeys([args.teacher_model, *args.models]))
     paths = {}
 

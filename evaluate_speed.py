@@ -30,6 +30,7 @@ import common
 import data
 import loading
 import serving
+import students
 from common import UsageError, positive_int
 from search import cosine_rows
 
@@ -120,12 +121,10 @@ def callable_for(model, batches, mode: str):
 
     if isinstance(model, Floor):  # the tokenizer alone: the floor of any query path
         return model.encoder.tokenize, batches
-    if isinstance(model, serving.LeanEncoder):
-        if mode == "end_to_end":
-            return (lambda b: model.encode(b, batch_size=len(b))), batches
-        return model.forward, [model.features(b) for b in batches]
-    if mode == "end_to_end":
+    if mode == "end_to_end":  # a SentenceTransformer and an export alike
         return (lambda b: model.encode_query(b, batch_size=len(b))), batches
+    if isinstance(model, serving.LeanEncoder):
+        return model.forward, [model.features(b) for b in batches]
     prompt = model.prompts.get("query") or None  # the same prompt encode_query prepends
     return model, [batch_to_device(model.preprocess(b, prompt=prompt), model.device) for b in batches]
 
@@ -186,7 +185,8 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
 
     for r in rows:
         cos = "-" if r["cosine_vs_fp32"] is None else f"{r['cosine_vs_fp32']:.4f}"
-        lines.append(f"| {r['model']} | {r['layers']} | {r['params'] / 1e6:.1f} | {r['device']} | {r['backend']} | "
+        params = "-" if r["params"] is None else f"{r['params'] / 1e6:.1f}"
+        lines.append(f"| {r['model']} | {r['layers']} | {params} | {r['device']} | {r['backend']} | "
                      f"{r['variant']} | {r['batch_size']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
                      f"{r['queries_per_second']:.0f} | {ratio(r.get('speedup_same_backend'))} | "
                      f"{ratio(r.get('speedup'))} | {cos} |")  # fmt: skip
@@ -194,10 +194,10 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
 
 
 def model_facts(model) -> dict:
-    config = getattr(getattr(model[0], "auto_model", None), "config", None)
-    layers = getattr(config, "num_hidden_layers", getattr(config, "n_layers", None)) if config else 0
+    if isinstance(model, serving.LeanEncoder):  # an exported folder given as a model: the graph's own facts
+        return {"layers": model.meta.get("layers"), "params": model.meta.get("params"), "dim": model.meta["dim"]}
     return {
-        "layers": layers,
+        "layers": students.depth(model),
         "params": int(sum(p.numel() for p in model.parameters())),
         "dim": model.get_embedding_dimension(),
     }
@@ -207,7 +207,8 @@ def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats,
     """One row per (variant, batch size, mode) on one device. variants: (model, backend, variant) ->
     (object to time, the model's torch fp32 embeddings). Speedups: against the reference model's torch fp32
     (what users run today) and against its own row of the same backend and variant."""
-    cosine = {k: None if isinstance(m, Floor) else float(cosine_rows(encode(m, texts), ref).mean())
+    cosine = {k: None if isinstance(m, Floor) or ref is None else
+              float(cosine_rows(m.encode_query(texts, batch_size=64), ref).mean())
               for k, (m, ref) in variants.items()}  # fmt: skip
     rows, today = [], (reference, "torch", "fp32")
     for bs in batch_sizes:
@@ -229,31 +230,12 @@ def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats,
     return rows
 
 
-def encode(model, texts):
-    if isinstance(model, serving.LeanEncoder):
-        return model.encode(texts)
-    return model.encode_query(texts, batch_size=64)
-
-
-def exported(name, path, output_path, texts, int8: bool, num_threads: int) -> dict:
-    """{variant: LeanEncoder} of a model's ONNX Runtime export, made once per model content under output/onnx/.
-
-    A damaged cache entry (an interrupted copy, a truncated graph) is exported again, never trusted."""
-    folder = Path(output_path) / "onnx" / f"{common.slug(name)}-{cache.model_fingerprint(path)}-{serving.export_tag()}"
-
-    def wanted():  # a static student exports one table; a transformer fp32 (and int8)
-        return ["static"] if serving.is_export(folder / "static") else ["fp32"] + (["int8"] if int8 else [])
-
-    def intact(variant):
-        try:
-            return serving.is_export(folder / variant) and bool(serving.check_export(folder / variant))
-        except UsageError as e:
-            logger.warning("rebuilding a damaged cached export: %s", e)
-            return False
-
-    if not all([intact(v) for v in wanted()]):
-        serving.export(path, folder, texts[:200], int8=int8, num_threads=num_threads)
-    return {v: serving.LeanEncoder(folder / v, num_threads=num_threads) for v in wanted()}
+def add_export(variants: dict, name: str, enc, ref_emb) -> None:
+    """An export's rows: its variant (onnx fp32/int8, or the static table in numpy) and the tokenizer-only floor."""
+    variant = enc.meta["variant"]
+    backend = "numpy" if variant == "static" else "onnx"
+    variants[(name, backend, "fp32" if variant == "static" else variant)] = (enc, ref_emb)
+    variants.setdefault((name, "tokenizer only", "-"), (Floor(enc), ref_emb))
 
 
 def main(argv=None) -> dict:
@@ -273,7 +255,11 @@ def main(argv=None) -> dict:
         for i in sorted(np.random.default_rng(args.seed).choice(len(texts), min(args.num_queries, len(texts)), False))
     ]
     paths = {name: loading.resolve_model_path(name, args.data_dir) for name in args.models}  # all checked first
-    base = {name: loading.load_model(name, "cpu", path=paths[name])[0] for name in args.models}
+    exports = {name: serving.LeanEncoder(p, num_threads=args.num_threads) for name, p in paths.items()
+               if serving.is_export(p) and serving.check_export(p)}  # fmt: skip
+    if args.models[0] in exports:
+        raise UsageError(f"the reference {args.models[0]} is an export; give the teacher's torch model first")
+    base = {name: loading.load_model(name, "cpu", path=paths[name])[0] for name in args.models if name not in exports}
     lengths = [len(x) for x in base[args.models[0]].tokenizer(texts)["input_ids"]]
     token_stats = {
         "count": len(lengths),
@@ -292,17 +278,18 @@ def main(argv=None) -> dict:
             for _, variant in [p for p in plan if p[0] == device]:
                 variants[(name, "torch", variant)] = (make_variant(model, device, variant), ref_emb)
             if "onnx" in args.backend and device == "cpu":
-                for variant, enc in exported(
-                    name, paths[name], args.output_path, texts, "int8" in args.quantize, args.num_threads
-                ).items():
-                    backend = "numpy" if variant == "static" else "onnx"
-                    variants[(name, backend, "fp32" if variant == "static" else variant)] = (enc, ref_emb)
-                    variants.setdefault((name, "tokenizer only", "-"), (Floor(enc), ref_emb))
-        facts = {name: model_facts(model) for name, model in base.items()}
+                encoders = serving.cached_export(name, paths[name], args.output_path, texts, "int8" in args.quantize,
+                                                 args.num_threads)  # fmt: skip
+                for variant, enc in encoders.items():
+                    add_export(variants, name, enc, ref_emb)
+        if device == "cpu":  # exported folders given as models: timed as they are (their source is not loaded)
+            for name, enc in exports.items():
+                add_export(variants, name, enc, None)
+        facts = {name: model_facts(model) for name, model in {**base, **exports}.items()}
         rows += device_rows(variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats,
                             max(args.warmup, 1))  # fmt: skip
     result = {
-        "config": common.run_info(vars(args)),
+        "config": common.run_info(vars(args), argv=argv, script=__file__),
         "num_threads": args.num_threads,
         "token_lengths": token_stats,
         "notes": notes,

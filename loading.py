@@ -126,6 +126,13 @@ def similarity_name(model) -> str:
     raise UsageError(f"model similarity {name!r} is not supported; only cosine and dot teachers are")
 
 
+def normalizes(model) -> bool:
+    """Whether a SentenceTransformer ends in a Normalize module (unit-length embeddings): the one place it is read."""
+    from sentence_transformers.models import Normalize
+
+    return any(isinstance(m, Normalize) for m in model)
+
+
 def length_limit(model) -> int | None:
     """The model's max_seq_length in tokens, or None when it has none (a static student's is inf)."""
     n = model.max_seq_length

@@ -25,6 +25,7 @@ import torch
 import common
 import data
 import loading
+import students
 from common import UsageError
 from search import cosine_rows
 
@@ -81,6 +82,35 @@ def check_export(folder) -> dict:
 
 def backend_name(meta: dict) -> str:
     return "numpy static" if meta["variant"] == "static" else f"onnxruntime {meta['variant']}"
+
+
+def export_folder(model_name: str, model_path, output_root) -> Path:
+    """The one place exports live: <output_root>/onnx/<model>-<content fingerprint>-<export recipe tag>/, written
+    by serving.py and read by evaluate_speed.py (and evaluate_retrieval.py takes its variant folders)."""
+    import cache
+
+    return Path(output_root) / "onnx" / f"{common.slug(model_name)}-{cache.model_fingerprint(model_path)}-{export_tag()}"
+
+
+def cached_export(model_name, model_path, output_root, texts, int8: bool, num_threads=None) -> dict:
+    """{variant: LeanEncoder} of a model's export, made once per model content and recipe (export_folder).
+
+    A damaged cache entry (an interrupted copy, a truncated graph) is exported again, never trusted."""
+    folder = export_folder(model_name, model_path, output_root)
+
+    def wanted():  # a static student exports one table; a transformer fp32 (and int8)
+        return ["static"] if is_export(folder / "static") else ["fp32"] + (["int8"] if int8 else [])
+
+    def intact(variant):
+        try:
+            return is_export(folder / variant) and bool(check_export(folder / variant))
+        except UsageError as e:
+            logger.warning("rebuilding a damaged cached export: %s", e)
+            return False
+
+    if not all([intact(v) for v in wanted()]):
+        export(model_path, folder, texts[:200], int8=int8, num_threads=num_threads)
+    return {v: LeanEncoder(folder / v, num_threads=num_threads) for v in wanted()}
 
 
 def _finish(tmp: Path, source: Path, meta: dict, reference, queries, num_threads=None, accept=False) -> dict:
@@ -146,13 +176,14 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
                 "prompt": model.prompts.get("query") or "",
                 "similarity": loading.similarity_name(model), "dim": model.get_embedding_dimension(),
                 "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
-                "pad_id": getattr(tok, "pad_token_id", None) or 0}  # fmt: skip
+                "pad_id": getattr(tok, "pad_token_id", None) or 0, "layers": students.depth(model),
+                "params": int(sum(p.numel() for p in model.parameters()))}  # fmt: skip
     out, written = Path(out), {}
     if isinstance(model[0], StaticEmbedding):
         with common.atomic_dir(out / "static") as tmp:
             np.save(tmp / "table.npy", model[0].embedding.weight.detach().float().numpy())
             model[0].tokenizer.save(str(tmp / "tokenizer.json"))
-            meta = _finish(tmp, path, {**settings, "variant": "static", "normalize": _normalizes(model)}, reference,
+            meta = _finish(tmp, path, {**settings, "variant": "static", "normalize": loading.normalizes(model)}, reference,
                            queries, num_threads, accept)  # fmt: skip
         return {"static": meta}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in tok.model_input_names else [])
@@ -223,12 +254,6 @@ def _fuse(traced: Path, target: Path, config) -> dict:
     return fused
 
 
-def _normalizes(model) -> bool:
-    from sentence_transformers.models import Normalize
-
-    return any(isinstance(m, Normalize) for m in model)
-
-
 class LeanEncoder:
     """The deployed query path of an exported folder: tokenizer -> session or table -> embedding."""
 
@@ -288,6 +313,11 @@ class LeanEncoder:
         """The query side, called as SentenceTransformer.encode_query is (the prompt is added in tokenize)."""
         return self.encode(list(texts), batch_size)
 
+    def encode_document(self, texts, **_) -> np.ndarray:
+        raise UsageError(
+            f"{self.folder} is an exported query encoder; documents stay with the teacher's encoder and its index"
+        )
+
     def encode(self, texts, batch_size: int = 64) -> np.ndarray:
         out = [self.forward(self.features(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.meta["dim"]), np.float32)
@@ -298,7 +328,7 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--model", required=True, help="a saved student (output/RUN/final) or any SentenceTransformer folder")
     add("--queries", required=True, help="real queries for the fidelity check: BEIR name/folder or file")
-    add("--output_path", default=None, help="default: <model>/../onnx")
+    add("--output_path", default=None, help="the export folder (default: output/onnx/<model>-<fingerprint>-<tag>)")
     add("--no_int8", action="store_true", help="skip the int8 variant")
     add("--num_threads", type=common.positive_int, default=None, help="CPU threads (default: ONNX Runtime's)")
     add("--accept_low_fidelity", action="store_true", help=f"keep an export below cosine {MIN_COSINE['fp32']}")
@@ -309,16 +339,16 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = Path(args.output_path or Path(args.model).resolve().parent / "onnx")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output_path {out} is a file; pass a folder (the export writes fp32/ and int8/ in it)")
     if is_export(args.model):
         raise UsageError(f"{args.model} is already an ONNX export; pass the torch model it came from (a final/)")
+    path = loading.resolve_model_path(args.model, args.data_dir)  # a bad path fails before anything is written
+    out = Path(args.output_path or export_folder(args.model, path, "output"))
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output_path {out} is a file; pass a folder (the export writes fp32/ and int8/ in it)")
     common.start_run(args.log_level, 42, out.parent)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     texts = data.query_texts(args.queries, args.data_dir)[:500]
-    loading.resolve_model_path(args.model, args.data_dir)  # a bad path fails before anything is written
     written = export(args.model, out, texts, not args.no_int8, args.num_threads, args.accept_low_fidelity)
     for variant, meta in written.items():
         print(f"{out / variant}: {backend_name(meta)}, cosine to the torch model {meta['cosine_to_torch']:.4f}")

@@ -16,7 +16,6 @@ from torch import nn
 
 import common
 import loading
-from cache import encoder_settings
 from common import UsageError
 
 logger = logging.getLogger("qdistill.students")
@@ -70,6 +69,12 @@ def num_teacher_layers(teacher) -> int:
     return len(find_layers(teacher[0].auto_model)[3])
 
 
+def depth(model) -> int:
+    """Transformer layers of a SentenceTransformer; 0 for a static table."""
+    auto = getattr(model[0], "auto_model", None)
+    return len(find_layers(auto)[3]) if auto is not None else 0
+
+
 def layer_reduced_student(teacher, keep: list[int]):
     """A deep copy of the teacher with only the `keep` transformer layers; config updated so it reloads."""
     total = num_teacher_layers(teacher)
@@ -120,7 +125,7 @@ def pretrained_student(name: str, teacher, device: str, data_dir: str):
     if s_dim != t_dim:
         logger.info("student %s is %d-d, teacher %d-d: adding a Dense projection", name, s_dim, t_dim)
         student.append(models.Dense(s_dim, t_dim, bias=True, activation_function=torch.nn.Identity()).to(device))
-        if encoder_settings(teacher, "query")["normalize"]:
+        if loading.normalizes(teacher):
             student.append(models.Normalize())
     student.prompts = dict(teacher.prompts)  # the student answers for the teacher's query side
     student.similarity_fn_name = teacher.similarity_fn_name
@@ -161,7 +166,7 @@ def static_student(teacher, device: str, batch_size: int = 512):
 
     static = StaticEmbedding(Tokenizer.from_str(tok.backend_tokenizer.to_str()), embedding_weights=table)
     modules = [static]
-    if encoder_settings(teacher, "query")["normalize"]:
+    if loading.normalizes(teacher):
         modules.append(models.Normalize())
     student = SentenceTransformer(modules=modules, device=device, similarity_fn_name=teacher.similarity_fn_name)
     student.prompts = dict(teacher.prompts)

@@ -295,11 +295,11 @@ def test_export_folder_holds_one_model_and_damaged_exports_are_caught(tiny_bert,
 
 def test_damaged_cached_export_is_rebuilt_and_sessions_use_the_thread_count(tiny_bert, tmp_path):
     texts = ["a query about cats", "rocket engines", "bread"]
-    first = es.exported("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
+    first = serving.cached_export("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
     assert first["fp32"].session.get_session_options().intra_op_num_threads == 1
     folder = first["fp32"].folder
     (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes()[:1000])
-    again = es.exported("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
+    again = serving.cached_export("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
     ref = SentenceTransformer(tiny_bert, device="cpu").encode_query(texts)
     assert np.allclose(again["fp32"].encode(texts), ref, atol=1e-4)
 
@@ -393,3 +393,23 @@ def test_export_into_a_copy_keeps_the_record(tiny_bert, tmp_path):
     shutil.copytree(tmp_path / "onnx" / "fp32", tmp_path / "copy")
     rows = evaluate(tiny_bert, [tmp_path / "copy"], [a], tmp_path / "o")
     assert rows[(str(tmp_path / "copy"), "a")]["in_domain_text"]
+
+
+# ----------------------------------------------------------------------------- one export location, one encode call
+
+
+def test_speed_times_an_exported_folder_and_records_the_command_given(tiny_bert, tmp_path):
+    q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i} about topic {i % 3}\n" for i in range(12)))
+    serving.main(["--model", tiny_bert, "--queries", q, "--output_path", str(tmp_path / "onnx"), "--no_int8"])
+    argv = ["--models", tiny_bert, str(tmp_path / "onnx" / "fp32"), "--queries", q, "--num_queries", "4",
+            "--repeats", "1", "--warmup", "1", "--batch_sizes", "1", "--output_path", str(tmp_path), "--num_threads",
+            "1", "--log_level", "error"]  # fmt: skip
+    out = es.main(argv)
+    rows = [r for r in out["results"] if r["model"] == str(tmp_path / "onnx" / "fp32")]
+    assert {r["backend"] for r in rows} == {"onnx", "tokenizer only"} and rows[0]["dim"] == 32
+    assert rows[0]["layers"] == 4 and "speedup" in rows[0]
+    assert out["config"]["command"] == "evaluate_speed.py " + " ".join(argv)
+    assert out["config"]["git_dirty"] in (True, False)
+    # the one export location: serving.cached_export finds what an earlier call wrote, keyed by content
+    first = serving.cached_export("tiny", tiny_bert, tmp_path, ["a", "b"], int8=False)
+    assert serving.export_folder("tiny", tiny_bert, tmp_path) == first["fp32"].folder.parent
