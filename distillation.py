@@ -413,7 +413,6 @@ def main(argv=None) -> dict:
 
     # under torchrun every rank labels (and indexes) a share of the texts; rank 0 writes the caches
     t0 = time.perf_counter()
-    runs = cache.COUNTERS["label_runs"]
     texts, labels, extra, dev_labels, docs, facts = teacher_targets(teacher, label, inputs.train, inputs.dev,
                                                                     inputs.triples, args.augment, args.seed)  # fmt: skip
     if inputs.score_corpus is not None:
@@ -422,7 +421,8 @@ def main(argv=None) -> dict:
             logger.warning("--score_corpus %s is an evaluation dataset: results on it are in-domain", file.parent)
         docs, _, _ = cache.teacher_index(teacher, args.teacher_model, inputs.teacher_path, corpus, file,
                                          args.output_path)  # fmt: skip
-    facts.update(world_size=world, teacher_label_runs=cache.COUNTERS["label_runs"] - runs,
+    runs = sum(not facts[k] for k in ("train_labels_cached", "dev_labels_cached"))
+    facts.update(world_size=world, teacher_label_runs=runs,
                  label_seconds=round(time.perf_counter() - t0, 1))  # fmt: skip
     # the leak guard's input: which normalised texts trained the student (evaluation counts its queries among them)
     sources = {**inputs.sources, "text_hashes": data.text_hashes(texts)}

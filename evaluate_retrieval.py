@@ -66,7 +66,8 @@ def parse_args(argv=None):
     add("--index", default="flat", choices=["flat", "hnsw", "ivfpq"], help="flat = exact inner product")
     add("--output_path", default="output")
     add("--save_run", action="store_true", help="also write a TREC run file per (model, dataset)")
-    add("--overwrite", action="store_true", help="re-evaluate finished (model, dataset) pairs")
+    add("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
+        help="re-evaluate finished (model, dataset) pairs")  # fmt: skip
     add("--device", default="auto")
     add("--seed", type=int, default=42)
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 
-import cache
 import common
 import data
 import loading
@@ -47,7 +46,8 @@ def parse_args(argv=None):
     add("--queries", required=True, help="BEIR name/folder (its queries) or a query file")
     add("--data_dir", default=common.DATA_DIR)
     add("--num_queries", type=positive_int, default=300, help="queries timed per round (seeded sample)")
-    add("--devices", nargs="+", default=["cpu"], help="cpu and/or cuda; a missing GPU is skipped with a note")
+    add("--device", "--devices", dest="devices", nargs="+", default=["cpu"],
+        help="cpu and/or cuda; a missing GPU is skipped with a note")  # fmt: skip
     add("--batch_sizes", type=positive_int, nargs="+", default=[1, 32])
     add("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"], help="fp16/bf16: GPU")
     add("--quantize", nargs="+", default=["none"], choices=["none", "int8"], help="int8: dynamic, CPU")

@@ -157,14 +157,18 @@ def make_evaluator(dev_texts, dev_labels, batch_size, score=None):
         cand = torch.as_tensor(score["candidates"], dtype=torch.long)
 
     class CachedMSEEvaluator(MSEEvaluator):
+        last = None  # the student's dev embeddings of this evaluation: encoded once, read twice
+
         def embed_inputs(self, model, sentences, **kwargs):
             if model is None:  # the teacher side: already labelled
                 return dev_labels
-            return model.encode_query(sentences, batch_size=self.batch_size, convert_to_numpy=True)
+            self.last = model.encode_query(sentences, batch_size=self.batch_size, convert_to_numpy=True)
+            return self.last
 
         def __call__(self, model, output_path=None, epoch=-1, steps=-1):
+            self.last = None
             metrics = super().__call__(model, output_path, epoch, steps)
-            emb = self.embed_inputs(model, self.target_sentences)
+            emb = self.last if self.last is not None else self.embed_inputs(model, self.target_sentences)
             extra = {f"{self.name}_cosine": float(search.cosine_rows(emb, dev_labels).mean())}
             if score is not None:
                 t_sc, s_sc = candidate_scores(

@@ -13,7 +13,6 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 
 import common
 import data
@@ -30,6 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--datasets", nargs="+", required=True, help="names or folders, as given to evaluate_retrieval.py")
     p.add_argument("--speed", help="evaluate_speed.py JSON (example, paper)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--output_path", default="output")
     return p.parse_args(argv)
 
@@ -251,6 +251,7 @@ def plot_agreement(points, path, title="") -> None:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    common.setup_logging(args.log_level)
     if args.kind != "agreement" and not args.speed:
         raise UsageError(f"report.py {args.kind} needs --speed (an evaluate_speed.py JSON)")
     if args.kind == "example":

@@ -330,6 +330,7 @@ def parse_args(argv=None):
     add("--queries", required=True, help="real queries for the fidelity check: BEIR name/folder or file")
     add("--output_path", default=None, help="the export folder (default: output/onnx/<model>-<fingerprint>-<tag>)")
     add("--no_int8", action="store_true", help="skip the int8 variant")
+    add("--overwrite_output_dir", action="store_true", help="accepted for symmetry: an export always replaces its folder")
     add("--num_threads", type=common.positive_int, default=None, help="CPU threads (default: ONNX Runtime's)")
     add("--accept_low_fidelity", action="store_true", help=f"keep an export below cosine {MIN_COSINE['fp32']}")
     add("--data_dir", default=common.DATA_DIR)

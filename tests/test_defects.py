@@ -7,11 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import MPNET, make_tiny
+from conftest import BUILDS, MPNET, make_tiny
 from sentence_transformers import SentenceTransformer
 from test_retrieval import DOCS, make_beir
 
-import cache
 import common
 import data
 import distillation
@@ -193,11 +192,11 @@ def test_speed_with_nothing_to_time_exits_2(tmp_path, capsys):
 
 def test_model_paths_and_datasets_are_checked_before_any_index(tiny_bert, tmp_path, capsys):
     ds = make_beir(tmp_path / "tiny", DOCS, QUERIES, QRELS)
-    builds = cache.COUNTERS["index_builds"]
+    builds = BUILDS["index"]
     argv = ["--teacher_model", tiny_bert, "--models", str(tmp_path / "typo" / "final"), "--datasets", str(ds),
             "--output_path", str(tmp_path / "out")]  # fmt: skip
     exit_2(er.main, argv, capsys, "does not exist")
-    assert cache.COUNTERS["index_builds"] == builds and not (tmp_path / "out" / "index").exists()
+    assert BUILDS["index"] == builds and not (tmp_path / "out" / "index").exists()
 
 
 def test_messages_name_the_real_problem(tiny_bert, tmp_path, capsys):

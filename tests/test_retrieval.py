@@ -5,7 +5,7 @@ import math
 import random
 
 import pytest
-from conftest import DATA, MINILM, MINILM_LOCAL, needs_data
+from conftest import BUILDS, DATA, MINILM, MINILM_LOCAL, needs_data
 
 import cache
 import common
@@ -77,18 +77,18 @@ def test_identical_ids_are_ignored_unless_judged_relevant_and_before_every_metri
 
 @pytest.mark.slow
 def test_tiny_end_to_end_and_index_cache(tiny_beir, tmp_path):
-    builds = cache.COUNTERS["index_builds"]
+    builds = BUILDS["index"]
     out = run(["--teacher_model", MINILM, "--datasets", str(tiny_beir), "--save_run"], tmp_path)
     row = out["rows"][0]
     assert row["metrics"]["NDCG@10"] == 1.0 and row["metrics"]["MRR@10"] == 1.0
     assert row["num_docs"] == 4 and row["similarity"] == "cosine"
     trec = (tmp_path / "retrieval" / common.slug(MINILM) / common.slug(MINILM) / "tiny.trec").read_text().split("\n")
     assert len([x for x in trec if x]) == 8, "k=100 > 4 docs: faiss -1 padding must be dropped"
-    assert cache.COUNTERS["index_builds"] == builds + 1
+    assert BUILDS["index"] == builds + 1
     run(["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(tiny_beir)], tmp_path)
-    assert cache.COUNTERS["index_builds"] == builds + 1, "a second student must reuse the index"
+    assert BUILDS["index"] == builds + 1, "a second student must reuse the index"
     run(["--teacher_model", MINILM, "--datasets", str(tiny_beir), "--corpus_max_seq_length", "16"], tmp_path)
-    assert cache.COUNTERS["index_builds"] == builds + 2, "a changed max length must rebuild the index"
+    assert BUILDS["index"] == builds + 2, "a changed max length must rebuild the index"
 
 
 def bad_case(tmp_path, capsys, argv, match):
@@ -223,14 +223,13 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
 @pytest.mark.slow
 @needs_data
 def test_approximate_indexes_report_recall_and_are_built_once(scifact_eval, shared_output):
-    import search
 
     for kind, floor in (("hnsw", 0.9), ("ivfpq", 0.3)):
-        builds = search.BUILDS["approximate"]
+        builds = BUILDS["approximate"]
         argv = ["--teacher_model", MINILM, "--datasets", str(DATA / "scifact"), "--index", kind]
         row = run(argv, shared_output)["rows"][0]
         assert row["index"] == kind and floor <= row["approx_recall"]["@10"] <= 1.0, row["approx_recall"]
-        assert search.BUILDS["approximate"] == builds + 1
+        assert BUILDS["approximate"] == builds + 1
         again = run([*argv, "--overwrite"], shared_output)["rows"][0]  # re-evaluated, from the written index
-        assert search.BUILDS["approximate"] == builds + 1, "the second evaluation reads the written index"
+        assert BUILDS["approximate"] == builds + 1, "the second evaluation reads the written index"
         assert again["metrics"] == row["metrics"] and again["approx_recall"] == row["approx_recall"]
