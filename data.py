@@ -1,4 +1,5 @@
-"""Reading what users point the scripts at: query files, BEIR folders, corpora, MS MARCO, Margin-MSE triples.
+"""Reading what users point the scripts at: query files, BEIR folders, corpora and collections; the text
+normalisation that decides when two queries are the same (the leak guard).
 
 Every reader checks its input first and turns a bad file into one line naming the file, the line and the fix.
 """
@@ -9,10 +10,6 @@ import contextlib
 import csv
 import json
 import logging
-import os
-import random
-import tarfile
-import tempfile
 from pathlib import Path
 
 import common
@@ -21,7 +18,6 @@ from common import UsageError
 logger = logging.getLogger("qdistill.data")
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{}.zip"
-MSMARCO_QUERIES_URL = "https://msmarco.z22.web.core.windows.net/msmarcoranking/queries.tar.gz"
 CQADUPSTACK_FORUMS = [
     "android",
     "english",
@@ -121,115 +117,6 @@ def query_texts(spec: str, data_dir: str | Path) -> list[str]:
     if not texts:
         raise UsageError(f"no non-empty queries in {spec}; pass a file or dataset with queries")
     return texts
-
-
-def msmarco_train_queries(data_dir: str | Path) -> Path:
-    """MS MARCO train queries: <data_dir>/msmarco/queries.train.tsv, downloaded once; offline, the local sample."""
-    target = Path(data_dir) / "msmarco" / "queries.train.tsv"
-    if target.exists():
-        return target
-    local = Path(data_dir) / "queries" / "msmarco-train-sample.tsv"
-    try:
-        from beir import util
-
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # nothing half-downloaded stays behind
-            util.download_url(MSMARCO_QUERIES_URL, str(Path(tmp) / "queries.tar.gz"))
-            with tarfile.open(Path(tmp) / "queries.tar.gz") as tar:
-                tar.extract("queries.train.tsv", tmp, filter="data")
-            os.replace(Path(tmp) / "queries.train.tsv", target)
-        return target
-    except Exception as e:  # noqa: BLE001 - any download failure falls back to a local copy
-        if local.exists():
-            logger.warning("MS MARCO download failed (%s); using the local sample %s", e.__class__.__name__, local)
-            return local
-        raise UsageError(
-            f"MS MARCO queries download failed ({e.__class__.__name__}) and no local copy at {local}; "
-            "pass a query file to --train_queries or --data_dir holding queries/"
-        ) from e
-
-
-def train_and_dev_queries(files, dev_file=None, num_dev=1000, max_train=None, seed=42):
-    """(train texts, dev texts); seeded, de-duplicated, dev disjoint from train."""
-    texts = clean_queries(t for f in files for t in read_queries(f).values())
-    if dev_file:
-        dev = clean_queries(read_queries(dev_file).values())
-        dev_keys = {t.lower() for t in dev}
-        texts = [t for t in texts if t.lower() not in dev_keys]  # never train on the validation queries
-    else:
-        idx = list(range(len(texts)))
-        random.Random(seed).shuffle(idx)
-        n_dev = min(num_dev, len(texts) // 10)
-        dev = [texts[i] for i in sorted(idx[:n_dev])]
-        texts = [texts[i] for i in sorted(idx[n_dev:])]
-    if max_train and len(texts) > max_train:
-        texts = random.Random(seed + 1).sample(texts, max_train)
-    if not texts:
-        raise UsageError(
-            f"no training queries left in {[str(f) for f in files]} after dropping empties/duplicates/dev"
-        )
-    if not dev:
-        raise UsageError("no validation queries; pass --dev_queries FILE or more training queries")
-    return texts, dev
-
-
-def augment_queries(texts: list[str], n: int, mask_token: str, seed: int) -> list[str]:
-    """n seeded perturbations per query (EmbedDistill 4.3): mask a word, drop a word, or swap two neighbours."""
-    rng = random.Random(seed)
-    out = []
-    for t in texts:
-        words = t.split()
-        for _ in range(n):
-            w = list(words)
-            op = rng.choice(("mask", "drop", "swap")) if len(w) > 1 else "mask"
-            i = rng.randrange(len(w))
-            if op == "mask":
-                w[i] = mask_token
-            elif op == "drop":
-                del w[i]
-            else:
-                j = i + 1 if i < len(w) - 1 else i - 1
-                w[i], w[j] = w[j], w[i]
-            out.append(" ".join(w))
-    return out
-
-
-def read_triples(path, query_files, collection_file, train_texts, max_n=None, seed=42):
-    """Published Margin-MSE triples -> (query text per triple, passage texts, [pos row, neg row, margin] rows).
-
-    Ids resolve through the query files and the collection (pid<TAB>text); triples whose query is not a
-    training query (a validation query), or whose ids are unknown, are dropped and counted.
-    """
-    path = common.check_file(path, "--margin_triples", "pass pos<TAB>neg<TAB>qid<TAB>pid_pos<TAB>pid_neg triples")
-    id2q = {k: v for f in query_files for k, v in read_queries(f).items()}
-    allowed = {t.lower() for t in train_texts}
-    collection = read_queries(common.check_file(collection_file, "--triples_collection", "pass pid<TAB>text"))
-    rows, queries, pids, dropped = [], [], {}, 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            cols = line.rstrip("\n").split("\t")
-            if len(cols) != 5:
-                raise UsageError(f"{path}:{lineno}: expected pos_score<TAB>neg_score<TAB>qid<TAB>pid_pos<TAB>pid_neg")
-            try:
-                margin = float(cols[0]) - float(cols[1])
-            except ValueError:
-                raise UsageError(f"{path}:{lineno}: scores must be numbers") from None
-            q = " ".join(id2q.get(cols[2], "").split())
-            if q.lower() not in allowed or cols[3] not in collection or cols[4] not in collection:
-                dropped += 1
-                continue
-            for p in cols[3:5]:
-                pids.setdefault(p, len(pids))
-            queries.append(q)
-            rows.append([pids[cols[3]], pids[cols[4]], margin])
-    if dropped:
-        logger.warning("%s: dropped %d triples (validation query or unknown id)", path.name, dropped)
-    if not rows:
-        raise UsageError(f"{path}: no usable triples; check that its ids match --train_queries and the collection")
-    if max_n and len(rows) > max_n:
-        keep = sorted(random.Random(seed).sample(range(len(rows)), max_n))
-        rows, queries = [rows[i] for i in keep], [queries[i] for i in keep]
-    return queries, [collection[p] for p in pids], rows  # pids is insertion-ordered: row i = i-th pid
 
 
 # ----------------------------------------------------------------------------- BEIR data
@@ -386,90 +273,3 @@ def load_corpus(path: str | Path) -> tuple[dict, Path]:
     return corpus, file
 
 
-# ----------------------------------------------------------------------------- document text as training text
-
-
-def corpus_source(spec: str, data_dir: str | Path) -> tuple[dict, Path, set[str]]:
-    """(corpus, corpus file, its evaluation query texts lower-cased) for `corpus:<BEIR folder, name or tsv>`."""
-    name = spec.split(":", 1)[1]
-    path = Path(name)
-    folder = path if path.is_file() else dataset_path(name, data_dir)
-    corpus, file = load_corpus(folder)
-    queries = file.parent / "queries.jsonl" if file.name == "corpus.jsonl" else None
-    held_out = (
-        {" ".join(q.split()).lower() for q in read_queries(queries).values()}
-        if queries and queries.is_file()
-        else set()
-    )
-    return corpus, file, held_out
-
-
-def sample_spans(
-    corpus: dict, n: int, lengths: list[int], seed: int, title_share: float = 0.3, exclude=()
-) -> list[str]:
-    """n distinct query-like texts from documents: titles (title_share of them) and word windows.
-
-    Window lengths are drawn from `lengths` (word counts of real queries); half the windows start at a
-    sentence start, as queries rarely begin mid-sentence. Texts in `exclude` (lower-cased: evaluation and
-    validation queries) are never returned. Seeded: the same arguments give the same texts.
-    """
-    rng = random.Random(seed)
-    ids = sorted(corpus)
-    seen, out = set(exclude), []
-    for _ in range(20 * n):
-        if len(out) == n:
-            break
-        doc = corpus[ids[rng.randrange(len(ids))]]
-        title = " ".join((doc.get("title") or "").split())
-        words = doc.get("text", "").split()
-        if title and (rng.random() < title_share or not words):
-            text = title
-        elif words:
-            size = min(len(words), rng.choice(lengths))
-            starts = [0] + [i + 1 for i, w in enumerate(words[:-1]) if w.endswith((".", "?", "!"))]
-            start = rng.choice(starts) if rng.random() < 0.5 else rng.randrange(len(words))
-            start = min(start, len(words) - size)
-            text = " ".join(words[start : start + size])
-        else:
-            continue
-        if text and text.lower() not in seen:
-            seen.add(text.lower())
-            out.append(text)
-    return out
-
-
-def training_texts(query_files, corpora, dev_file=None, num_dev=1000, max_train=None, corpus_share=0.5, seed=42,
-                   span_words=None, title_share=0.3):  # fmt: skip
-    """(train texts, dev texts, texts per source): real queries mixed with document text.
-
-    corpora: (name, corpus, held-out query texts) per `corpus:` source. max_train counts all training texts;
-    a corpus_share of them are sampled from the corpora (split evenly), the rest are queries. Without
-    max_train, all queries are used and spans are added in proportion. Span lengths follow the training
-    queries' word counts (or span_words = (min, max)); no span equals a validation or evaluation query.
-    """
-    share = corpus_share if corpora else 0.0
-    if not query_files and not max_train:
-        raise UsageError("training on document text alone needs --max_train_queries N (how many texts to sample)")
-    train, dev, counts = [], [], {}
-    if query_files:
-        n_queries = None if max_train is None else max(1, round(max_train * (1 - share)))
-        train, dev = train_and_dev_queries(query_files, dev_file, num_dev, n_queries, seed)
-        counts["queries"] = len(train)
-    elif dev_file:
-        dev = clean_queries(read_queries(dev_file).values())
-    n_spans = (max_train - len(train)) if max_train else round(len(train) * share / (1 - share))
-    lengths = list(range(span_words[0], span_words[1] + 1)) if span_words else None
-    lengths = lengths or [min(max(len(t.split()), 2), 32) for t in train] or list(range(4, 17))
-    exclude = {t.lower() for t in train + dev}
-    hold_out = not dev  # document text alone and no --dev_queries: validation spans are held out of the sample
-    for i, (name, corpus, held_out) in enumerate(corpora):
-        n = n_spans // len(corpora) + (i < n_spans % len(corpora))
-        k = num_dev // len(corpora) if hold_out else 0
-        spans = sample_spans(corpus, n + k, lengths, seed + 17 * (i + 1), title_share, exclude | held_out)
-        dev, spans = dev + spans[:k], spans[k:]
-        exclude |= {s.lower() for s in spans}
-        train += spans
-        counts[name] = len(spans)
-    if not train or not dev:
-        raise UsageError("no training or validation texts left; pass more queries, a corpus, or --dev_queries FILE")
-    return train, dev, counts

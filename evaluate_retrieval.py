@@ -38,6 +38,7 @@ import loading
 import metrics
 import serving
 import stats
+import training_text
 from common import UsageError, positive_int
 from metrics import evaluate  # noqa: F401 - part of this script's interface (tests, notebooks)
 from search import build_faiss, cached_faiss, check_index_size, search, unit
@@ -111,7 +112,7 @@ def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, s
         raise UsageError(
             f"{folder} has no relevance labels and no queries; pass --queries FILE (a query log) or --pseudo_queries N"
         )
-    spans = data.sample_spans(corpus, 2 * args.pseudo_queries, list(range(3, 13)), args.seed + 5)
+    spans = training_text.sample_spans(corpus, 2 * args.pseudo_queries, list(range(3, 13)), args.seed + 5)
     seen = trained()  # every evaluated student's training-text hashes
     spans = [s for s in spans if data.text_hashes([s])[0] not in seen][: args.pseudo_queries]
     return {f"pseudo-{i}": s for i, s in enumerate(spans)}

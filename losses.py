@@ -2,13 +2,14 @@
 
 Embedding terms (mse, cosine) match the teacher's query embedding; score terms (kl, margin_mse) match the
 teacher's scores over documents of a --score_corpus (EmbedDistill's score matching, Margin-MSE).
-The teacher's top-k documents per query are fixed, so they are computed once, before training, and ride
-along in each row's label: [teacher embedding (dim) | top-k doc rows (k) | pos row, neg row, margin (triples)].
+The teacher's top-k documents per query are fixed, so they are computed once, before training, and kept by the
+loss as int64 arrays (ScoreTargets); each training row's label is [teacher embedding (dim) | its row index].
 """
 
 from __future__ import annotations
 
 import argparse
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -18,6 +19,15 @@ from torch import nn
 import search
 
 EMBED_TERMS, SCORE_TERMS = ("mse", "cosine"), ("kl", "margin_mse")
+
+
+class ScoreTargets(NamedTuple):
+    """Per training row, fixed before training: its teacher top-k document rows (column 0 = the teacher's top-1),
+    and for published triples the (positive, negative) document rows and the file's margin."""
+
+    top: np.ndarray  # int64, (rows, k); k = 0 when no term needs it
+    pairs: np.ndarray | None  # int64, (rows, 2)
+    margins: np.ndarray | None  # float32, (rows,)
 
 
 def parse_loss(spec: str) -> dict[str, float]:
@@ -67,7 +77,7 @@ class QueryDistillLoss(nn.Module):
         docs=None,
         similarity="cosine",
         temperature=0.05,
-        top_k=0,
+        targets: ScoreTargets | None = None,
         negatives=32,
         seed=42,
         margin_scale=1.0,
@@ -79,7 +89,15 @@ class QueryDistillLoss(nn.Module):
         self.__dict__["teacher_encoder"] = teacher[0].eval() if teacher is not None and token_weight else None
         self.token_weight = token_weight
         self.model, self.weights, self.dim, self.similarity = model, weights, dim, similarity
-        self.temperature, self.top_k, self.negatives, self.margin_scale = temperature, top_k, negatives, margin_scale
+        self.temperature, self.negatives, self.margin_scale = temperature, negatives, margin_scale
+        self.targets = None
+        if targets is not None:  # int64 document rows: exact for any corpus size
+            self.targets = ScoreTargets(
+                torch.as_tensor(targets.top, dtype=torch.long),
+                None if targets.pairs is None else torch.as_tensor(targets.pairs, dtype=torch.long),
+                None if targets.margins is None else torch.as_tensor(targets.margins, dtype=torch.float32),
+            )
+        self.top_k = 0 if targets is None else int(targets.top.shape[1])
         self.docs = None if docs is None else torch.as_tensor(np.asarray(docs), dtype=torch.float32)
         if self.docs is not None and similarity == "cosine":
             self.docs = F.normalize(self.docs, dim=-1)
@@ -90,8 +108,12 @@ class QueryDistillLoss(nn.Module):
         out = self.model(dict(features))
         s = out["sentence_embedding"]
         t = labels[:, : self.dim].to(s.dtype)
-        top = labels[:, self.dim : self.dim + self.top_k].long()
-        triple = labels[:, self.dim + self.top_k :]
+        top, pairs, margins = torch.zeros((len(s), 0), dtype=torch.long, device=s.device), None, None
+        if self.targets is not None:  # the label's last column is the training row (exact below 2^24 rows)
+            row = labels[:, self.dim].round().long().cpu()
+            top = self.targets.top[row].to(s.device)
+            if self.targets.pairs is not None:
+                pairs, margins = self.targets.pairs[row].to(s.device), self.targets.margins[row].to(s.device)
         terms = {}
         if "mse" in self.weights:
             terms["mse"] = F.mse_loss(s, t)
@@ -99,7 +121,7 @@ class QueryDistillLoss(nn.Module):
             terms["cosine"] = (1 - F.cosine_similarity(s, t, dim=-1)).mean()
         if self.docs is not None:
             self.docs = self.docs.to(s.device)
-        if "kl" in self.weights or ("margin_mse" in self.weights and triple.shape[1] == 0):
+        if "kl" in self.weights or ("margin_mse" in self.weights and pairs is None):
             rand = torch.randint(0, len(self.docs), (len(s), self.negatives), generator=self.gen).to(s.device)
             t_sc, s_sc = candidate_scores(self.docs, torch.cat([top, rand], 1), s, t, self.similarity == "cosine")
             if "kl" in self.weights:
@@ -107,11 +129,11 @@ class QueryDistillLoss(nn.Module):
             if "margin_mse" in self.weights:  # the teacher's own margin: top-1 vs a sampled candidate
                 j = torch.randint(1, t_sc.shape[1], (len(s), 1), generator=self.gen).to(s.device)
                 terms["margin_mse"] = F.mse_loss(s_sc[:, :1] - s_sc.gather(1, j), t_sc[:, :1] - t_sc.gather(1, j))
-        if "margin_mse" in self.weights and triple.shape[1] == 3:  # published triples: the file's margins
-            pos, neg = self.docs[triple[:, 0].long()], self.docs[triple[:, 1].long()]
+        if "margin_mse" in self.weights and pairs is not None:  # published triples: the file's margins
+            pos, neg = self.docs[pairs[:, 0]], self.docs[pairs[:, 1]]
             s_n = F.normalize(s, dim=-1) if self.similarity == "cosine" else s
             margin = (s_n * pos).sum(-1) - (s_n * neg).sum(-1)
-            terms["margin_mse"] = F.mse_loss(margin, triple[:, 2].to(s.dtype) * self.margin_scale)
+            terms["margin_mse"] = F.mse_loss(margin, margins.to(s.dtype) * self.margin_scale)
         loss = sum(self.weights[k] * v for k, v in terms.items())
         if self.teacher_encoder is not None:  # last-layer token states, masked to real tokens
             with torch.no_grad():
@@ -187,10 +209,10 @@ def score_targets(train_emb, dev_emb, docs, top_k, negatives, similarity, temper
     are found once here (faiss, chunked), not on every step; dev queries also get fixed random negatives.
     train_top=False (Margin-MSE on published triples: the file names the documents) skips the training queries."""
     cosine, k = similarity == "cosine", min(top_k, len(docs))
-    if train_top:  # float32 in the label row: exact ids up to 2**24 docs
-        top = search.exact_top_k(train_emb, docs, k, cosine).astype(np.float32)
+    if train_top:
+        top = search.exact_top_k(train_emb, docs, k, cosine).astype(np.int64)
     else:
-        top = np.zeros((len(train_emb), 0), np.float32)
+        top = np.zeros((len(train_emb), 0), np.int64)
     dev_rand = np.random.default_rng(seed).integers(0, len(docs), (len(dev_emb), negatives))
     dev_cand = np.concatenate([search.exact_top_k(dev_emb, docs, k, cosine), dev_rand], 1)
     return top, {"docs": docs, "candidates": dev_cand, "similarity": similarity, "temperature": temperature}

@@ -11,6 +11,15 @@ paper: mse, lr 1e-4, batch 128, warm-up 1000 steps, one epoch, random batches, t
 
 from __future__ import annotations
 
+import json
+import logging
+from pathlib import Path
+
+import cache
+import loading
+
+logger = logging.getLogger("qdistill.recipes")
+
 RECIPES = {
     "best": {
         "loss": {"cosine": 1.0},
@@ -48,3 +57,36 @@ def resolve(args, student_init: str) -> None:
             setattr(args, key, value)
     if student_init == "static" and "freeze_embeddings" not in args.explicit_flags:
         args.freeze_embeddings = False
+
+
+NOT_RECIPE = {"explicit_flags", "log_level", "overwrite_output_dir", "skip_finished", "resume_from_checkpoint", "push_to_hub",
+              "hub_model_id", "label_batch_size", "label_devices", "per_device_eval_batch_size", "output_path",
+              "data_dir", "device", "run_name", "teacher_model", "train_queries", "score_corpus", "dev_queries",
+              "margin_triples", "triples_collection", "save_asymmetric"}  # fmt: skip
+
+
+def fingerprint(args, sources: dict, teacher_path: Path, init: str) -> dict:
+    """Everything that makes the student: the flags that change training, and the content (not the names) of the
+    teacher, the training text sources, the validation queries and the triples. Equal recipes, equal students."""
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
+    files = {"dev_queries": args.dev_queries, "margin_triples": args.margin_triples}
+    return json.loads(json.dumps({
+        "flags": flags,
+        "student_init": init if init in ("layer_reduction", "static") else cache.model_fingerprint(
+            loading.resolve_model_path(init, args.data_dir)),
+        "teacher_fingerprint": cache.model_fingerprint(teacher_path),
+        "sources": sources,
+        **{k: cache.sha256_file(v) if v else None for k, v in files.items()},
+    }, sort_keys=True, default=str))  # fmt: skip
+
+
+def finished_with(run_dir: Path, wanted: dict) -> bool:
+    """A run folder holds a finished student (final/, metrics.json) made by exactly this recipe."""
+    try:
+        done = json.loads((run_dir / "metrics.json").read_text())["config"].get("recipe")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return False
+    if (run_dir / "final" / "modules.json").is_file() and done == wanted:
+        return True
+    logger.info("%s holds a run of another recipe (or an unfinished one): it is trained again", run_dir)
+    return False

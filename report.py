@@ -13,7 +13,6 @@ import json
 import re
 from pathlib import Path
 
-
 import common
 import data
 import stats

@@ -9,7 +9,6 @@ import numpy as np
 import common
 
 
-
 def unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)

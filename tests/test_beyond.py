@@ -16,6 +16,7 @@ import evaluate_retrieval as er
 import loading
 import losses
 import students
+import training_text
 
 
 def distill(out, run, *extra):
@@ -37,8 +38,8 @@ def test_loss_spec_parsing():
 
 def test_augment_is_seeded_and_perturbs():
     texts = ["what is the capital of france", "cats"]
-    a = data.augment_queries(texts, 3, "[MASK]", seed=1)
-    assert a == data.augment_queries(texts, 3, "[MASK]", seed=1) and len(a) == 6
+    a = training_text.augment_queries(texts, 3, "[MASK]", seed=1)
+    assert a == training_text.augment_queries(texts, 3, "[MASK]", seed=1) and len(a) == 6
     assert all(v != texts[i // 3] for i, v in enumerate(a[:3]))
     assert a[3:] == ["[MASK]"] * 3  # one-word queries can only be masked
 

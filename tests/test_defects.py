@@ -282,8 +282,14 @@ def test_score_candidates_are_computed_once_and_the_evaluator_leaves_the_loss_al
 
     student = SentenceTransformer(tiny_bert, device="cpu")
     docs = np.random.default_rng(0).normal(size=(6, 32)).astype(np.float32)
-    loss = losses.QueryDistillLoss(student, {"kl": 1.0}, 32, docs=docs, top_k=2, negatives=2)
+    top = np.array([[5, 1], [2, 3], [4, 0]], np.int64)
+    loss = losses.QueryDistillLoss(student, {"kl": 1.0}, 32, docs=docs, targets=losses.ScoreTargets(top, None, None),
+                                   negatives=2)  # fmt: skip
+    assert loss.targets.top.dtype == torch.long, "document rows stay integers, never floats beside the embeddings"
     labels = np.random.default_rng(1).normal(size=(3, 32)).astype(np.float32)
+    rows = torch.as_tensor(np.concatenate([labels, [[2.0], [0.0], [1.0]]], 1))  # [embedding | training row]
+    value = loss([student.tokenize(["a", "b", "c"])], rows)
+    assert value.ndim == 0 and torch.isfinite(value)
     score = {"docs": docs, "candidates": np.zeros((3, 4), int), "similarity": "cosine", "temperature": 0.05}
     evaluator = losses.make_evaluator(["a", "b", "c"], labels, 8, score)
     state = loss.gen.get_state().clone()

@@ -13,6 +13,7 @@ import common
 import data
 import distillation
 import students
+import training_text
 from common import UsageError
 
 
@@ -145,11 +146,11 @@ def test_refuses_to_overwrite_and_projection_student(tiny_bert, tmp_path):
 
 def test_held_out_dev_is_disjoint_and_seeded(tmp_path):
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i}\n" for i in range(200)))
-    train, dev = data.train_and_dev_queries([queries], num_dev=20, max_train=50, seed=42)
+    train, dev = training_text.train_and_dev_queries([queries], num_dev=20, max_train=50, seed=42)
     assert len(dev) == 20 and len(train) == 50 and not set(train) & set(dev)
-    assert (train, dev) == data.train_and_dev_queries([queries], num_dev=20, max_train=50, seed=42)
+    assert (train, dev) == training_text.train_and_dev_queries([queries], num_dev=20, max_train=50, seed=42)
     dev_file = write(tmp_path / "dev.tsv", "a\tquery 1\nb\tquery 2\n")
-    train, dev = data.train_and_dev_queries([queries], dev_file=dev_file)
+    train, dev = training_text.train_and_dev_queries([queries], dev_file=dev_file)
     assert dev == ["query 1", "query 2"] and "query 1" not in train and len(train) == 198
 
 

@@ -11,20 +11,21 @@ from test_retrieval import DOCS, make_beir
 import data
 import distillation
 import evaluate_retrieval as er
+import training_text
 
 
 @needs_data
 def test_spans_are_seeded_query_like_and_never_evaluation_queries():
-    corpus, _, held_out = data.corpus_source(f"corpus:{DATA / 'scifact'}", DATA)
+    corpus, _, held_out = training_text.corpus_source(f"corpus:{DATA / 'scifact'}", DATA)
     queries = list(data.read_queries(DATA / "queries" / "msmarco-train-sample.tsv").values())[:5000]
     lengths = [len(q.split()) for q in queries]
     # one SciFact query copied into a document's title: the sampler must never hand it back
     doc_id = sorted(corpus)[0]
     evaluation_query = next(iter(data.read_queries(DATA / "scifact" / "queries.jsonl").values()))
     corpus[doc_id] = {**corpus[doc_id], "title": evaluation_query}
-    spans = data.sample_spans(corpus, 3000, lengths, seed=7, exclude=held_out)
-    assert spans == data.sample_spans(corpus, 3000, lengths, seed=7, exclude=held_out)
-    assert spans != data.sample_spans(corpus, 3000, lengths, seed=8, exclude=held_out)
+    spans = training_text.sample_spans(corpus, 3000, lengths, seed=7, exclude=held_out)
+    assert spans == training_text.sample_spans(corpus, 3000, lengths, seed=7, exclude=held_out)
+    assert spans != training_text.sample_spans(corpus, 3000, lengths, seed=8, exclude=held_out)
     assert len(spans) == 3000 == len({s.lower() for s in spans})
     assert not {s.lower() for s in spans} & held_out and evaluation_query.lower() in held_out
     windows = [len(s.split()) for s in spans]
@@ -34,14 +35,14 @@ def test_spans_are_seeded_query_like_and_never_evaluation_queries():
 
 def test_mixed_training_text_counts_and_dev_disjoint(tmp_path):
     folder = make_beir(tmp_path / "tiny", DOCS, QUERIES, QRELS)
-    corpus, _, held_out = data.corpus_source(f"corpus:{folder}", tmp_path)
+    corpus, _, held_out = training_text.corpus_source(f"corpus:{folder}", tmp_path)
     qfile = queries_file(tmp_path, 200)
-    train, dev, counts = data.training_texts([qfile], [("corpus:tiny", corpus, held_out)], num_dev=20, max_train=60,
+    train, dev, counts = training_text.training_texts([qfile], [("corpus:tiny", corpus, held_out)], num_dev=20, max_train=60,
                                              corpus_share=0.1, seed=1)  # fmt: skip
     assert counts["queries"] == 54 and counts["corpus:tiny"] <= 6 and len(train) == 54 + counts["corpus:tiny"]
     assert not {t.lower() for t in train} & ({d.lower() for d in dev} | held_out)
     with pytest.raises(data.UsageError, match="needs --max_train_queries"):
-        data.training_texts([], [("corpus:tiny", corpus, held_out)])
+        training_text.training_texts([], [("corpus:tiny", corpus, held_out)])
 
 
 def test_results_name_training_text_and_mark_in_domain(tiny_bert, tmp_path):

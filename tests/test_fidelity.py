@@ -20,6 +20,7 @@ import recipes
 import report
 import serving
 import stats
+import training_text
 
 MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}") for i in range(40)}}
 MANY_QUERIES = {f"q{i}": f"{w} question {i}" for i, w in enumerate(["cat", "rocket", "bread", "lava"] * 6)}
@@ -165,7 +166,7 @@ def test_label_free_collection_with_a_query_log_and_with_pseudo_queries(tmp_path
 def test_pseudo_queries_are_never_a_students_training_text(tiny_bert, tmp_path):
     folder = make_beir(tmp_path / "c", MORE_DOCS, QUERIES, QRELS)
     corpus, _ = data.load_corpus(folder)
-    spans = data.sample_spans(corpus, 30, list(range(3, 13)), 42 + 5)  # what --pseudo_queries 15 draws from
+    spans = training_text.sample_spans(corpus, 30, list(range(3, 13)), 42 + 5)  # what --pseudo_queries 15 draws from
     lines = [f"{i}\tquery number {i}\n" for i in range(60)] + [f"s{i}\t{s}\n" for i, s in enumerate(spans[:15])]
     qfile = write(tmp_path / "q.tsv", "".join(lines))
     run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1",
