@@ -95,7 +95,9 @@ def encode_sharded(encode, texts: list[str]) -> np.ndarray:
     import torch.distributed as dist
 
     dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    part = torch.as_tensor(np.asarray(encode(texts[rank::world]), dtype=np.float32)).reshape(len(texts[rank::world]), -1)
+    part = torch.as_tensor(np.asarray(encode(texts[rank::world]), dtype=np.float32)).reshape(
+        len(texts[rank::world]), -1
+    )
     shapes = [torch.zeros(2, dtype=torch.long, device=dev) for _ in range(world)]
     dist.all_gather(shapes, torch.tensor(part.shape, dtype=torch.long, device=dev))
     dim, rows = max(int(s[1]) for s in shapes), -(-len(texts) // world)  # a rank with no texts has no width
@@ -139,17 +141,16 @@ def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, ba
     pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
     try:
         with loading.max_length(teacher, max_seq_length), torch.inference_mode():
-            emb = encode_sharded(lambda t: teacher.encode_query(t, batch_size=batch_size, pool=pool,
-                                                                show_progress_bar=True), texts)  # fmt: skip
+            emb = encode_sharded(
+                lambda t: teacher.encode_query(t, batch_size=batch_size, pool=pool, show_progress_bar=True), texts
+            )
     finally:
         if pool is not None:
             teacher.stop_multi_process_pool(pool)
     secs = time.perf_counter() - t0
     rank, world = common.rank_world()
     if rank == 0:  # one writer: meta and the .npy first, the texts last (their presence means complete)
-        logger.info(
-            "labelled %d texts in %.1fs (%.0f/s, %d process(es))", len(texts), secs, len(texts) / secs, world
-        )
+        logger.info("labelled %d texts in %.1fs (%.0f/s, %d process(es))", len(texts), secs, len(texts) / secs, world)
         common.write_json(folder / "key.json", key)
         common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
         # fp32, as the fresh run trains on: a rerun from the cache trains on the very same targets
@@ -230,8 +231,12 @@ def build_index(teacher, ids, texts, folder, key, name, max_seq_length, batch_si
                 for start in range(0, len(ids), chunk_size):
                     rows = order[start : start + chunk_size]
                     with torch.inference_mode(), loading.max_length(teacher, max_seq_length):
-                        out = encode_sharded(lambda t: teacher.encode_document(t, batch_size=batch_size, pool=pool,
-                                             show_progress_bar=False), [texts[i] for i in rows])  # fmt: skip
+                        out = encode_sharded(
+                            lambda t: teacher.encode_document(
+                                t, batch_size=batch_size, pool=pool, show_progress_bar=False
+                            ),
+                            [texts[i] for i in rows],
+                        )
                     if main:
                         emb[rows] = out
                     bar.update(len(rows))
@@ -239,8 +244,13 @@ def build_index(teacher, ids, texts, folder, key, name, max_seq_length, batch_si
                 emb.flush()
                 del emb
                 secs = time.perf_counter() - t0
-                meta = {"key": key, "num_docs": len(ids), "dim": dim, "encode_seconds": round(secs, 2),
-                        "docs_per_second": round(len(ids) / secs, 2)}  # fmt: skip
+                meta = {
+                    "key": key,
+                    "num_docs": len(ids),
+                    "dim": dim,
+                    "encode_seconds": round(secs, 2),
+                    "docs_per_second": round(len(ids) / secs, 2),
+                }
                 common.write_json(tmp / "ids.json", ids)
                 common.write_json(tmp / "meta.json", meta)
     finally:

@@ -169,8 +169,9 @@ def expand_datasets(names, data_dir, allow_files=False) -> list[tuple[str, Path,
             out += [(f"cqadupstack-{f}", root / f, "cqadupstack") for f in CQADUPSTACK_FORUMS]
             continue
         out.append((None, dataset_path(name, data_dir), None))
-    shown = display_names([(folder.parent.name if folder.is_file() else folder.name) if d is None else d
-                           for d, folder, _ in out])  # fmt: skip
+    shown = display_names(
+        [(folder.parent.name if folder.is_file() else folder.name) if d is None else d for d, folder, _ in out]
+    )
     return [(d, folder, group) for d, (_, folder, group) in zip(shown, out)]
 
 
@@ -234,8 +235,11 @@ def load_beir(folder: str | Path, split: str = "test"):
             f"{qrels_file}: no judged queries left (ids match no query/document, or no score > 0); check the file"
         )
     queries = {q: all_queries[q] for q in clean}
-    stats = {"unknown_qrels_queries": unknown_q, "unknown_qrels_docs": unknown_d,
-             "queries_without_positive": len(no_positive)}  # fmt: skip
+    stats = {
+        "unknown_qrels_queries": unknown_q,
+        "unknown_qrels_docs": unknown_d,
+        "queries_without_positive": len(no_positive),
+    }
     return corpus, queries, clean, stats
 
 
@@ -271,5 +275,3 @@ def load_corpus(path: str | Path) -> tuple[dict, Path]:
     if not corpus:
         raise UsageError(f"corpus {file} holds no documents")
     return corpus, file
-
-

@@ -26,14 +26,13 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
-
 import cache
 import common
 import data
 import loading
 import losses
 import recipes
+import runs
 import students
 import trainer
 import training_text
@@ -61,8 +60,12 @@ def _model_flags(p) -> None:
     add("--layer_strategy", default="top_bottom", choices=students.STRATEGIES)
     add("--student_model_init_list", nargs="+", default=[], help="pretrained students: one <run_name>/<student> each")
     add("--student_dropout", type=float, default=None, help="default: the recipe's (best: 0; paper: the teacher's)")
-    add("--freeze_embeddings", action=argparse.BooleanOptionalAction, default=None,
-        help="keep the token embeddings fixed (cheaper steps); default: the recipe's (best: on)")  # fmt: skip
+    add(
+        "--freeze_embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the token embeddings fixed (cheaper steps); default: the recipe's (best: on)",
+    )
 
 
 def _data_flags(p) -> None:
@@ -100,9 +103,13 @@ def _objective_flags(p) -> None:
 
 def _training_flags(p) -> None:
     add = p.add_argument_group("training (unset: the recipe's value)").add_argument
-    add("--recipe", default="best", choices=sorted(recipes.RECIPES),
+    add(
+        "--recipe",
+        default="best",
+        choices=sorted(recipes.RECIPES),
         help="best: the recipe measured best here (cosine, lr 1e-3, batch 64, 4 epochs, frozen embeddings,\n"
-        "dropout 0, grouped batches); paper: mse, lr 1e-4, batch 128, warm-up 1000, 1 epoch")  # fmt: skip
+        "dropout 0, grouped batches); paper: mse, lr 1e-4, batch 128, warm-up 1000, 1 epoch",
+    )
     add("--per_device_train_batch_size", "--train_batch_size", type=positive_int, default=None)
     add("--per_device_eval_batch_size", "--eval_batch_size", type=positive_int, default=128)
     add("--learning_rate", type=positive, default=None)
@@ -110,8 +117,12 @@ def _training_flags(p) -> None:
     add("--num_train_epochs", type=positive, default=None)
     add("--adam_epsilon", type=positive, default=1e-6)
     add("--weight_decay", type=float, default=0.01)
-    add("--group_by_length", action=argparse.BooleanOptionalAction, default=None,
-        help="batches of similar token length (less padding); --no-group_by_length: random batches")  # fmt: skip
+    add(
+        "--group_by_length",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batches of similar token length (less padding); --no-group_by_length: random batches",
+    )
     add("--eval_steps", type=positive_int, default=500)
     add("--logging_steps", type=positive_int, default=50)
     add("--save_total_limit", type=positive_int, default=2)
@@ -128,8 +139,11 @@ def _output_flags(p) -> None:
     add("--output_path", default="output")
     add("--run_name", default=None, help="default: derived from teacher and student")
     add("--overwrite_output_dir", action="store_true")
-    add("--skip_finished", action="store_true",
-        help="keep a run whose final/ was made by the same recipe (flags and data content); retrain others")  # fmt: skip
+    add(
+        "--skip_finished",
+        action="store_true",
+        help="keep a run whose final/ was made by the same recipe (flags and data content); retrain others",
+    )
     add("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' (newest complete one)")
     add("--save_asymmetric", action="store_true", help="also save <run>/asymmetric: student queries, teacher docs")
     add("--push_to_hub", action="store_true")
@@ -171,45 +185,6 @@ def _validate(p, args) -> None:
         p.error("--warmup_steps must be >= 0")
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint: trainer_state.json is written last, so a killed save has none."""
-    done = [c for c in folder.glob("checkpoint-*") if (c / "trainer_state.json").is_file() and c.name[11:].isdigit()]
-    return max(done, key=lambda c: int(c.name[11:]), default=None)
-
-
-def resume_point(run_dir: Path, resume: str | None) -> str | None:
-    if resume is None:
-        return None
-    path = latest_checkpoint(run_dir / "checkpoints") if resume == "latest" else Path(resume)
-    if path is None:
-        raise UsageError(f"no complete checkpoint under {run_dir / 'checkpoints'}; drop --resume_from_checkpoint")
-    if not (path / "trainer_state.json").is_file():
-        raise UsageError(f"--resume_from_checkpoint {path} is not a complete checkpoint (no trainer_state.json)")
-    return str(path)
-
-
-def run_names(init: str, inits: list[str], run_name: str | None, teacher: str, layers: list[int] | None) -> list:
-    """(student init, run folder name) per student: <run_name>/<student> for pretrained ones, unique names."""
-    teacher = common.slug(Path(teacher).name)
-    if init != "pretrained":
-        default = f"{teacher}-static" if init == "static" else f"{teacher}-L{'-'.join(map(str, layers or []))}"
-        return [(init, run_name or default)]
-    names = [common.slug(Path(m).name) for m in inits]
-    names = [n if names[:i].count(n) == 0 else f"{n}~{names[:i].count(n) + 1}" for i, n in enumerate(names)]
-    return [(m, f"{run_name or teacher + '-pretrained'}/{n}") for m, n in zip(inits, names)]
-
-
-def plan_runs(names, output_path, overwrite: bool, resume: str | None, skip: bool = False) -> list[dict]:
-    """One entry per student: its run folder (refused when it holds another run) and its resume point."""
-    plans = []
-    for init, name in names:
-        run_dir = Path(output_path) / name
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not (overwrite or resume or skip):
-            raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
-        plans.append({"init": init, "run_dir": run_dir, "resume": resume_point(run_dir, resume)})
-    return plans
-
-
 class Inputs(NamedTuple):
     """What check_inputs read and resolved, before any model loads."""
 
@@ -230,16 +205,22 @@ def check_inputs(args, device: str) -> Inputs:
         # the trainer places the model on the process's default GPU, whatever --device says: the teacher (and
         # the token loss) would sit on one GPU and the student on another
         raise UsageError(f"--device {device}: select the GPU with CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda")
-    sources, train, dev, triples, score_corpus = read_training_text(args)
+    sources, train, dev, triples, score_corpus = training_text.read_sources(training_text.TextSettings.from_args(args))
     teacher_path = loading.resolve_model_path(args.teacher_model, args.data_dir)
     for name in args.student_model_init_list:
         loading.resolve_model_path(name, args.data_dir)
     total = students.config_depth(teacher_path)  # the default run name holds the layer ids
-    keep = sorted(args.layers) if args.layers else total and students.choose_layers(total, args.num_layers,
-                                                                                    args.layer_strategy)  # fmt: skip
-    names = run_names(args.student_model_init, args.student_model_init_list, args.run_name, args.teacher_model, keep)
-    plans = plan_runs(names, args.output_path, args.overwrite_output_dir, args.resume_from_checkpoint,
-                      args.skip_finished)  # fmt: skip
+    keep = (
+        sorted(args.layers)
+        if args.layers
+        else total and students.choose_layers(total, args.num_layers, args.layer_strategy)
+    )
+    names = runs.run_names(
+        args.student_model_init, args.student_model_init_list, args.run_name, args.teacher_model, keep
+    )
+    plans = runs.plan_runs(
+        names, args.output_path, args.overwrite_output_dir, args.resume_from_checkpoint, args.skip_finished
+    )
     for plan in plans:
         plan["recipe"] = recipes.fingerprint(args, sources, teacher_path, plan["init"])
         plan["done"] = args.skip_finished and recipes.finished_with(plan["run_dir"], plan["recipe"])
@@ -248,31 +229,6 @@ def check_inputs(args, device: str) -> Inputs:
             if not args.resume_from_checkpoint:
                 raise UsageError(f"{run_dir} holds a run of another recipe; pass --overwrite_output_dir to retrain")
     return Inputs(sources, train, dev, triples, score_corpus, teacher_path, plans)
-
-
-def read_training_text(args):
-    """(sources record, train texts, dev texts, triples, score corpus): every input file read and checked."""
-    specs = [q for q in args.train_queries if not q.startswith("corpus:")]
-    files = [training_text.msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in specs]
-    corpora, seen = [], {}
-    for spec in (q for q in args.train_queries if q.startswith("corpus:")):
-        corpus, file, held_out = training_text.corpus_source(spec, args.data_dir)
-        if file.resolve() in seen:  # corpus:scifact and corpus:$DATA_DIR/scifact are one source
-            raise UsageError(f"{spec} and {seen[file.resolve()]} are the same collection; give it once")
-        seen[file.resolve()] = spec
-        corpora.append((spec, corpus, held_out, file))
-    train, dev, counts = training_text.training_texts(
-        files, [c[:3] for c in corpora], args.dev_queries, args.num_dev_queries, args.max_train_queries,
-        args.corpus_text_share, args.seed, args.span_words, args.title_share,
-    )  # fmt: skip
-    triples = None
-    if args.margin_triples:
-        triples = training_text.read_triples(args.margin_triples, files, args.triples_collection, train,
-                                             args.max_train_queries, args.seed)  # fmt: skip
-    score_corpus = data.load_corpus(args.score_corpus) if args.score_corpus else None
-    sources = training_text.source_record(files, counts, [(c[0], c[3]) for c in corpora], triples,
-                                          args.triples_collection, score_corpus, args.score_corpus)  # fmt: skip
-    return sources, train, dev, triples, score_corpus
 
 
 def main(argv=None) -> dict:
@@ -290,60 +246,86 @@ def main(argv=None) -> dict:
         return {"runs": results}
     teacher, _ = loading.load_model(args.teacher_model, device, path=inputs.teacher_path)
     freeze = args.freeze_embeddings and ("freeze_embeddings" in args.explicit_flags or "if_any")
-    student_settings = {"layers": args.layers, "num_layers": args.num_layers, "strategy": args.layer_strategy,
-                        "freeze_embeddings": freeze, "dropout": args.student_dropout,
-                        "max_seq_length": args.max_seq_length, "data_dir": args.data_dir,
-                        "batch_size": args.label_batch_size}  # fmt: skip
+    student_settings = {
+        "layers": args.layers,
+        "num_layers": args.num_layers,
+        "strategy": args.layer_strategy,
+        "freeze_embeddings": freeze,
+        "dropout": args.student_dropout,
+        "max_seq_length": args.max_seq_length,
+        "data_dir": args.data_dir,
+        "batch_size": args.label_batch_size,
+    }
     # built once, before labelling: bad layer ids and unloadable students fail before any expensive work
     built = [students.build_student(plan["init"], teacher, device, **student_settings) for plan in plans]
     logger.info("%d training texts (%s), %d validation texts", len(inputs.train), inputs.sources, len(inputs.dev))
     targets, loss_settings, score = prepare_targets(args, inputs, teacher, world)
     config = common.run_info(vars(args), device, argv, __file__)
-    config.update(teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device,
-                  world_size=world)  # fmt: skip
+    config.update(
+        teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device, world_size=world
+    )
     # the leak guard's input: which normalised texts trained the student (evaluation counts its queries among them)
     sources = {**inputs.sources, "text_hashes": data.text_hashes(targets.texts)}
     for plan, (student, info) in zip(plans, built):  # one student per plan, all trained on the same targets
         run = {**plan, "config": {**config, "student": info, "recipe": plan["recipe"]}, "info": info}
-        results.append(run_plan(args, run, student, teacher, targets, loss_settings, score, sources, device, rank,
-                                world, multi=len(plans) > 1))  # fmt: skip
+        results.append(
+            run_plan(
+                args,
+                run,
+                student,
+                teacher,
+                targets,
+                loss_settings,
+                score,
+                sources,
+                device,
+                rank,
+                world,
+                multi=len(plans) > 1,
+            )
+        )
     common.barrier()  # no rank leaves before rank 0 has written everything
     return {"runs": results}
 
 
 def prepare_targets(args, inputs: Inputs, teacher, world: int):
-    """(trainer.Targets, the loss's score settings, the evaluator's score settings): labels from the cache or
-    the teacher (under torchrun every rank labels a share; rank 0 writes the caches), and score terms' targets."""
+    """(trainer.Targets, the loss's settings, the evaluator's score settings): labels from the cache or the
+    teacher (under torchrun every rank labels a share; rank 0 writes the caches), and score terms' targets."""
 
     def label(texts):
-        return cache.teacher_labels(teacher, inputs.teacher_path, texts, args.output_path, args.max_seq_length,
-                                    args.label_batch_size, args.label_devices)  # fmt: skip
+        return cache.teacher_labels(
+            teacher,
+            inputs.teacher_path,
+            texts,
+            args.output_path,
+            args.max_seq_length,
+            args.label_batch_size,
+            args.label_devices,
+        )
 
     t0 = time.perf_counter()
-    targets = trainer.teacher_targets(teacher, label, inputs.train, inputs.dev, inputs.triples, args.augment,
-                                      args.seed)  # fmt: skip
-    docs = targets.docs
+    targets = trainer.teacher_targets(
+        teacher, label, inputs.train, inputs.dev, inputs.triples, args.augment, args.seed
+    )
     if inputs.score_corpus is not None:
         corpus, file = inputs.score_corpus
         if (file.parent / "qrels").is_dir():
             logger.warning("--score_corpus %s is an evaluation dataset: results on it are in-domain", file.parent)
-        docs, _, _ = cache.teacher_index(teacher, args.teacher_model, inputs.teacher_path, corpus, file,
-                                         args.output_path)  # fmt: skip
+        docs, _, _ = cache.teacher_index(
+            teacher, args.teacher_model, inputs.teacher_path, corpus, file, args.output_path
+        )
         targets = targets._replace(docs=docs)
     targets.facts.update(world_size=world, label_seconds=round(time.perf_counter() - t0, 1))
-    similarity = loading.similarity_name(teacher)
-    t0 = time.perf_counter()
-    score_targets, score = trainer.score_setup(targets, args.loss, args.kl_top_k, args.kl_negatives, similarity,
-                                               args.kl_temperature, args.seed)  # fmt: skip
-    if score_targets is not None:
-        targets.facts["candidate_seconds"] = round(time.perf_counter() - t0, 2)
-        # each label row: [teacher embedding | its row], the row finding the loss's fixed score targets
-        rows = np.arange(len(targets.texts), dtype=np.float32)[:, None]
-        targets = targets._replace(labels=np.concatenate([targets.labels, rows], 1))
-    loss_settings = {"docs": docs, "similarity": similarity, "temperature": args.kl_temperature,
-                     "targets": score_targets, "negatives": args.kl_negatives, "seed": args.seed,
-                     "margin_scale": args.margin_scale}  # fmt: skip
-    return targets, loss_settings, score
+    return trainer.with_score_terms(
+        targets,
+        args.loss,
+        args.kl_top_k,
+        args.kl_negatives,
+        loading.similarity_name(teacher),
+        args.kl_temperature,
+        args.seed,
+        args.margin_scale,
+    )
 
 
 def run_plan(args, run, student, teacher, targets, loss_settings, score, sources, device, rank, world, multi):
@@ -360,11 +342,24 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
             common.write_json(run_dir / "config.json", run["config"])
         dim = teacher.get_embedding_dimension()
         loss = losses.make_loss(student, args.loss, dim, args.token_loss_weight, teacher, **loss_settings)
-        evaluator = losses.make_evaluator(targets.dev_texts, targets.dev_labels, args.per_device_eval_batch_size,
-                                          score)  # fmt: skip
-        metrics = trainer.train_one(student, run_dir, targets.texts, targets.labels, evaluator, loss,
-                                    trainer.TrainSettings.from_args(args), device, run["resume"],
-                                    training_text.inherited_sources(sources, run["init"]), rank, world, prompt)  # fmt: skip
+        evaluator = losses.make_evaluator(
+            targets.dev_texts, targets.dev_labels, args.per_device_eval_batch_size, score
+        )
+        metrics = trainer.train_one(
+            student,
+            run_dir,
+            targets.texts,
+            targets.labels,
+            evaluator,
+            loss,
+            trainer.TrainSettings.from_args(args),
+            device,
+            run["resume"],
+            training_text.inherited_sources(sources, run["init"]),
+            rank,
+            world,
+            prompt,
+        )
     except BaseException:
         if rank == 0 and created and not list(run_dir.glob("checkpoints/checkpoint-*")):
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -374,7 +369,9 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
         if args.save_asymmetric:  # the same query encoder, so the same training-text record beside it
             students.save_asymmetric(student, teacher, run_dir / "asymmetric", run_dir / "final")
         if args.push_to_hub:
-            trainer.push_folder(run_dir / "final", f"{args.hub_model_id}-{run_dir.name}" if multi else args.hub_model_id)
+            trainer.push_folder(
+                run_dir / "final", f"{args.hub_model_id}-{run_dir.name}" if multi else args.hub_model_id
+            )
         # last: metrics.json with the recipe marks the run finished (--skip_finished reads it)
         common.write_json(run_dir / "metrics.json", {**metrics, "config": run["config"]})
     return metrics

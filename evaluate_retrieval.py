@@ -57,8 +57,12 @@ def parse_args(argv=None):
     add("--split", default=None, help="qrels split (default: test; dev for msmarco)")
     add("--label_free", action="store_true", help="ignore qrels: agreement with the teacher only")
     add("--queries", default=None, help="queries of label-free datasets: a file or log (id<TAB>text or one a line)")
-    add("--pseudo_queries", type=positive_int, default=None,
-        help="label-free datasets without queries: N pseudo-queries sampled from the documents")  # fmt: skip
+    add(
+        "--pseudo_queries",
+        type=positive_int,
+        default=None,
+        help="label-free datasets without queries: N pseudo-queries sampled from the documents",
+    )
     add("--k_values", type=positive_int, nargs="+", default=[1, 3, 5, 10, 100], help="must include 10")
     add("--corpus_max_seq_length", type=positive_int, default=None, help="default: the teacher's max_seq_length")
     add("--corpus_batch_size", type=positive_int, default=32)
@@ -67,8 +71,13 @@ def parse_args(argv=None):
     add("--index", default="flat", choices=["flat", "hnsw", "ivfpq"], help="flat = exact inner product")
     add("--output_path", default="output")
     add("--save_run", action="store_true", help="also write a TREC run file per (model, dataset)")
-    add("--overwrite_output_dir", "--overwrite", dest="overwrite", action="store_true",
-        help="re-evaluate finished (model, dataset) pairs")  # fmt: skip
+    add(
+        "--overwrite_output_dir",
+        "--overwrite",
+        dest="overwrite",
+        action="store_true",
+        help="re-evaluate finished (model, dataset) pairs",
+    )
     add("--device", default="auto")
     add("--seed", type=int, default=42)
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
@@ -195,8 +204,11 @@ def retention_cis(rows: list[dict], teacher: str, seed: int) -> None:
         t = by.get((teacher, r["dataset"]))
         if r["model"] == teacher or not t or "per_query" not in r or "per_query" not in t:
             continue
-        r["retention"] = {m: stats.retention_ci(r["per_query"][m], t["per_query"][m], seed)
-                          for m in ("NDCG@10", "Recall@100") if m in r["per_query"]}  # fmt: skip
+        r["retention"] = {
+            m: stats.retention_ci(r["per_query"][m], t["per_query"][m], seed)
+            for m in ("NDCG@10", "Recall@100")
+            if m in r["per_query"]
+        }
 
 
 def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int = 0) -> str:
@@ -205,8 +217,12 @@ def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int
     apart (never mixed), and the mean overlap@10 with the teacher; label-free datasets show overlap@10."""
     by = {(r["model"], r["dataset"]): r for r in rows}
     kinds = ("zero-shot", "in-domain")
-    head = ["model", *[f"{d} nDCG@10 (ret.)" for d in datasets],
-            *[f"{k} ret. {m}" for m in ("nDCG@10", "R@100") for k in kinds], "overlap@10 w/ teacher"]  # fmt: skip
+    head = [
+        "model",
+        *[f"{d} nDCG@10 (ret.)" for d in datasets],
+        *[f"{k} ret. {m}" for m in ("nDCG@10", "R@100") for k in kinds],
+        "overlap@10 w/ teacher",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in dict.fromkeys(r["model"] for r in rows):
         cells, pairs, ratios = [m + (" (teacher)" if m == teacher else "")], {}, {}
@@ -229,9 +245,14 @@ def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int
                     if "per_query" in r and "per_query" in t and k in r["per_query"]:
                         pairs.setdefault((kind, x), []).append((r["per_query"][k], t["per_query"][k]))
             mark = "*" if kind == "in-domain" else ""
-            ret = r.get("retention", {}).get("NDCG@10") or ({"value": r.get("retention_ndcg@10")} if m != teacher else None)
-            cells.append(f"{fmt(r['metrics']['NDCG@10'])} ({stats.fmt_ci(ret, 2)}){mark}" if ret else
-                         fmt(r["metrics"]["NDCG@10"]))  # fmt: skip
+            ret = r.get("retention", {}).get("NDCG@10") or (
+                {"value": r.get("retention_ndcg@10")} if m != teacher else None
+            )
+            cells.append(
+                f"{fmt(r['metrics']['NDCG@10'])} ({stats.fmt_ci(ret, 2)}){mark}"
+                if ret
+                else fmt(r["metrics"]["NDCG@10"])
+            )
         for x in ("n", "r"):
             for k in kinds:
                 if (k, x) in pairs and len(pairs[(k, x)]) == len(ratios[(k, x)]):
@@ -240,8 +261,10 @@ def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int
                     cells.append(fmt(np.mean(ratios[(k, x)])) if ratios.get((k, x)) else "-")
         cells.append(fmt(np.mean(overlaps)) if overlaps and m != teacher else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("\n\n\\* the student trained on text of this collection (in-domain text). Brackets: 95% paired bootstrap "
-            "intervals over queries (stats.py).\n")  # fmt: skip
+    note = (
+        "\n\n\\* the student trained on text of this collection (in-domain text). Brackets: 95% paired bootstrap "
+        "intervals over queries (stats.py).\n"
+    )
     return "\n".join(lines) + note
 
 
@@ -272,7 +295,9 @@ def load_models(args, names, paths, device):
     models = {args.teacher_model: teacher}
     for name in names[1:]:
         exported = serving.is_export(paths[name])
-        models[name] = serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, paths[name])[0]
+        models[name] = (
+            serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, paths[name])[0]
+        )
         dim = models[name].get_embedding_dimension()
         if dim != teacher.get_embedding_dimension():
             raise UsageError(
@@ -307,13 +332,28 @@ def main(argv=None) -> dict:
     for ds, label_free_queries_ in datasets:
         corpus, corpus_file, queries, qrels, data_stats = load_dataset(ds, label_free_queries_)
         doc_emb, doc_ids, index_meta = cache.teacher_index(
-            models[args.teacher_model], args.teacher_model, paths[args.teacher_model], corpus, corpus_file,
-            args.output_path, args.corpus_max_seq_length, args.corpus_batch_size, devices=args.encode_devices,
-        )  # fmt: skip
+            models[args.teacher_model],
+            args.teacher_model,
+            paths[args.teacher_model],
+            corpus,
+            corpus_file,
+            args.output_path,
+            args.corpus_max_seq_length,
+            args.corpus_batch_size,
+            devices=args.encode_devices,
+        )
         index_digest = cache.sha256_texts([json.dumps(index_meta["key"], sort_keys=True)])[:16]
-        settings = {"dataset": ds.digest, "split": ds.split, "index": args.index, "teacher_index": index_digest,
-                    "k_values": args.k_values, "similarity": sim, "faiss": __import__("faiss").__version__,
-                    "schema": RESULT_SCHEMA, **({"seed": args.seed} if args.index != "flat" else {})}  # fmt: skip
+        settings = {
+            "dataset": ds.digest,
+            "split": ds.split,
+            "index": args.index,
+            "teacher_index": index_digest,
+            "k_values": args.k_values,
+            "similarity": sim,
+            "faiss": __import__("faiss").__version__,
+            "schema": RESULT_SCHEMA,
+            **({"seed": args.seed} if args.index != "flat" else {}),
+        }
         records, pending = {}, []
         for name in names:  # finished results are reused only when model, data and settings all match
             runtime = {"onnxruntime": __import__("onnxruntime").__version__} if serving.is_export(paths[name]) else {}
@@ -321,7 +361,9 @@ def main(argv=None) -> dict:
             path = out_root / common.slug(name) / f"{ds.name}.json"
             old = json.loads(path.read_text()) if path.exists() and not args.overwrite else {}
             if old.get("result_key") == key_digest:
-                logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name)
+                logger.info(
+                    "%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name
+                )
                 records[name] = old
             else:
                 pending.append((name, path, key, key_digest))
@@ -337,12 +379,20 @@ def main(argv=None) -> dict:
                     record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
                 overlap = training_overlap(sources[name], queries.values())
                 if overlap:
-                    logger.warning("%s trained on %d of the %d %s queries: in-domain, not zero-shot", name, overlap,
-                                   len(queries), ds.name)  # fmt: skip
-                record["training_text_sources"] = {k: v for k, v in (sources[name] or {}).items() if k != "text_hashes"}
+                    logger.warning(
+                        "%s trained on %d of the %d %s queries: in-domain, not zero-shot",
+                        name,
+                        overlap,
+                        len(queries),
+                        ds.name,
+                    )
+                record["training_text_sources"] = {
+                    k: v for k, v in (sources[name] or {}).items() if k != "text_hashes"
+                }
                 record["training_query_overlap"] = overlap
-                record["in_domain_text"] = in_domain(sources[name], ds.folder, ds.corpus_sha256, ds.queries_sha256,
-                                                     overlap)  # fmt: skip
+                record["in_domain_text"] = in_domain(
+                    sources[name], ds.folder, ds.corpus_sha256, ds.queries_sha256, overlap
+                )
                 record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
             record["data_stats"] = data_stats
             if name in {p[0] for p in pending}:  # fresh results are written; reused ones stay as they are
@@ -362,7 +412,10 @@ def retrieve(index, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]
     """Top-k results per query. Searches k+1: evaluation drops a document whose id equals the query's (ArguAna,
     Quora), and k hits must remain after that. faiss's -1 padding ids are dropped."""
     scores, rows = search(index, q_emb, k + 1)
-    return {qid: {doc_ids[r]: float(s) for s, r in zip(srow, rrow) if r >= 0} for qid, srow, rrow in zip(q_ids, scores, rows)}
+    return {
+        qid: {doc_ids[r]: float(s) for s, r in zip(srow, rrow) if r >= 0}
+        for qid, srow, rrow in zip(q_ids, scores, rows)
+    }
 
 
 def encode_and_search(model, index, q_texts, q_ids, doc_ids, args, cosine):
@@ -394,20 +447,29 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
     for name, path, key, key_digest in pending:
         model = models[name]
         q_emb, results, enc_secs, search_secs = (
-            teacher_run if name == args.teacher_model
+            teacher_run
+            if name == args.teacher_model
             else encode_and_search(model, index, q_texts, q_ids, doc_ids, args, cosine)
-        )  # fmt: skip
+        )
         record = {
             "model": name,
             "backend": serving.backend_name(model.meta) if isinstance(model, serving.LeanEncoder) else "torch",
-            "teacher": args.teacher_model, "similarity": sim, "index": args.index, "result_key": key_digest,
-            "key": key, "num_queries": len(q_ids), "num_docs": len(doc_ids),
-            "timings": {"query_encode_seconds": round(enc_secs, 3), "search_seconds": round(search_secs, 4),
-                        "queries_per_second": round(len(q_ids) / enc_secs, 1),
-                        "index_build_seconds": round(build_secs, 3),
-                        "corpus_encode_seconds": index_meta.get("encode_seconds")},
+            "teacher": args.teacher_model,
+            "similarity": sim,
+            "index": args.index,
+            "result_key": key_digest,
+            "key": key,
+            "num_queries": len(q_ids),
+            "num_docs": len(doc_ids),
+            "timings": {
+                "query_encode_seconds": round(enc_secs, 3),
+                "search_seconds": round(search_secs, 4),
+                "queries_per_second": round(len(q_ids) / enc_secs, 1),
+                "index_build_seconds": round(build_secs, 3),
+                "corpus_encode_seconds": index_meta.get("encode_seconds"),
+            },
             "config": config,
-        }  # fmt: skip
+        }
         if qrels is not None:
             record["metrics"], record["identical_ids_dropped"] = metrics.evaluate(qrels, results, args.k_values)
             record["per_query"] = metrics.per_query(qrels, results, args.k_values)
@@ -422,13 +484,20 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
                 f"@{k}": metrics.overlap_at_k(exact_ids, approx_ids, k) for k in (10, 100) if k <= max_k
             }
         if args.save_run:
-            lines = [f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}" for qid in q_ids
-                     for rank, (did, score) in enumerate(sorted(results[qid].items(), key=lambda x: -x[1]), 1)]  # fmt: skip
+            lines = [
+                f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}"
+                for qid in q_ids
+                for rank, (did, score) in enumerate(sorted(results[qid].items(), key=lambda x: -x[1]), 1)
+            ]
             common.write_text(path.with_suffix(".trec"), "\n".join(lines) + "\n")
-        summary = (f"nDCG@10 {record['metrics']['NDCG@10']:.4f}" if qrels is not None else
-                   f"overlap@10 {record.get('agreement', {}).get('overlap@10', {}).get('value', 1.0):.3f}")  # fmt: skip
-        logger.info("%s: %s (%d queries, encode %.2fs, search %.3fs)", name, summary, len(q_ids), enc_secs,
-                    search_secs)  # fmt: skip
+        summary = (
+            f"nDCG@10 {record['metrics']['NDCG@10']:.4f}"
+            if qrels is not None
+            else f"overlap@10 {record.get('agreement', {}).get('overlap@10', {}).get('value', 1.0):.3f}"
+        )
+        logger.info(
+            "%s: %s (%d queries, encode %.2fs, search %.3fs)", name, summary, len(q_ids), enc_secs, search_secs
+        )
         out[name] = record
     return out
 

@@ -46,8 +46,14 @@ def parse_args(argv=None):
     add("--queries", required=True, help="BEIR name/folder (its queries) or a query file")
     add("--data_dir", default=common.DATA_DIR)
     add("--num_queries", type=positive_int, default=300, help="queries timed per round (seeded sample)")
-    add("--device", "--devices", dest="devices", nargs="+", default=["cpu"],
-        help="cpu and/or cuda; a missing GPU is skipped with a note")  # fmt: skip
+    add(
+        "--device",
+        "--devices",
+        dest="devices",
+        nargs="+",
+        default=["cpu"],
+        help="cpu and/or cuda; a missing GPU is skipped with a note",
+    )
     add("--batch_sizes", type=positive_int, nargs="+", default=[1, 32])
     add("--precision", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"], help="fp16/bf16: GPU")
     add("--quantize", nargs="+", default=["none"], choices=["none", "int8"], help="int8: dynamic, CPU")
@@ -152,9 +158,14 @@ def measure(variants, texts, batch_size, mode, device, repeats, warmup) -> dict:
 def summarize(per_round, references: dict, n_texts) -> dict:
     """Latency percentiles and, per reference (name -> per-round times), one speedup per interleaved round."""
     flat = np.asarray([t for r in per_round for t in r]) * 1000
-    row = {"p50_ms": float(np.percentile(flat, 50)), "p90_ms": float(np.percentile(flat, 90)),
-           "p99_ms": float(np.percentile(flat, 99)), "mean_ms": float(flat.mean()), "calls": len(flat),
-           "queries_per_second": n_texts * len(per_round) / (flat.sum() / 1000)}  # fmt: skip
+    row = {
+        "p50_ms": float(np.percentile(flat, 50)),
+        "p90_ms": float(np.percentile(flat, 90)),
+        "p99_ms": float(np.percentile(flat, 99)),
+        "mean_ms": float(flat.mean()),
+        "calls": len(flat),
+        "queries_per_second": n_texts * len(per_round) / (flat.sum() / 1000),
+    }
     for field, ref in references.items():
         ratios = [sum(a) / sum(b) for a, b in zip(ref, per_round)]  # reference total / this variant's total
         row[field] = {"median": float(np.median(ratios)), "min": min(ratios), "max": max(ratios), "per_round": ratios}
@@ -186,10 +197,12 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
     for r in rows:
         cos = "-" if r["cosine_vs_fp32"] is None else f"{r['cosine_vs_fp32']:.4f}"
         params = "-" if r["params"] is None else f"{r['params'] / 1e6:.1f}"
-        lines.append(f"| {r['model']} | {r['layers']} | {params} | {r['device']} | {r['backend']} | "
-                     f"{r['variant']} | {r['batch_size']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
-                     f"{r['queries_per_second']:.0f} | {ratio(r.get('speedup_same_backend'))} | "
-                     f"{ratio(r.get('speedup'))} | {cos} |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['layers']} | {params} | {r['device']} | {r['backend']} | "
+            f"{r['variant']} | {r['batch_size']} | {r['mode']} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | "
+            f"{r['queries_per_second']:.0f} | {ratio(r.get('speedup_same_backend'))} | "
+            f"{ratio(r.get('speedup'))} | {cos} |"
+        )
     return "\n".join(lines) + "\n" + "".join(f"\nnote: {n}" for n in notes) + "\n"
 
 
@@ -207,9 +220,12 @@ def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats,
     """One row per (variant, batch size, mode) on one device. variants: (model, backend, variant) ->
     (object to time, the model's torch fp32 embeddings). Speedups: against the reference model's torch fp32
     (what users run today) and against its own row of the same backend and variant."""
-    cosine = {k: None if isinstance(m, Floor) or ref is None else
-              float(cosine_rows(m.encode_query(texts, batch_size=64), ref).mean())
-              for k, (m, ref) in variants.items()}  # fmt: skip
+    cosine = {
+        k: None
+        if isinstance(m, Floor) or ref is None
+        else float(cosine_rows(m.encode_query(texts, batch_size=64), ref).mean())
+        for k, (m, ref) in variants.items()
+    }
     rows, today = [], (reference, "torch", "fp32")
     for bs in batch_sizes:
         for mode in ("end_to_end", "forward"):
@@ -221,12 +237,31 @@ def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats,
                 same = same if same in times else (reference, "onnx", "fp32")
                 refs = {"speedup": today, "speedup_same_backend": same}
                 refs = {k: times[r] for k, r in refs.items() if r in times and r != key}
-                rows.append({"model": name, **facts[name], "device": device, "backend": backend, "variant": variant,
-                             "batch_size": bs, "mode": mode, **summarize(per_round, refs, len(texts)),
-                             "cosine_vs_fp32": cosine[key]})  # fmt: skip
+                rows.append(
+                    {
+                        "model": name,
+                        **facts[name],
+                        "device": device,
+                        "backend": backend,
+                        "variant": variant,
+                        "batch_size": bs,
+                        "mode": mode,
+                        **summarize(per_round, refs, len(texts)),
+                        "cosine_vs_fp32": cosine[key],
+                    }
+                )
                 sp = rows[-1].get("speedup")
-                logger.info("%s %s %s %s b=%d %s: p50 %.2f ms%s", name, device, backend, variant, bs, mode,
-                            rows[-1]["p50_ms"], f", speedup {sp['median']:.2f}x" if sp else "")  # fmt: skip
+                logger.info(
+                    "%s %s %s %s b=%d %s: p50 %.2f ms%s",
+                    name,
+                    device,
+                    backend,
+                    variant,
+                    bs,
+                    mode,
+                    rows[-1]["p50_ms"],
+                    f", speedup {sp['median']:.2f}x" if sp else "",
+                )
     return rows
 
 
@@ -255,8 +290,11 @@ def main(argv=None) -> dict:
         for i in sorted(np.random.default_rng(args.seed).choice(len(texts), min(args.num_queries, len(texts)), False))
     ]
     paths = {name: loading.resolve_model_path(name, args.data_dir) for name in args.models}  # all checked first
-    exports = {name: serving.LeanEncoder(p, num_threads=args.num_threads) for name, p in paths.items()
-               if serving.is_export(p) and serving.check_export(p)}  # fmt: skip
+    exports = {
+        name: serving.LeanEncoder(p, num_threads=args.num_threads)
+        for name, p in paths.items()
+        if serving.is_export(p) and serving.check_export(p)
+    }
     if args.models[0] in exports:
         raise UsageError(f"the reference {args.models[0]} is an export; give the teacher's torch model first")
     base = {name: loading.load_model(name, "cpu", path=paths[name])[0] for name in args.models if name not in exports}
@@ -278,16 +316,18 @@ def main(argv=None) -> dict:
             for _, variant in [p for p in plan if p[0] == device]:
                 variants[(name, "torch", variant)] = (make_variant(model, device, variant), ref_emb)
             if "onnx" in args.backend and device == "cpu":
-                encoders = serving.cached_export(name, paths[name], args.output_path, texts, "int8" in args.quantize,
-                                                 args.num_threads)  # fmt: skip
+                encoders = serving.cached_export(
+                    name, paths[name], args.output_path, texts, "int8" in args.quantize, args.num_threads
+                )
                 for variant, enc in encoders.items():
                     add_export(variants, name, enc, ref_emb)
         if device == "cpu":  # exported folders given as models: timed as they are (their source is not loaded)
             for name, enc in exports.items():
                 add_export(variants, name, enc, None)
         facts = {name: model_facts(model) for name, model in {**base, **exports}.items()}
-        rows += device_rows(variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats,
-                            max(args.warmup, 1))  # fmt: skip
+        rows += device_rows(
+            variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats, max(args.warmup, 1)
+        )
     result = {
         "config": common.run_info(vars(args), argv=argv, script=__file__),
         "num_threads": args.num_threads,

@@ -49,8 +49,11 @@ def per_query(qrels, results, k_values) -> dict[str, dict[str, float]]:
     results, _ = drop_own_ids(qrels, results)
     ks = ",".join(map(str, k_values))
     scores = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{ks}", f"recall.{ks}"}).evaluate(results)
-    out = {f"{name}@{k}": {q: v[f"{m}_{k}"] for q, v in scores.items()}
-           for name, m in (("NDCG", "ndcg_cut"), ("Recall", "recall")) for k in k_values}  # fmt: skip
+    out = {
+        f"{name}@{k}": {q: v[f"{m}_{k}"] for q, v in scores.items()}
+        for name, m in (("NDCG", "ndcg_cut"), ("Recall", "recall"))
+        for k in k_values
+    }
     top10 = {q: dict(sorted(d.items(), key=lambda x: -x[1])[:10]) for q, d in results.items()}
     rr = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(top10)
     out["MRR@10"] = {q: v["recip_rank"] for q, v in rr.items()}

@@ -59,10 +59,29 @@ def resolve(args, student_init: str) -> None:
         args.freeze_embeddings = False
 
 
-NOT_RECIPE = {"explicit_flags", "log_level", "overwrite_output_dir", "skip_finished", "resume_from_checkpoint", "push_to_hub",
-              "hub_model_id", "label_batch_size", "label_devices", "per_device_eval_batch_size", "output_path",
-              "data_dir", "device", "run_name", "teacher_model", "train_queries", "score_corpus", "dev_queries",
-              "margin_triples", "triples_collection", "save_asymmetric"}  # fmt: skip
+NOT_RECIPE = {
+    "explicit_flags",
+    "log_level",
+    "overwrite_output_dir",
+    "skip_finished",
+    "resume_from_checkpoint",
+    "push_to_hub",
+    "hub_model_id",
+    "label_batch_size",
+    "label_devices",
+    "per_device_eval_batch_size",
+    "output_path",
+    "data_dir",
+    "device",
+    "run_name",
+    "teacher_model",
+    "train_queries",
+    "score_corpus",
+    "dev_queries",
+    "margin_triples",
+    "triples_collection",
+    "save_asymmetric",
+}
 
 
 def fingerprint(args, sources: dict, teacher_path: Path, init: str) -> dict:
@@ -70,14 +89,21 @@ def fingerprint(args, sources: dict, teacher_path: Path, init: str) -> dict:
     teacher, the training text sources, the validation queries and the triples. Equal recipes, equal students."""
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
     files = {"dev_queries": args.dev_queries, "margin_triples": args.margin_triples}
-    return json.loads(json.dumps({
-        "flags": flags,
-        "student_init": init if init in ("layer_reduction", "static") else cache.model_fingerprint(
-            loading.resolve_model_path(init, args.data_dir)),
-        "teacher_fingerprint": cache.model_fingerprint(teacher_path),
-        "sources": sources,
-        **{k: cache.sha256_file(v) if v else None for k, v in files.items()},
-    }, sort_keys=True, default=str))  # fmt: skip
+    return json.loads(
+        json.dumps(
+            {
+                "flags": flags,
+                "student_init": init
+                if init in ("layer_reduction", "static")
+                else cache.model_fingerprint(loading.resolve_model_path(init, args.data_dir)),
+                "teacher_fingerprint": cache.model_fingerprint(teacher_path),
+                "sources": sources,
+                **{k: cache.sha256_file(v) if v else None for k, v in files.items()},
+            },
+            sort_keys=True,
+            default=str,
+        )
+    )
 
 
 def finished_with(run_dir: Path, wanted: dict) -> bool:

@@ -48,7 +48,8 @@ def load_retrieval(output_path, teacher, model, dataset, name=None) -> dict:
     given, made = Path(dataset), Path(record.get("dataset_path", ""))
     if given.is_dir() and made.is_dir() and given.resolve() != made.resolve():
         raise UsageError(
-            f"{path} holds results of {made}, not of {given}; run evaluate_retrieval.py with the datasets in this order"
+            f"{path} holds results of {made}, not of {given}; "
+            "run evaluate_retrieval.py with the datasets in this order"
         )
     return record
 
@@ -109,8 +110,10 @@ def per_query_ndcg(record: dict, path_hint: str) -> dict:
 
 def example_table(args) -> str:
     speed = speed_rows(args.speed)
-    lines = ["| dataset | training text | teacher nDCG@10 | student nDCG@10 | retention [95% CI] | p (paired t) |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| dataset | training text | teacher nDCG@10 | student nDCG@10 | retention [95% CI] | p (paired t) |",
+        "|---|---|---|---|---|---|",
+    ]
     pairs = {"zero-shot": [], "in-domain": []}
     for d, name in result_names(args.datasets).items():
         teacher = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, name)
@@ -174,8 +177,12 @@ def paper_table(args) -> str:
         if any(r.get("in_domain_text") for r in records.values()):
             raise UsageError(f"{model} trained on text of an evaluated collection; the paper table is zero-shot only")
         ms = {d: r["metrics"] for d, r in records.items()}
-        cis = [stats.mean_retention_ci([(records[d]["per_query"][m], teacher_pq[d][m]) for d in args.datasets],
-                                       seed=args.seed) for m in ("NDCG@10", "Recall@100")]  # fmt: skip
+        cis = [
+            stats.mean_retention_ci(
+                [(records[d]["per_query"][m], teacher_pq[d][m]) for d in args.datasets], seed=args.seed
+            )
+            for m in ("NDCG@10", "Recall@100")
+        ]
         ret = cis[0]["value"]
         label = "teacher" if model == args.teacher_model else layers_label(model)
         cells = [label, *[f"{ms[d]['NDCG@10']:.4f}" for d in args.datasets], *map(stats.fmt_ci, cis)]
@@ -201,7 +208,9 @@ def agreement_table(args) -> str:
     from scipy.stats import spearmanr
 
     result = result_names(args.datasets)
-    head = "| student | dataset | training text | retention nDCG@10 [95% CI] | overlap@10 | top-1 in top-10 | query cos |"
+    head = (
+        "| student | dataset | training text | retention nDCG@10 [95% CI] | overlap@10 | top-1 in top-10 | query cos |"
+    )
     lines = [head, "|---|---|---|---|---|---|---|"]
     points = []
     for model in args.students:
@@ -213,9 +222,11 @@ def agreement_table(args) -> str:
             ci = stats.retention_ci(per_query_ndcg(record, name), per_query_ndcg(teacher, name), seed=args.seed)
             agree = record["agreement"]
             kind = "in-domain" if record.get("in_domain_text") else "zero-shot"
-            lines.append(f"| {Path(model).parent.name or model} | {name} | {kind} | {stats.fmt_ci(ci)} | "
-                         + " | ".join(stats.fmt_ci(agree[m]) for m in ("overlap@10", "top1_in_top10", "query_cosine"))
-                         + " |")  # fmt: skip
+            lines.append(
+                f"| {Path(model).parent.name or model} | {name} | {kind} | {stats.fmt_ci(ci)} | "
+                + " | ".join(stats.fmt_ci(agree[m]) for m in ("overlap@10", "top1_in_top10", "query_cosine"))
+                + " |"
+            )
             points.append((ci["value"], *(agree[m]["value"] for m in ("overlap@10", "top1_in_top10", "query_cosine"))))
     if len(points) < 3:
         raise UsageError("the agreement report needs at least 3 (student, dataset) pairs; add students or datasets")

@@ -89,7 +89,9 @@ def export_folder(model_name: str, model_path, output_root) -> Path:
     by serving.py and read by evaluate_speed.py (and evaluate_retrieval.py takes its variant folders)."""
     import cache
 
-    return Path(output_root) / "onnx" / f"{common.slug(model_name)}-{cache.model_fingerprint(model_path)}-{export_tag()}"
+    return (
+        Path(output_root) / "onnx" / f"{common.slug(model_name)}-{cache.model_fingerprint(model_path)}-{export_tag()}"
+    )
 
 
 def cached_export(model_name, model_path, output_root, texts, int8: bool, num_threads=None) -> dict:
@@ -128,8 +130,12 @@ def _finish(tmp: Path, source: Path, meta: dict, reference, queries, num_threads
             "it is not the same model; report it, or pass --accept_low_fidelity to keep it anyway"
         )
     if low:
-        logger.warning("LOW FIDELITY: the %s export's cosine to the torch model is %.4f (< %g); check its retention",
-                       meta["variant"], meta["cosine_to_torch"], floor)  # fmt: skip
+        logger.warning(
+            "LOW FIDELITY: the %s export's cosine to the torch model is %.4f (< %g); check its retention",
+            meta["variant"],
+            meta["cosine_to_torch"],
+            floor,
+        )
     if (source / common.TRAINING_TEXT).is_file():  # in-domain marking follows the model into its exports
         shutil.copy(source / common.TRAINING_TEXT, tmp / common.TRAINING_TEXT)
     common.write_json(tmp / EXPORT_FILE, meta)
@@ -171,20 +177,33 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
     if not getattr(tok, "is_fast", True) and not isinstance(model[0], StaticEmbedding):
         raise UsageError(f"{model_path} has no fast tokenizer; the lean query path needs one (tokenizer.json)")
     reference = model.encode_query(queries, batch_size=64)
-    settings = {"source": str(model_path), "source_fingerprint": __import__("cache").model_fingerprint(path),
-                "max_seq_length": loading.length_limit(model),
-                "prompt": model.prompts.get("query") or "",
-                "similarity": loading.similarity_name(model), "dim": model.get_embedding_dimension(),
-                "onnxruntime": __import__("onnxruntime").__version__, "torch": torch.__version__,
-                "pad_id": getattr(tok, "pad_token_id", None) or 0, "layers": students.depth(model),
-                "params": int(sum(p.numel() for p in model.parameters()))}  # fmt: skip
+    settings = {
+        "source": str(model_path),
+        "source_fingerprint": __import__("cache").model_fingerprint(path),
+        "max_seq_length": loading.length_limit(model),
+        "prompt": model.prompts.get("query") or "",
+        "similarity": loading.similarity_name(model),
+        "dim": model.get_embedding_dimension(),
+        "onnxruntime": __import__("onnxruntime").__version__,
+        "torch": torch.__version__,
+        "pad_id": getattr(tok, "pad_token_id", None) or 0,
+        "layers": students.depth(model),
+        "params": int(sum(p.numel() for p in model.parameters())),
+    }
     out, written = Path(out), {}
     if isinstance(model[0], StaticEmbedding):
         with common.atomic_dir(out / "static") as tmp:
             np.save(tmp / "table.npy", model[0].embedding.weight.detach().float().numpy())
             model[0].tokenizer.save(str(tmp / "tokenizer.json"))
-            meta = _finish(tmp, path, {**settings, "variant": "static", "normalize": loading.normalizes(model)}, reference,
-                           queries, num_threads, accept)  # fmt: skip
+            meta = _finish(
+                tmp,
+                path,
+                {**settings, "variant": "static", "normalize": loading.normalizes(model)},
+                reference,
+                queries,
+                num_threads,
+                accept,
+            )
         return {"static": meta}
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in tok.model_input_names else [])
     sample = tok(["a query to trace", "another"], padding=True, return_tensors="pt")
@@ -220,9 +239,14 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
         with common.atomic_dir(out / "int8") as tmp:
             # weights only, per channel, signed: per-tensor int8 loses ~2% cosine on MiniLM. The fused
             # graph's com.microsoft ops defeat ONNX shape inference, hence the default tensor type.
-            quantize_dynamic(out / "fp32" / "model.onnx", tmp / "model.onnx", weight_type=QuantType.QInt8,
-                             per_channel=True, op_types_to_quantize=INT8_OPS,
-                             extra_options={"DefaultTensorType": TensorProto.FLOAT})  # fmt: skip
+            quantize_dynamic(
+                out / "fp32" / "model.onnx",
+                tmp / "model.onnx",
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                op_types_to_quantize=INT8_OPS,
+                extra_options={"DefaultTensorType": TensorProto.FLOAT},
+            )
             tok.save_pretrained(str(tmp))
             how = f"dynamic, {'+'.join(INT8_OPS)}, per-channel"
             meta = {**settings, "variant": "int8", "inputs": names, "quantization": how}
@@ -290,8 +314,10 @@ class LeanEncoder:
         enc = self.tokenize(texts)
         if self.meta["variant"] == "static":
             return [e.ids for e in enc]
-        feeds = {"input_ids": np.array([e.ids for e in enc], dtype=np.int64),
-                 "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64)}  # fmt: skip
+        feeds = {
+            "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+        }
         if "token_type_ids" in self.inputs:
             feeds["token_type_ids"] = np.array([e.type_ids for e in enc], dtype=np.int64)
         return feeds
@@ -330,7 +356,11 @@ def parse_args(argv=None):
     add("--queries", required=True, help="real queries for the fidelity check: BEIR name/folder or file")
     add("--output_path", default=None, help="the export folder (default: output/onnx/<model>-<fingerprint>-<tag>)")
     add("--no_int8", action="store_true", help="skip the int8 variant")
-    add("--overwrite_output_dir", action="store_true", help="accepted for symmetry: an export always replaces its folder")
+    add(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="accepted for symmetry: an export always replaces its folder",
+    )
     add("--num_threads", type=common.positive_int, default=None, help="CPU threads (default: ONNX Runtime's)")
     add("--accept_low_fidelity", action="store_true", help=f"keep an export below cosine {MIN_COSINE['fp32']}")
     add("--data_dir", default=common.DATA_DIR)

@@ -35,8 +35,16 @@ def retention_ci(student: dict, teacher: dict, seed: int = 0) -> dict:
     out = {"value": float(_ratio(s, t)), "low": None, "high": None, "p_value": None, "queries": len(s)}
     if len(s) < 2 or not t.any():
         return out
-    res = stats.bootstrap((s, t), _ratio, paired=True, vectorized=True, n_resamples=N_RESAMPLES,
-                          confidence_level=CONFIDENCE, method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
+    res = stats.bootstrap(
+        (s, t),
+        _ratio,
+        paired=True,
+        vectorized=True,
+        n_resamples=N_RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     out.update(low=float(res.confidence_interval.low), high=float(res.confidence_interval.high))
     if np.any(s != t):
         out["p_value"] = float(stats.ttest_rel(s, t).pvalue)
@@ -61,8 +69,15 @@ def mean_retention_ci(pairs: list[tuple[dict, dict]], seed: int = 0) -> dict:
         return np.mean([_ratio(s[i], t[i]) for (s, t), i in zip(arrays, indices)])
 
     indices = tuple(np.arange(len(s)) for s, _ in arrays)
-    res = stats.bootstrap(indices, statistic, vectorized=False, n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE,
-                          method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
+    res = stats.bootstrap(
+        indices,
+        statistic,
+        vectorized=False,
+        n_resamples=N_RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     out.update(low=float(res.confidence_interval.low), high=float(res.confidence_interval.high))
     return out
 
@@ -74,8 +89,15 @@ def mean_ci(values, seed: int = 0) -> dict:
     x = np.asarray(list(values), float)
     out = {"value": float(x.mean()) if len(x) else None, "low": None, "high": None, "n": len(x)}
     if len(x) >= 2 and np.ptp(x) > 0:
-        res = stats.bootstrap((x,), np.mean, vectorized=True, n_resamples=N_RESAMPLES, confidence_level=CONFIDENCE,
-                              method="percentile", rng=np.random.default_rng(seed))  # fmt: skip
+        res = stats.bootstrap(
+            (x,),
+            np.mean,
+            vectorized=True,
+            n_resamples=N_RESAMPLES,
+            confidence_level=CONFIDENCE,
+            method="percentile",
+            rng=np.random.default_rng(seed),
+        )
         out.update(low=float(res.confidence_interval.low), high=float(res.confidence_interval.high))
     elif len(x):
         out.update(low=out["value"], high=out["value"])

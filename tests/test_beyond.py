@@ -20,11 +20,27 @@ import training_text
 
 
 def distill(out, run, *extra):
-    return distillation.main([
-        "--teacher_model", MINILM, "--train_queries", str(TRAIN_TSV), "--num_dev_queries", "200",
-        "--per_device_train_batch_size", "64", "--learning_rate", "1e-3", "--output_path", str(out),
-        "--run_name", run, "--log_level", "warning", *extra,
-    ])["runs"][0]  # fmt: skip
+    return distillation.main(
+        [
+            "--teacher_model",
+            MINILM,
+            "--train_queries",
+            str(TRAIN_TSV),
+            "--num_dev_queries",
+            "200",
+            "--per_device_train_batch_size",
+            "64",
+            "--learning_rate",
+            "1e-3",
+            "--output_path",
+            str(out),
+            "--run_name",
+            run,
+            "--log_level",
+            "warning",
+            *extra,
+        ]
+    )["runs"][0]
 
 
 def test_loss_spec_parsing():
@@ -48,8 +64,20 @@ def test_augment_is_seeded_and_perturbs():
 @needs_data
 def test_kl_term_lowers_heldout_kl(shared_output):
     """mse + kl against the teacher's Cranfield document embeddings: held-out KL to the teacher falls."""
-    m = distill(shared_output, "kl", "--num_layers", "2", "--max_train_queries", "1000", "--eval_steps", "8",
-                "--loss", "mse:1.0,kl:5.0", "--score_corpus", str(DATA / "cranfield"))  # fmt: skip
+    m = distill(
+        shared_output,
+        "kl",
+        "--num_layers",
+        "2",
+        "--max_train_queries",
+        "1000",
+        "--eval_steps",
+        "8",
+        "--loss",
+        "mse:1.0,kl:5.0",
+        "--score_corpus",
+        str(DATA / "cranfield"),
+    )
     assert m["dev_kl"] < 0.8 * m["initial_dev_kl"], m
     kls = [h["eval_dev_negative_kl"] for h in m["log_history"] if "eval_dev_negative_kl" in h]
     assert len(kls) >= 2 and -kls[-1] < m["initial_dev_kl"]
@@ -61,8 +89,20 @@ def test_margin_mse_from_corpus(shared_output):
     """margin_mse alone: on unseen queries, the student's top-1 vs rank-5 margin moves toward the teacher's."""
     import torch
 
-    m = distill(shared_output, "margin", "--num_layers", "2", "--max_train_queries", "1000", "--num_train_epochs", "3",
-                "--loss", "margin_mse:1.0", "--score_corpus", str(DATA / "cranfield"))  # fmt: skip
+    m = distill(
+        shared_output,
+        "margin",
+        "--num_layers",
+        "2",
+        "--max_train_queries",
+        "1000",
+        "--num_train_epochs",
+        "3",
+        "--loss",
+        "margin_mse:1.0",
+        "--score_corpus",
+        str(DATA / "cranfield"),
+    )
     assert np.isfinite(m["train_loss"])
     teacher, path = loading.load_model(MINILM)
     corpus, file = data.load_corpus(DATA / "cranfield")
@@ -94,8 +134,17 @@ def test_augmented_run_trains_on_labelled_variants(shared_output):
 @pytest.mark.slow
 @needs_data
 def test_static_student_and_asymmetric_folder(shared_output, tmp_path):
-    m = distill(shared_output, "static", "--student_model_init", "static", "--max_train_queries", "2000",
-                "--learning_rate", "1e-2", "--save_asymmetric")  # fmt: skip
+    m = distill(
+        shared_output,
+        "static",
+        "--student_model_init",
+        "static",
+        "--max_train_queries",
+        "2000",
+        "--learning_rate",
+        "1e-2",
+        "--save_asymmetric",
+    )
     assert m["dev_cosine"] > m["initial_dev_cosine"] > 0.4
     static = SentenceTransformer(m["final_path"], device="cpu")
     assert type(static[0]).__name__ == "StaticEmbedding" and static.get_embedding_dimension() == 384
@@ -106,11 +155,25 @@ def test_static_student_and_asymmetric_folder(shared_output, tmp_path):
     assert np.allclose(asym.encode_query(q), static.encode_query(q), atol=1e-5)
     assert np.allclose(asym.encode_document(d), teacher.encode_document(d), atol=1e-5)
 
-    folder = make_beir(tmp_path / "tiny", DOCS, {"q1": "purring mammal", "q2": "rocket thrust"},
-                       {"q1": {"d1": 1}, "q2": {"d2": 1}})  # fmt: skip
+    folder = make_beir(
+        tmp_path / "tiny", DOCS, {"q1": "purring mammal", "q2": "rocket thrust"}, {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    )
     asym_path = str(shared_output / "static" / "asymmetric")
-    out = er.main(["--teacher_model", MINILM, "--models", m["final_path"], asym_path, "--datasets", str(folder),
-                   "--output_path", str(tmp_path / "o"), "--log_level", "warning"])  # fmt: skip
+    out = er.main(
+        [
+            "--teacher_model",
+            MINILM,
+            "--models",
+            m["final_path"],
+            asym_path,
+            "--datasets",
+            str(folder),
+            "--output_path",
+            str(tmp_path / "o"),
+            "--log_level",
+            "warning",
+        ]
+    )
     rows = {r["model"]: r["metrics"] for r in out["rows"]}
     assert rows[m["final_path"]] == rows[asym_path]
 
@@ -134,9 +197,22 @@ def test_margin_triples_file(shared_output, tmp_path, capsys):
         a, b = sorted(rng.sample(pids, 2), key=int)
         lines.append(f"9.0\t5.0\t{q}\t{a}\t{b}\n")
     (tmp_path / "triples.tsv").write_text("".join(lines))
-    m = distill(shared_output, "triples", "--num_layers", "2", "--loss", "margin_mse:1.0",
-                "--margin_triples", str(tmp_path / "triples.tsv"), "--triples_collection", str(tmp_path / "coll.tsv"),
-                "--margin_scale", "0.05", "--learning_rate", "5e-4")  # fmt: skip
+    m = distill(
+        shared_output,
+        "triples",
+        "--num_layers",
+        "2",
+        "--loss",
+        "margin_mse:1.0",
+        "--margin_triples",
+        str(tmp_path / "triples.tsv"),
+        "--triples_collection",
+        str(tmp_path / "coll.tsv"),
+        "--margin_scale",
+        "0.05",
+        "--learning_rate",
+        "5e-4",
+    )
     assert m["train_texts"] <= 600 and np.isfinite(m["train_loss"])
     teacher, _ = loading.load_model(MINILM)
     before = students.layer_reduced_student(teacher, [0, 5])
@@ -157,8 +233,21 @@ def test_margin_triples_file(shared_output, tmp_path, capsys):
 
     (tmp_path / "bad.tsv").write_text("9.0\tx\t1\t2\t3\n")
     with pytest.raises(SystemExit) as e:
-        argv = ["--teacher_model", MINILM, "--train_queries", str(TRAIN_TSV), "--loss", "margin_mse",
-                "--margin_triples", str(tmp_path / "bad.tsv"), "--triples_collection", str(tmp_path / "coll.tsv"),
-                "--output_path", str(tmp_path / "o"), "--log_level", "error"]  # fmt: skip
+        argv = [
+            "--teacher_model",
+            MINILM,
+            "--train_queries",
+            str(TRAIN_TSV),
+            "--loss",
+            "margin_mse",
+            "--margin_triples",
+            str(tmp_path / "bad.tsv"),
+            "--triples_collection",
+            str(tmp_path / "coll.tsv"),
+            "--output_path",
+            str(tmp_path / "o"),
+            "--log_level",
+            "error",
+        ]
         common.cli(distillation.main, argv)
     assert e.value.code == 2 and "scores must be numbers" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import evaluate_retrieval as er
 import evaluate_speed as es
 import loading
 import losses
+import runs
 import search
 from common import UsageError
 
@@ -45,9 +46,27 @@ def queries_file(tmp_path, n=80):
 
 
 def distill_argv(teacher, out, queries, *extra):
-    return ["--teacher_model", teacher, "--num_layers", "2", "--train_queries", queries, "--output_path", str(out),
-            "--num_dev_queries", "5", "--eval_steps", "2", "--per_device_train_batch_size", "16", "--num_train_epochs", "1",
-            "--log_level", "error", *extra]  # fmt: skip
+    return [
+        "--teacher_model",
+        teacher,
+        "--num_layers",
+        "2",
+        "--train_queries",
+        queries,
+        "--output_path",
+        str(out),
+        "--num_dev_queries",
+        "5",
+        "--eval_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "16",
+        "--num_train_epochs",
+        "1",
+        "--log_level",
+        "error",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------- 1. results keyed by content
@@ -59,8 +78,20 @@ def test_finished_results_are_keyed_by_model_and_data_content(tiny_bert, tmp_pat
     shutil.copytree(make_tiny(tmp_path / "s1", "bert", seed=1), student)
 
     def run(*datasets):
-        out = er.main(["--teacher_model", tiny_bert, "--models", str(student), "--datasets", *map(str, datasets),
-                       "--output_path", str(tmp_path / "out"), "--log_level", "error"])  # fmt: skip
+        out = er.main(
+            [
+                "--teacher_model",
+                tiny_bert,
+                "--models",
+                str(student),
+                "--datasets",
+                *map(str, datasets),
+                "--output_path",
+                str(tmp_path / "out"),
+                "--log_level",
+                "error",
+            ]
+        )
         return {(r["model"], r["dataset"]): r for r in out["rows"]}, out["table"]
 
     first, _ = run(ds)
@@ -137,8 +168,12 @@ def test_errors_leave_no_run_folder_and_the_corrected_rerun_works(tiny_bert, tmp
     exit_2(distillation.main, distill_argv(tiny_bert, out, q, "--fp16", "--device", "cpu"), capsys, "CUDA")
     bad = str(tmp_path / "no-such-checkpoint")
     exit_2(distillation.main, distill_argv(tiny_bert, out, q, "--resume_from_checkpoint", bad), capsys, "checkpoint")
-    exit_2(distillation.main, distill_argv(tiny_bert, out, q, "--resume_from_checkpoint", "latest"), capsys,
-           "no complete checkpoint")  # fmt: skip
+    exit_2(
+        distillation.main,
+        distill_argv(tiny_bert, out, q, "--resume_from_checkpoint", "latest"),
+        capsys,
+        "no complete checkpoint",
+    )
     exit_2(distillation.main, distill_argv(tiny_bert, out, q, "--layers", "0", "7"), capsys, "out of range")
     assert not [p for p in out.iterdir() if p.name not in ("labels", "index")], "no run folder left behind"
     run = distillation.main(distill_argv(tiny_bert, out, q))["runs"][0]
@@ -150,12 +185,12 @@ def test_resume_latest_skips_a_half_written_checkpoint(tiny_bert, tmp_path):
     argv = distill_argv(tiny_bert, tmp_path / "out", q, "--run_name", "r", "--save_total_limit", "10")
     distillation.main(argv)
     ckpts = tmp_path / "out" / "r" / "checkpoints"
-    newest = distillation.latest_checkpoint(ckpts)
+    newest = runs.latest_checkpoint(ckpts)
     assert newest is not None
     half = ckpts / "checkpoint-99999"  # what kill -9 during a save leaves: weights, no trainer_state.json
     shutil.copytree(newest, half)
     (half / "trainer_state.json").unlink()
-    assert distillation.latest_checkpoint(ckpts) == newest
+    assert runs.latest_checkpoint(ckpts) == newest
     again = distillation.main([*argv, "--resume_from_checkpoint", "latest", "--num_train_epochs", "2"])["runs"][0]
     assert again["resumed_from"] == str(newest) and again["train_steps"] > int(newest.name.split("-")[1])
 
@@ -178,8 +213,18 @@ def test_duplicate_ids_are_errors(tmp_path):
 
 def test_speed_with_nothing_to_time_exits_2(tmp_path, capsys):
     q = write(tmp_path / "q.tsv", "1\tquery\n")
-    argv = ["--models", "no/model", "--queries", q, "--devices", "cpu", "--precision", "fp16",
-            "--output_path", str(tmp_path)]  # fmt: skip
+    argv = [
+        "--models",
+        "no/model",
+        "--queries",
+        q,
+        "--devices",
+        "cpu",
+        "--precision",
+        "fp16",
+        "--output_path",
+        str(tmp_path),
+    ]
     exit_2(es.main, argv, capsys, "nothing to time")
     plan, notes = es.plan_variants(["cpu", "cuda"], ["fp32", "fp16"], ["none", "int8"], cuda=False)
     assert plan == [("cpu", "fp32"), ("cpu", "int8")] and len(notes) == 2
@@ -193,8 +238,16 @@ def test_speed_with_nothing_to_time_exits_2(tmp_path, capsys):
 def test_model_paths_and_datasets_are_checked_before_any_index(tiny_bert, tmp_path, capsys):
     ds = make_beir(tmp_path / "tiny", DOCS, QUERIES, QRELS)
     builds = BUILDS["index"]
-    argv = ["--teacher_model", tiny_bert, "--models", str(tmp_path / "typo" / "final"), "--datasets", str(ds),
-            "--output_path", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "--teacher_model",
+        tiny_bert,
+        "--models",
+        str(tmp_path / "typo" / "final"),
+        "--datasets",
+        str(ds),
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     exit_2(er.main, argv, capsys, "does not exist")
     assert BUILDS["index"] == builds and not (tmp_path / "out" / "index").exists()
 
@@ -259,8 +312,18 @@ def test_data_dir_holds_the_assembled_offline_models(tiny_bert, tmp_path):
 
 def test_one_run_per_pretrained_student(tiny_bert, tmp_path):
     a, b = make_tiny(tmp_path / "a", "bert", hidden=16, layers=1), make_tiny(tmp_path / "b", "bert", layers=1)
-    argv = distill_argv(tiny_bert, tmp_path / "out", queries_file(tmp_path), "--student_model_init", "pretrained",
-                        "--student_model_init_list", a, b, "--run_name", "many")  # fmt: skip
+    argv = distill_argv(
+        tiny_bert,
+        tmp_path / "out",
+        queries_file(tmp_path),
+        "--student_model_init",
+        "pretrained",
+        "--student_model_init_list",
+        a,
+        b,
+        "--run_name",
+        "many",
+    )
     runs = distillation.main(argv)["runs"]
     # both folders are named "st": the second run gets a distinct, predictable name
     assert [r["run_dir"] for r in runs] == [str(tmp_path / "out" / "many" / n) for n in ("st", "st~2")]
@@ -268,14 +331,24 @@ def test_one_run_per_pretrained_student(tiny_bert, tmp_path):
     assert all(SentenceTransformer(r["final_path"]).get_embedding_dimension() == 32 for r in runs)
 
 
-def test_score_candidates_are_computed_once_and_the_evaluator_leaves_the_loss_alone(tiny_bert, tmp_path,
-                                                                                   monkeypatch):  # fmt: skip
+def test_score_candidates_are_computed_once_and_the_evaluator_leaves_the_loss_alone(tiny_bert, tmp_path, monkeypatch):
     calls = []
     real = search.exact_top_k
     monkeypatch.setattr(search, "exact_top_k", lambda *a, **k: calls.append(1) or real(*a, **k))
     corpus = make_beir(tmp_path / "docs", DOCS, QUERIES, QRELS)
-    argv = distill_argv(tiny_bert, tmp_path / "out", queries_file(tmp_path), "--loss", "mse:1.0,kl:1.0",
-                        "--score_corpus", str(corpus), "--kl_top_k", "2", "--kl_negatives", "2")  # fmt: skip
+    argv = distill_argv(
+        tiny_bert,
+        tmp_path / "out",
+        queries_file(tmp_path),
+        "--loss",
+        "mse:1.0,kl:1.0",
+        "--score_corpus",
+        str(corpus),
+        "--kl_top_k",
+        "2",
+        "--kl_negatives",
+        "2",
+    )
     run = distillation.main(argv)["runs"][0]
     assert len(calls) == 2 and run["train_steps"] >= 4, "top-k once for train and once for dev, not per step"
     assert np.isfinite(run["dev_kl"])
@@ -283,8 +356,9 @@ def test_score_candidates_are_computed_once_and_the_evaluator_leaves_the_loss_al
     student = SentenceTransformer(tiny_bert, device="cpu")
     docs = np.random.default_rng(0).normal(size=(6, 32)).astype(np.float32)
     top = np.array([[5, 1], [2, 3], [4, 0]], np.int64)
-    loss = losses.QueryDistillLoss(student, {"kl": 1.0}, 32, docs=docs, targets=losses.ScoreTargets(top, None, None),
-                                   negatives=2)  # fmt: skip
+    loss = losses.QueryDistillLoss(
+        student, {"kl": 1.0}, 32, docs=docs, targets=losses.ScoreTargets(top, None, None), negatives=2
+    )
     assert loss.targets.top.dtype == torch.long, "document rows stay integers, never floats beside the embeddings"
     labels = np.random.default_rng(1).normal(size=(3, 32)).astype(np.float32)
     rows = torch.as_tensor(np.concatenate([labels, [[2.0], [0.0], [1.0]]], 1))  # [embedding | training row]

@@ -103,8 +103,23 @@ def test_malformed_query_files(tmp_path, name, content, match):
 
 
 def _args(tiny, out, queries, *extra):
-    return ["--teacher_model", tiny, "--num_layers", "2", "--train_queries", queries, "--output_path", str(out),
-            "--num_dev_queries", "5", "--eval_steps", "2", "--log_level", "error", *extra]  # fmt: skip
+    return [
+        "--teacher_model",
+        tiny,
+        "--num_layers",
+        "2",
+        "--train_queries",
+        queries,
+        "--output_path",
+        str(out),
+        "--num_dev_queries",
+        "5",
+        "--eval_steps",
+        "2",
+        "--log_level",
+        "error",
+        *extra,
+    ]
 
 
 def test_cli_errors_exit_2_with_one_line(tiny_bert, tmp_path, capsys):
@@ -130,9 +145,19 @@ def test_refuses_to_overwrite_and_projection_student(tiny_bert, tmp_path):
     """A 16-d pretrained student of a 32-d teacher gets a Dense projection and reloads at 32-d."""
     small = make_tiny(tmp_path / "small", "bert", hidden=16, layers=1)
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
-    argv = _args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "pretrained",
-                 "--student_model_init_list", small, "--run_name", "proj",
-                 "--per_device_train_batch_size", "8")  # fmt: skip
+    argv = _args(
+        tiny_bert,
+        tmp_path / "out",
+        queries,
+        "--student_model_init",
+        "pretrained",
+        "--student_model_init_list",
+        small,
+        "--run_name",
+        "proj",
+        "--per_device_train_batch_size",
+        "8",
+    )
     out = distillation.main(argv)["runs"][0]
     final = SentenceTransformer(out["final_path"], device="cpu")
     assert final.get_embedding_dimension() == 32
@@ -172,11 +197,29 @@ def test_real_minilm_distillation(minilm_student, shared_output):
     assert any("eval_dev_negative_mse" in h for h in saved["log_history"])
 
     # a second student on the same queries reuses the cached labels
-    again = distillation.main([
-        "--teacher_model", MINILM, "--layers", "0", "1", "--train_queries", str(TRAIN_TSV),
-        "--max_train_queries", "2000", "--num_dev_queries", "300", "--num_train_epochs", "0.1",
-        "--output_path", str(shared_output), "--run_name", "minilm-L01", "--log_level", "warning",
-    ])["runs"][0]  # fmt: skip
+    again = distillation.main(
+        [
+            "--teacher_model",
+            MINILM,
+            "--layers",
+            "0",
+            "1",
+            "--train_queries",
+            str(TRAIN_TSV),
+            "--max_train_queries",
+            "2000",
+            "--num_dev_queries",
+            "300",
+            "--num_train_epochs",
+            "0.1",
+            "--output_path",
+            str(shared_output),
+            "--run_name",
+            "minilm-L01",
+            "--log_level",
+            "warning",
+        ]
+    )["runs"][0]
     assert (again["train_labels_cached"], again["dev_labels_cached"]) == (True, True)
 
 
@@ -184,11 +227,29 @@ def test_real_minilm_distillation(minilm_student, shared_output):
 @needs_data
 def test_real_mpnet_layout(tmp_path):
     """all-mpnet-base-v2 (assembled from its pip parts) pruned to [0, 11], trained briefly, reloaded."""
-    out = distillation.main([
-        "--teacher_model", MPNET, "--layers", "0", "11", "--train_queries", str(TRAIN_TSV),
-        "--max_train_queries", "128", "--num_dev_queries", "32", "--per_device_train_batch_size", "32",
-        "--output_path", str(tmp_path), "--run_name", "mpnet", "--log_level", "warning",
-    ])["runs"][0]  # fmt: skip
+    out = distillation.main(
+        [
+            "--teacher_model",
+            MPNET,
+            "--layers",
+            "0",
+            "11",
+            "--train_queries",
+            str(TRAIN_TSV),
+            "--max_train_queries",
+            "128",
+            "--num_dev_queries",
+            "32",
+            "--per_device_train_batch_size",
+            "32",
+            "--output_path",
+            str(tmp_path),
+            "--run_name",
+            "mpnet",
+            "--log_level",
+            "warning",
+        ]
+    )["runs"][0]
     student = SentenceTransformer(out["final_path"], device="cpu")
     assert student[0].auto_model.config.num_hidden_layers == 2
     assert student.get_embedding_dimension() == 768
@@ -255,9 +316,22 @@ def test_freeze_embeddings_holds_for_a_pretrained_student_and_is_refused_for_sta
     """A pretrained student (e.g. an earlier run's final/, for staged training) keeps its token embeddings fixed."""
     small = make_tiny(tmp_path / "small", "bert", hidden=32, layers=1, seed=3)
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
-    argv = _args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "pretrained",
-                 "--student_model_init_list", small, "--run_name", "frozen", "--freeze_embeddings",
-                 "--learning_rate", "1e-2", "--per_device_train_batch_size", "8")  # fmt: skip
+    argv = _args(
+        tiny_bert,
+        tmp_path / "out",
+        queries,
+        "--student_model_init",
+        "pretrained",
+        "--student_model_init_list",
+        small,
+        "--run_name",
+        "frozen",
+        "--freeze_embeddings",
+        "--learning_rate",
+        "1e-2",
+        "--per_device_train_batch_size",
+        "8",
+    )
     out = distillation.main(argv)["runs"][0]
     before = SentenceTransformer(small, device="cpu")[0].auto_model
     after = SentenceTransformer(out["final_path"], device="cpu")[0].auto_model
@@ -265,20 +339,34 @@ def test_freeze_embeddings_holds_for_a_pretrained_student_and_is_refused_for_sta
     layer = "encoder.layer.0.attention.self.query.weight"
     assert not torch.equal(before.state_dict()[layer], after.state_dict()[layer]), "the rest still trains"
     with pytest.raises(SystemExit) as e:
-        distillation.main(_args(tiny_bert, tmp_path / "out2", queries, "--student_model_init", "static",
-                                "--freeze_embeddings"))  # fmt: skip
+        distillation.main(
+            _args(tiny_bert, tmp_path / "out2", queries, "--student_model_init", "static", "--freeze_embeddings")
+        )
     assert e.value.code == 2 and "nothing to train" in capsys.readouterr().err
 
 
 def test_a_static_table_trains_as_a_pretrained_student(tiny_bert, tmp_path):
     """A static student saved earlier (ours, or model2vec's wrapped in StaticEmbedding) is aligned further as is."""
     queries = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
-    first = distillation.main(_args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "static",
-                                    "--run_name", "static"))["runs"][0]  # fmt: skip
+    first = distillation.main(
+        _args(tiny_bert, tmp_path / "out", queries, "--student_model_init", "static", "--run_name", "static")
+    )["runs"][0]
     later = write(tmp_path / "q2.tsv", "".join(f"{i}\tanother query {i} on subject {i % 5}\n" for i in range(80)))
-    out = distillation.main(_args(tiny_bert, tmp_path / "out", later, "--student_model_init", "pretrained",
-                                  "--student_model_init_list", first["final_path"], "--run_name", "again",
-                                  "--learning_rate", "1e-2"))["runs"][0]  # fmt: skip
+    out = distillation.main(
+        _args(
+            tiny_bert,
+            tmp_path / "out",
+            later,
+            "--student_model_init",
+            "pretrained",
+            "--student_model_init_list",
+            first["final_path"],
+            "--run_name",
+            "again",
+            "--learning_rate",
+            "1e-2",
+        )
+    )["runs"][0]
     final = SentenceTransformer(out["final_path"], device="cpu")
     assert type(final[0]).__name__ == "StaticEmbedding" and out["dev_mse"] <= out["initial_dev_mse"]
     # staged training: the text of every stage counts, so collections of the first stay in-domain

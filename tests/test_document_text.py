@@ -37,8 +37,9 @@ def test_mixed_training_text_counts_and_dev_disjoint(tmp_path):
     folder = make_beir(tmp_path / "tiny", DOCS, QUERIES, QRELS)
     corpus, _, held_out = training_text.corpus_source(f"corpus:{folder}", tmp_path)
     qfile = queries_file(tmp_path, 200)
-    train, dev, counts = training_text.training_texts([qfile], [("corpus:tiny", corpus, held_out)], num_dev=20, max_train=60,
-                                             corpus_share=0.1, seed=1)  # fmt: skip
+    train, dev, counts = training_text.training_texts(
+        [qfile], [("corpus:tiny", corpus, held_out)], num_dev=20, max_train=60, corpus_share=0.1, seed=1
+    )
     assert counts["queries"] == 54 and counts["corpus:tiny"] <= 6 and len(train) == 54 + counts["corpus:tiny"]
     assert not {t.lower() for t in train} & ({d.lower() for d in dev} | held_out)
     with pytest.raises(data.UsageError, match="needs --max_train_queries"):
@@ -46,20 +47,47 @@ def test_mixed_training_text_counts_and_dev_disjoint(tmp_path):
 
 
 def test_results_name_training_text_and_mark_in_domain(tiny_bert, tmp_path):
-    a = make_beir(tmp_path / "a", {**DOCS, **{f"x{i}": ("", f"filler text number {i} on a topic") for i in range(40)}},
-                  QUERIES, QRELS)  # fmt: skip
+    a = make_beir(
+        tmp_path / "a",
+        {**DOCS, **{f"x{i}": ("", f"filler text number {i} on a topic") for i in range(40)}},
+        QUERIES,
+        QRELS,
+    )
     b = make_beir(tmp_path / "b", DOCS, {"q9": "bread yeast"}, {"q9": {"d3": 1}})
     b_docs = b / "corpus.jsonl"
     b_docs.write_text(b_docs.read_text() + json.dumps({"_id": "e", "title": "", "text": "an extra doc"}) + "\n")
     qfile = queries_file(tmp_path)
-    argv = distill_argv(tiny_bert, tmp_path / "out", qfile, "--train_queries", qfile, f"corpus:{a}",
-                        "--max_train_queries", "60", "--run_name", "docs")  # fmt: skip
+    argv = distill_argv(
+        tiny_bert,
+        tmp_path / "out",
+        qfile,
+        "--train_queries",
+        qfile,
+        f"corpus:{a}",
+        "--max_train_queries",
+        "60",
+        "--run_name",
+        "docs",
+    )
     run = distillation.main(argv)
     student = run["runs"][0]["final_path"]
     sources = json.loads((tmp_path / "out" / "docs" / "final" / "training_text.json").read_text())
     assert [c["spec"] for c in sources["corpora"]] == [f"corpus:{a}"] and sources["corpora"][0]["texts"] > 0
-    out = er.main(["--teacher_model", tiny_bert, "--models", student, "--datasets", str(a), str(b),
-                   "--output_path", str(tmp_path / "out"), "--log_level", "error"])  # fmt: skip
+    out = er.main(
+        [
+            "--teacher_model",
+            tiny_bert,
+            "--models",
+            student,
+            "--datasets",
+            str(a),
+            str(b),
+            "--output_path",
+            str(tmp_path / "out"),
+            "--log_level",
+            "error",
+        ]
+    )
     rows = {r["dataset"]: r for r in out["rows"] if r["model"] == student}
     assert rows["a"]["training_text"] == "in-domain" and rows["b"]["training_text"] == "zero-shot"
     assert rows["a"]["training_text_sources"]["corpora"][0]["spec"] == f"corpus:{a}"
@@ -73,12 +101,36 @@ def test_token_alignment_lowers_heldout_mse_at_equal_steps(shared_output):
     from conftest import MINILM, TRAIN_TSV
 
     def run(name, *extra):
-        return distillation.main([
-            "--teacher_model", MINILM, "--num_layers", "2", "--train_queries", str(TRAIN_TSV),
-            "--max_train_queries", "1500", "--num_dev_queries", "300", "--learning_rate", "1e-3",
-            "--per_device_train_batch_size", "64", "--loss", "cosine", "--freeze_embeddings", "--student_dropout", "0",
-            "--output_path", str(shared_output), "--run_name", name, "--log_level", "warning", *extra,
-        ])["runs"][0]  # fmt: skip
+        return distillation.main(
+            [
+                "--teacher_model",
+                MINILM,
+                "--num_layers",
+                "2",
+                "--train_queries",
+                str(TRAIN_TSV),
+                "--max_train_queries",
+                "1500",
+                "--num_dev_queries",
+                "300",
+                "--learning_rate",
+                "1e-3",
+                "--per_device_train_batch_size",
+                "64",
+                "--loss",
+                "cosine",
+                "--freeze_embeddings",
+                "--student_dropout",
+                "0",
+                "--output_path",
+                str(shared_output),
+                "--run_name",
+                name,
+                "--log_level",
+                "warning",
+                *extra,
+            ]
+        )["runs"][0]
 
     pooled, token = run("pooled-only"), run("token", "--token_loss_weight", "1.0")
     assert pooled["train_steps"] == token["train_steps"]

@@ -12,11 +12,21 @@ from conftest import DATA, ROOT, needs_data
 def test_make_example_reduced(shared_output, scifact_eval):
     # scifact_eval has already built the SciFact teacher index in shared_output, as a user's first run would
     proc = subprocess.run(
-        ["make", "example", "EXAMPLE_QUERIES=2000", "EXAMPLE_EPOCHS=1", "EXAMPLE_CORPORA=cranfield",
-         "EXAMPLE_DATASETS=scifact cranfield", f"OUTPUT_DIR={shared_output}",
-         f"DATA_DIR={DATA}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=1500,
-    )  # fmt: skip
+        [
+            "make",
+            "example",
+            "EXAMPLE_QUERIES=2000",
+            "EXAMPLE_EPOCHS=1",
+            "EXAMPLE_CORPORA=cranfield",
+            "EXAMPLE_DATASETS=scifact cranfield",
+            f"OUTPUT_DIR={shared_output}",
+            f"DATA_DIR={DATA}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (shared_output / "example_results.md").read_text()
     assert table in proc.stdout, "make example ends by printing the table"

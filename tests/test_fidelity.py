@@ -28,8 +28,19 @@ MANY_QRELS = {f"q{i}": {f"d{1 + i % 4}": 1, f"x{i}": 1} for i in range(24)}
 
 
 def evaluate(teacher, models, datasets, out, *extra):
-    argv = ["--teacher_model", teacher, "--models", *map(str, models), "--datasets", *map(str, datasets),
-            "--output_path", str(out), "--log_level", "error", *extra]  # fmt: skip
+    argv = [
+        "--teacher_model",
+        teacher,
+        "--models",
+        *map(str, models),
+        "--datasets",
+        *map(str, datasets),
+        "--output_path",
+        str(out),
+        "--log_level",
+        "error",
+        *extra,
+    ]
     return er.main(argv)
 
 
@@ -47,8 +58,9 @@ def test_recipes_resolve_defaults_record_them_and_yield_to_explicit_flags(tiny_b
     assert paper.student_dropout is None and paper.group_by_length is False
     static = distillation.parse_args(["--teacher_model", tiny_bert, "--student_model_init", "static"])
     assert static.freeze_embeddings is False, "the recipe's frozen embeddings do not apply to a table student"
-    run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", queries_file(tmp_path), "--recipe", "paper",
-                                         "--run_name", "p"))["runs"][0]  # fmt: skip
+    run = distillation.main(
+        distill_argv(tiny_bert, tmp_path / "out", queries_file(tmp_path), "--recipe", "paper", "--run_name", "p")
+    )["runs"][0]
     config = json.loads((Path(run["run_dir"]) / "config.json").read_text())
     assert config["args"]["recipe"] == "paper" and config["args"]["loss"] == {"mse": 1.0}
     assert config["args"]["learning_rate"] == 1e-4 and "num_train_epochs" in config["args"]["explicit_flags"]
@@ -85,11 +97,33 @@ def test_a_prompted_teachers_student_trains_serves_and_exports_with_the_prompt(t
 @needs_data
 def test_a_bge_style_instruction_teacher_is_distilled_on_the_inputs_it_labelled(tmp_path):
     """Measured before the fix: dev cosine 0.801 with raw training texts; 0.904 with the instruction added."""
-    teacher = prompted_teacher(tmp_path / "t", MINILM_LOCAL, "Represent this sentence for searching relevant passages: ")
-    run = distillation.main(["--teacher_model", teacher, "--num_layers", "2", "--train_queries", str(TRAIN_TSV),
-                             "--max_train_queries", "2000", "--num_dev_queries", "300", "--num_train_epochs", "2",
-                             "--eval_steps", "20", "--output_path", str(tmp_path / "out"), "--run_name", "bge",
-                             "--log_level", "warning"])["runs"][0]  # fmt: skip
+    teacher = prompted_teacher(
+        tmp_path / "t", MINILM_LOCAL, "Represent this sentence for searching relevant passages: "
+    )
+    run = distillation.main(
+        [
+            "--teacher_model",
+            teacher,
+            "--num_layers",
+            "2",
+            "--train_queries",
+            str(TRAIN_TSV),
+            "--max_train_queries",
+            "2000",
+            "--num_dev_queries",
+            "300",
+            "--num_train_epochs",
+            "2",
+            "--eval_steps",
+            "20",
+            "--output_path",
+            str(tmp_path / "out"),
+            "--run_name",
+            "bge",
+            "--log_level",
+            "warning",
+        ]
+    )["runs"][0]
     assert run["dev_cosine"] >= 0.88, run["dev_cosine"]
 
 
@@ -159,8 +193,12 @@ def test_label_free_collection_with_a_query_log_and_with_pseudo_queries(tmp_path
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(folder / "corpus.jsonl", bare / "corpus.jsonl")
-    exit_2(er.main, ["--teacher_model", teacher, "--datasets", str(bare), "--label_free", "--output_path",
-                     str(tmp_path / "out")], capsys, "--pseudo_queries N")  # fmt: skip
+    exit_2(
+        er.main,
+        ["--teacher_model", teacher, "--datasets", str(bare), "--label_free", "--output_path", str(tmp_path / "out")],
+        capsys,
+        "--pseudo_queries N",
+    )
 
 
 def test_pseudo_queries_are_never_a_students_training_text(tiny_bert, tmp_path):
@@ -169,8 +207,9 @@ def test_pseudo_queries_are_never_a_students_training_text(tiny_bert, tmp_path):
     spans = training_text.sample_spans(corpus, 30, list(range(3, 13)), 42 + 5)  # what --pseudo_queries 15 draws from
     lines = [f"{i}\tquery number {i}\n" for i in range(60)] + [f"s{i}\t{s}\n" for i, s in enumerate(spans[:15])]
     qfile = write(tmp_path / "q.tsv", "".join(lines))
-    run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1",
-                                         "--run_name", "r"))["runs"][0]  # fmt: skip
+    run = distillation.main(
+        distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1", "--run_name", "r")
+    )["runs"][0]
     trained = set(common.text_sources(run["final_path"])["text_hashes"])
     assert len(trained & set(data.text_hashes(spans[:15]))) >= 14, "the student trained on the first spans"
     out = evaluate(tiny_bert, [run["final_path"]], [folder], tmp_path / "e", "--label_free", "--pseudo_queries", "15")
@@ -183,12 +222,36 @@ def test_report_prints_intervals_and_the_agreement_correlation(tmp_path):
     students = [make_tiny(tmp_path / f"s{i}", "bert", seed=i) for i in (1, 2, 3)]
     a = make_beir(tmp_path / "a", MORE_DOCS, MANY_QUERIES, MANY_QRELS)
     evaluate(teacher, students, [a], tmp_path / "out")
-    table = report.main(["agreement", "--teacher_model", teacher, "--students", *students, "--datasets", str(a),
-                         "--output_path", str(tmp_path / "out")])  # fmt: skip
+    table = report.main(
+        [
+            "agreement",
+            "--teacher_model",
+            teacher,
+            "--students",
+            *students,
+            "--datasets",
+            str(a),
+            "--output_path",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "Spearman rank correlation with nDCG@10 retention over 3 (student, dataset) pairs" in table
     assert "- overlap@10: rho = " in table and (tmp_path / "out" / "agreement_vs_retention.png").stat().st_size > 5000
     speed = tmp_path / "speed.json"
     speed.write_text(json.dumps({"results": []}))
-    example = report.main(["example", "--teacher_model", teacher, "--student", students[0], "--datasets", str(a),
-                           "--speed", str(speed), "--output_path", str(tmp_path / "out")])  # fmt: skip
+    example = report.main(
+        [
+            "example",
+            "--teacher_model",
+            teacher,
+            "--student",
+            students[0],
+            "--datasets",
+            str(a),
+            "--speed",
+            str(speed),
+            "--output_path",
+            str(tmp_path / "out"),
+        ]
+    )
     assert "| **mean retention, zero-shot** | | | | **" in example and " [" in example.split("mean retention")[1]

@@ -40,8 +40,10 @@ DOCS = {
 @pytest.fixture
 def tiny_beir(tmp_path):
     # each query repeats one document exactly, so that document must rank first
-    queries = {"q1": "Cats The domestic cat is a small carnivorous mammal that purrs.",
-               "q2": "Rockets A rocket engine uses stored propellant to produce thrust in space."}  # fmt: skip
+    queries = {
+        "q1": "Cats The domestic cat is a small carnivorous mammal that purrs.",
+        "q2": "Rockets A rocket engine uses stored propellant to produce thrust in space.",
+    }
     return make_beir(tmp_path / "tiny", DOCS, queries, {"q1": {"d1": 2}, "q2": {"d2": 1}})
 
 
@@ -188,8 +190,12 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
     rng = random.Random(0)
     keep = sorted({d for r in qrels.values() for d in r} | set(rng.sample(sorted(corpus), 400)))
     qids = sorted(queries)[:60]
-    sub = make_beir(tmp_path / "scifact-sub", {d: (corpus[d]["title"], corpus[d]["text"]) for d in keep},
-                    {q: queries[q] for q in qids}, {q: qrels[q] for q in qids})  # fmt: skip
+    sub = make_beir(
+        tmp_path / "scifact-sub",
+        {d: (corpus[d]["title"], corpus[d]["text"]) for d in keep},
+        {q: queries[q] for q in qids},
+        {q: qrels[q] for q in qids},
+    )
     teacher = SentenceTransformer(MINILM_LOCAL, device="cpu")
     student = SentenceTransformer(minilm_student["final_path"], device="cpu")
 

@@ -26,24 +26,71 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     corpus, _ = data.load_corpus(DATA / "cranfield")
     coll = tmp_path / "coll.tsv"  # a small score corpus: its teacher index is built sharded across the 2 ranks
     coll.write_text("".join(f"{d}\t{cache.doc_text(corpus[d])}\n" for d in sorted(corpus)[:300]))
-    common = ["--teacher_model", MINILM, "--num_layers", "2", "--train_queries", str(queries),
-              "--num_dev_queries", "50", "--learning_rate", "1e-3", "--loss", "cosine:1.0,kl:1.0", "--eval_steps", "4",
-              "--num_train_epochs", "1",
-              "--score_corpus", str(coll),
-              "--log_level", "info"]  # fmt: skip
+    common = [
+        "--teacher_model",
+        MINILM,
+        "--num_layers",
+        "2",
+        "--train_queries",
+        str(queries),
+        "--num_dev_queries",
+        "50",
+        "--learning_rate",
+        "1e-3",
+        "--loss",
+        "cosine:1.0,kl:1.0",
+        "--eval_steps",
+        "4",
+        "--num_train_epochs",
+        "1",
+        "--score_corpus",
+        str(coll),
+        "--log_level",
+        "info",
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "distillation.py", *common,
-         "--per_device_train_batch_size", "32", "--output_path", str(tmp_path / "ddp"), "--run_name", "r"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "distillation.py",
+            *common,
+            "--per_device_train_batch_size",
+            "32",
+            "--output_path",
+            str(tmp_path / "ddp"),
+            "--run_name",
+            "r",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     # a missing query file: rank 0 finds it, and every rank exits 2 with the same one line (no gloo traceback)
     bad = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "distillation.py", *common,
-         "--train_queries", str(tmp_path / "missing.tsv"), "--output_path", str(tmp_path / "bad")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "distillation.py",
+            *common,
+            "--train_queries",
+            str(tmp_path / "missing.tsv"),
+            "--output_path",
+            str(tmp_path / "bad"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
     assert bad.returncode != 0 and len(errors) == 2 and "missing.tsv" in errors[0], bad.stderr[-2000:]
     # torchrun's own report: the first rank out exited 2 (not aborted, not timed out in a collective); torchrun
@@ -56,8 +103,17 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     assert [p.parent.name for p in runs] == ["r"] and (tmp_path / "ddp" / "r" / "config.json").exists()
     ddp = json.loads((tmp_path / "ddp" / "r" / "metrics.json").read_text())
     assert ddp["world_size"] == 2 and ddp["config"]["world_size"] == 2 and ddp["teacher_label_runs"] == 2
-    argv = [*common, "--per_device_train_batch_size", "64", "--output_path", str(tmp_path / "single"),
-            "--run_name", "r", "--log_level", "warning"]  # fmt: skip
+    argv = [
+        *common,
+        "--per_device_train_batch_size",
+        "64",
+        "--output_path",
+        str(tmp_path / "single"),
+        "--run_name",
+        "r",
+        "--log_level",
+        "warning",
+    ]
     single = distillation.main(argv)["runs"][0]
     # the same global batch: DDP drops the uneven last batch (8 steps vs 9), so close, not equal
     assert abs(ddp["train_steps"] - single["train_steps"]) <= 1

@@ -24,8 +24,18 @@ def cosine(a, b):
 @needs_data
 def test_export_lean_path_and_exported_retention(minilm_student, tmp_path):
     queries = list(data.read_queries(DATA / "scifact" / "queries.jsonl").values())
-    out = serving.main(["--model", minilm_student["final_path"], "--queries", str(DATA / "scifact"),
-                        "--output_path", str(tmp_path / "onnx"), "--log_level", "warning"])  # fmt: skip
+    out = serving.main(
+        [
+            "--model",
+            minilm_student["final_path"],
+            "--queries",
+            str(DATA / "scifact"),
+            "--output_path",
+            str(tmp_path / "onnx"),
+            "--log_level",
+            "warning",
+        ]
+    )
     assert out["fp32"]["cosine_to_torch"] >= 0.999 and out["int8"]["cosine_to_torch"] >= 0.98
     torch_emb = SentenceTransformer(minilm_student["final_path"], device="cpu").encode_query(queries[300:500])
     fp32 = serving.LeanEncoder(tmp_path / "onnx" / "fp32").encode(queries[300:500])
@@ -33,19 +43,56 @@ def test_export_lean_path_and_exported_retention(minilm_student, tmp_path):
     assert cosine(fp32, torch_emb).min() >= 0.999 and cosine(int8, torch_emb).mean() >= 0.98
     assert cosine(int8, torch_emb).mean() < 0.99999, "int8 really is quantized"
 
-    folder = make_beir(tmp_path / "tiny", DOCS, {"q1": "purring mammal", "q2": "rocket thrust"},
-                       {"q1": {"d1": 1}, "q2": {"d2": 1}})  # fmt: skip
-    res = er.main(["--teacher_model", MINILM, "--models", str(tmp_path / "onnx" / "int8"), "--datasets", str(folder),
-                   "--output_path", str(tmp_path / "o"), "--log_level", "warning"])  # fmt: skip
+    folder = make_beir(
+        tmp_path / "tiny", DOCS, {"q1": "purring mammal", "q2": "rocket thrust"}, {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    )
+    res = er.main(
+        [
+            "--teacher_model",
+            MINILM,
+            "--models",
+            str(tmp_path / "onnx" / "int8"),
+            "--datasets",
+            str(folder),
+            "--output_path",
+            str(tmp_path / "o"),
+            "--log_level",
+            "warning",
+        ]
+    )
     row = next(r for r in res["rows"] if r["model"] == str(tmp_path / "onnx" / "int8"))
-    saved = json.loads((tmp_path / "o" / "retrieval" / common.slug(MINILM) / common.slug(row["model"]) /
-                        "tiny.json").read_text())  # fmt: skip
+    saved = json.loads(
+        (tmp_path / "o" / "retrieval" / common.slug(MINILM) / common.slug(row["model"]) / "tiny.json").read_text()
+    )
     assert saved["backend"] == "onnxruntime int8" and 0 <= row["retention_ndcg@10"] <= 1.5
 
-    speed = es.main(["--models", MINILM, minilm_student["final_path"], "--queries", str(DATA / "scifact"),
-                     "--num_queries", "16", "--repeats", "1", "--warmup", "1", "--batch_sizes", "1",
-                     "--backend", "torch", "onnx", "--quantize", "none", "int8", "--output_path", str(tmp_path),
-                     "--log_level", "warning"])  # fmt: skip
+    speed = es.main(
+        [
+            "--models",
+            MINILM,
+            minilm_student["final_path"],
+            "--queries",
+            str(DATA / "scifact"),
+            "--num_queries",
+            "16",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--batch_sizes",
+            "1",
+            "--backend",
+            "torch",
+            "onnx",
+            "--quantize",
+            "none",
+            "int8",
+            "--output_path",
+            str(tmp_path),
+            "--log_level",
+            "warning",
+        ]
+    )
     backends = {(r["model"], r["backend"], r["variant"]) for r in speed["results"]}
     assert (minilm_student["final_path"], "onnx", "int8") in backends and (MINILM, "tokenizer only", "-") in backends
     lean = next(r for r in speed["results"] if r["backend"] == "onnx" and r["model"] != MINILM)
@@ -60,8 +107,14 @@ def test_a_model_that_cannot_be_exported_fails_cleanly(tiny_bert, tmp_path, caps
         SentenceTransformer(make_tiny(tmp_path / "s", "bert", seed=3)), teacher, tmp_path / "asym"
     )
     (tmp_path / "q.tsv").write_text("1\ta query\n2\tanother query\n")
-    argv = ["--model", str(tmp_path / "asym"), "--queries", str(tmp_path / "q.tsv"), "--output_path",
-            str(tmp_path / "onnx")]  # fmt: skip
+    argv = [
+        "--model",
+        str(tmp_path / "asym"),
+        "--queries",
+        str(tmp_path / "q.tsv"),
+        "--output_path",
+        str(tmp_path / "onnx"),
+    ]
     with pytest.raises(SystemExit) as e:
         common.cli(serving.main, argv)
     assert e.value.code == 2 and "Router" in capsys.readouterr().err

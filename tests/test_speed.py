@@ -15,17 +15,50 @@ import evaluate_speed as es
 @needs_data
 def test_speed_rows_follow_the_plan_real_models(minilm_student, tmp_path):
     student = minilm_student["final_path"]
-    out = es.main([
-        "--models", MINILM, student, "--queries", str(DATA / "scifact"), "--num_queries", "24", "--repeats", "2",
-        "--warmup", "2", "--batch_sizes", "1", "8", "--quantize", "none", "int8", "--devices", "cpu", "cuda",
-        "--precision", "fp32", "fp16", "--num_threads", "2", "--output_path", str(tmp_path), "--log_level", "warning",
-    ])  # fmt: skip
+    out = es.main(
+        [
+            "--models",
+            MINILM,
+            student,
+            "--queries",
+            str(DATA / "scifact"),
+            "--num_queries",
+            "24",
+            "--repeats",
+            "2",
+            "--warmup",
+            "2",
+            "--batch_sizes",
+            "1",
+            "8",
+            "--quantize",
+            "none",
+            "int8",
+            "--devices",
+            "cpu",
+            "cuda",
+            "--precision",
+            "fp32",
+            "fp16",
+            "--num_threads",
+            "2",
+            "--output_path",
+            str(tmp_path),
+            "--log_level",
+            "warning",
+        ]
+    )
     saved = json.loads((tmp_path / "speed" / "speed.json").read_text())
     assert saved["num_threads"] == 2 and saved["config"]["hardware"]["cpu"]
     assert saved["token_lengths"]["count"] == 24 and saved["token_lengths"]["p50"] > 3
     plan, notes = es.plan_variants(["cpu", "cuda"], ["fp32", "fp16"], ["none", "int8"], torch.cuda.is_available())
-    expected = {(m, d, "torch", v, b, mode) for m in (MINILM, student) for d, v in plan for b in (1, 8)
-                for mode in ("end_to_end", "forward")}  # fmt: skip
+    expected = {
+        (m, d, "torch", v, b, mode)
+        for m in (MINILM, student)
+        for d, v in plan
+        for b in (1, 8)
+        for mode in ("end_to_end", "forward")
+    }
     rows = out["results"]
     assert {
         (r["model"], r["device"], r["backend"], r["variant"], r["batch_size"], r["mode"]) for r in rows

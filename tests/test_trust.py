@@ -29,8 +29,19 @@ MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}"
 
 
 def evaluate(teacher, models, datasets, out, *extra):
-    argv = ["--teacher_model", teacher, "--models", *map(str, models), "--datasets", *map(str, datasets),
-            "--output_path", str(out), "--log_level", "error", *extra]  # fmt: skip
+    argv = [
+        "--teacher_model",
+        teacher,
+        "--models",
+        *map(str, models),
+        "--datasets",
+        *map(str, datasets),
+        "--output_path",
+        str(out),
+        "--log_level",
+        "error",
+        *extra,
+    ]
     result = er.main(argv)
     return {(r["model"], r["dataset"]): r for r in result["rows"]}
 
@@ -74,10 +85,20 @@ def speed_file(path, student, teacher):
     rows = []
     for model, torch_ms, onnx_ms in ((teacher, 20.0, 5.0), (student, 10.0, 1.0)):
         for backend, ms in (("torch", torch_ms), ("onnx", onnx_ms)):
-            rows.append({"model": model, "device": "cpu", "batch_size": 1, "mode": "end_to_end", "variant": "fp32",
-                         "backend": backend, "p50_ms": ms, "calls": 6,
-                         "speedup": {"median": 20.0 / ms, "min": 20.0 / ms, "max": 20.0 / ms, "per_round": [1, 1]}})
-    path.write_text(json.dumps({"results": rows}))  # fmt: skip
+            rows.append(
+                {
+                    "model": model,
+                    "device": "cpu",
+                    "batch_size": 1,
+                    "mode": "end_to_end",
+                    "variant": "fp32",
+                    "backend": backend,
+                    "p50_ms": ms,
+                    "calls": 6,
+                    "speedup": {"median": 20.0 / ms, "min": 20.0 / ms, "max": 20.0 / ms, "per_round": [1, 1]},
+                }
+            )
+    path.write_text(json.dumps({"results": rows}))
     return str(path)
 
 
@@ -87,8 +108,20 @@ def test_report_rows_are_the_backend_and_the_folder_they_name(tiny_bert, tmp_pat
     b = make_beir(tmp_path / "b" / "tiny", DOCS, {"q1": "yeast bread"}, {"q1": {"d3": 1}})
     rows = evaluate(tiny_bert, [student], [a, b], tmp_path / "out")
     speed = speed_file(tmp_path / "speed.json", student, tiny_bert)
-    argv = ["example", "--teacher_model", tiny_bert, "--student", student, "--datasets", str(a), str(b),
-            "--speed", speed, "--output_path", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "example",
+        "--teacher_model",
+        tiny_bert,
+        "--student",
+        student,
+        "--datasets",
+        str(a),
+        str(b),
+        "--speed",
+        speed,
+        "--output_path",
+        str(tmp_path / "out"),
+    ]
     table = report.main(argv)
     # encode_query (torch) latencies, not the ONNX rows of the same file: 2.00x, not 20.00x
     assert "| 20.00 ms | 10.00 ms | 2.00x" in table, table
@@ -106,19 +139,46 @@ def test_score_corpus_marks_in_domain_and_an_empty_corpus_source_does_not(tiny_b
     a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
     b = make_beir(tmp_path / "b", DOCS, {"q9": "bread yeast"}, {"q9": {"d3": 1}})
     qfile = queries_file(tmp_path)
-    scored = distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, "--loss", "mse:1.0,kl:1.0",
-                                            "--score_corpus", str(a), "--run_name", "kl",
-                                            "--kl_top_k", "2", "--kl_negatives", "2"))["runs"][0]  # fmt: skip
-    empty = distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, "--train_queries", qfile,
-                                           f"corpus:{b}", "--corpus_text_share", "0", "--max_train_queries", "60",
-                                           "--run_name", "share0"))["runs"][0]  # fmt: skip
+    scored = distillation.main(
+        distill_argv(
+            tiny_bert,
+            tmp_path / "out",
+            qfile,
+            "--loss",
+            "mse:1.0,kl:1.0",
+            "--score_corpus",
+            str(a),
+            "--run_name",
+            "kl",
+            "--kl_top_k",
+            "2",
+            "--kl_negatives",
+            "2",
+        )
+    )["runs"][0]
+    empty = distillation.main(
+        distill_argv(
+            tiny_bert,
+            tmp_path / "out",
+            qfile,
+            "--train_queries",
+            qfile,
+            f"corpus:{b}",
+            "--corpus_text_share",
+            "0",
+            "--max_train_queries",
+            "60",
+            "--run_name",
+            "share0",
+        )
+    )["runs"][0]
     record = common.text_sources(scored["final_path"])
     assert [c["role"] for c in record["corpora"]] == ["score corpus"]
     assert common.text_sources(empty["final_path"])["corpora"] == [], "a source that gave no text is not recorded"
     rows = evaluate(tiny_bert, [scored["final_path"], empty["final_path"]], [a, b], tmp_path / "out")
-    assert rows[(scored["final_path"], "a")]["in_domain_text"] and not rows[(scored["final_path"], "b")][
-        "in_domain_text"
-    ]
+    assert (
+        rows[(scored["final_path"], "a")]["in_domain_text"] and not rows[(scored["final_path"], "b")]["in_domain_text"]
+    )
     assert not rows[(empty["final_path"], "b")]["in_domain_text"]
 
 
@@ -136,10 +196,24 @@ def test_asymmetric_folder_and_hub_push_carry_the_training_text_record(tiny_bert
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
-    run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", queries_file(tmp_path), "--train_queries",
-                                         queries_file(tmp_path), f"corpus:{a}", "--max_train_queries", "60",
-                                         "--save_asymmetric", "--push_to_hub", "--hub_model_id", "me/student",
-                                         "--run_name", "asym"))["runs"][0]  # fmt: skip
+    run = distillation.main(
+        distill_argv(
+            tiny_bert,
+            tmp_path / "out",
+            queries_file(tmp_path),
+            "--train_queries",
+            queries_file(tmp_path),
+            f"corpus:{a}",
+            "--max_train_queries",
+            "60",
+            "--save_asymmetric",
+            "--push_to_hub",
+            "--hub_model_id",
+            "me/student",
+            "--run_name",
+            "asym",
+        )
+    )["runs"][0]
     asym = tmp_path / "out" / "asym" / "asymmetric"
     assert common.text_sources(asym) == common.text_sources(run["final_path"])
     assert pushed["repo"] == "me/student" and common.TRAINING_TEXT in pushed["files"]
@@ -169,10 +243,13 @@ def test_skip_finished_reuses_only_a_run_of_the_same_recipe(tiny_bert, tmp_path)
 
 def test_evaluation_queries_among_the_training_texts_are_counted_and_mark_in_domain(tiny_bert, tmp_path):
     a = make_beir(tmp_path / "a", DOCS, QUERIES, QRELS)
-    qfile = write(tmp_path / "leak.tsv", queries_file(tmp_path) and (tmp_path / "q.tsv").read_text()
-                  + "leak\t  Purring   SMALL mammal \n")  # fmt: skip
-    run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1",
-                                         "--run_name", "leak"))["runs"][0]  # fmt: skip
+    qfile = write(
+        tmp_path / "leak.tsv",
+        queries_file(tmp_path) and (tmp_path / "q.tsv").read_text() + "leak\t  Purring   SMALL mammal \n",
+    )
+    run = distillation.main(
+        distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1", "--run_name", "leak")
+    )["runs"][0]
     row = evaluate(tiny_bert, [run["final_path"]], [a], tmp_path / "out")[(run["final_path"], "a")]
     # unless the held-out dev slice took it, the student trained on one of a's two queries
     trained = data.text_hashes(["purring small mammal"])[0] in common.text_sources(run["final_path"])["text_hashes"]
@@ -242,8 +319,17 @@ def test_one_corpus_given_twice_is_refused(tiny_bert, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         distillation.parse_args(twice)
     assert e.value.code == 2 and "twice" in capsys.readouterr().err
-    spelled = distill_argv(tiny_bert, tmp_path / "o", qfile, "--train_queries", qfile, f"corpus:{a}",
-                           f"corpus:{a}/../a", "--max_train_queries", "60")  # fmt: skip
+    spelled = distill_argv(
+        tiny_bert,
+        tmp_path / "o",
+        qfile,
+        "--train_queries",
+        qfile,
+        f"corpus:{a}",
+        f"corpus:{a}/../a",
+        "--max_train_queries",
+        "60",
+    )
     exit_2(distillation.main, spelled, capsys, "are the same collection")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
@@ -254,21 +340,37 @@ def test_small_corpus_ivfpq_and_existing_file_as_export_folder_exit_2(tiny_bert,
     exit_2(er.main, argv, capsys, f"needs at least {search.IVFPQ_MIN_DOCS} documents")
     assert not (tmp_path / "index").exists(), "refused before the teacher index is built"
     (tmp_path / "file").write_text("x")
-    exit_2(serving.main, ["--model", tiny_bert, "--queries", str(ds), "--output_path", str(tmp_path / "file")],
-           capsys, "is a file")  # fmt: skip
+    exit_2(
+        serving.main,
+        ["--model", tiny_bert, "--queries", str(ds), "--output_path", str(tmp_path / "file")],
+        capsys,
+        "is a file",
+    )
 
 
 def test_run_and_export_folders_are_named_for_what_they_are(tiny_bert, tmp_path, capsys):
     run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", queries_file(tmp_path), "--run_name", "r"))
     run_dir = Path(run["runs"][0]["run_dir"])
     ds = make_beir(tmp_path / "tiny", DOCS, QUERIES, QRELS)
-    exit_2(er.main, ["--teacher_model", tiny_bert, "--models", str(run_dir), "--datasets", str(ds)], capsys,
-           "did you mean")  # fmt: skip
+    exit_2(
+        er.main,
+        ["--teacher_model", tiny_bert, "--models", str(run_dir), "--datasets", str(ds)],
+        capsys,
+        "did you mean",
+    )
     serving.export(run_dir / "final", tmp_path / "onnx", ["a query", "another"], int8=False)
-    exit_2(er.main, ["--teacher_model", tiny_bert, "--models", str(tmp_path / "onnx"), "--datasets", str(ds)], capsys,
-           "holds ONNX exports")  # fmt: skip
-    exit_2(serving.main, ["--model", str(tmp_path / "onnx" / "fp32"), "--queries", str(ds)], capsys,
-           "already an ONNX export")  # fmt: skip
+    exit_2(
+        er.main,
+        ["--teacher_model", tiny_bert, "--models", str(tmp_path / "onnx"), "--datasets", str(ds)],
+        capsys,
+        "holds ONNX exports",
+    )
+    exit_2(
+        serving.main,
+        ["--model", str(tmp_path / "onnx" / "fp32"), "--queries", str(ds)],
+        capsys,
+        "already an ONNX export",
+    )
 
 
 # ----------------------------------------------------------------------------- 9, 11, 15: exports
@@ -284,12 +386,38 @@ def test_export_folder_holds_one_model_and_damaged_exports_are_caught(tiny_bert,
     fp32 = tmp_path / "onnx" / "fp32"
     graph = (fp32 / "model.onnx").read_bytes()
     (fp32 / "model.onnx").write_bytes(graph[: len(graph) // 2])
-    exit_2(er.main, ["--teacher_model", tiny_bert, "--models", str(fp32), "--datasets", str(ds),
-                     "--output_path", str(tmp_path / "o")], capsys, "damaged export")  # fmt: skip
+    exit_2(
+        er.main,
+        [
+            "--teacher_model",
+            tiny_bert,
+            "--models",
+            str(fp32),
+            "--datasets",
+            str(ds),
+            "--output_path",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        "damaged export",
+    )
     (fp32 / "model.onnx").write_bytes(graph)
     (fp32 / serving.EXPORT_FILE).write_text("{not json")
-    exit_2(er.main, ["--teacher_model", tiny_bert, "--models", str(fp32), "--datasets", str(ds),
-                     "--output_path", str(tmp_path / "o")], capsys, "malformed")  # fmt: skip
+    exit_2(
+        er.main,
+        [
+            "--teacher_model",
+            tiny_bert,
+            "--models",
+            str(fp32),
+            "--datasets",
+            str(ds),
+            "--output_path",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+        "malformed",
+    )
     assert not (tmp_path / "o" / "index").exists(), "checked before the teacher's index"
 
 
@@ -324,8 +452,19 @@ def test_margin_triples_compute_no_training_top_k(tiny_bert, tmp_path, monkeypat
     qfile = queries_file(tmp_path)
     coll = write(tmp_path / "coll.tsv", "".join(f"p{i}\tpassage {i} about topic {i % 7}\n" for i in range(20)))
     triples = write(tmp_path / "t.tsv", "".join(f"9\t5\t{i}\tp{i % 20}\tp{(i + 3) % 20}\n" for i in range(80)))
-    run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, "--loss", "margin_mse:1.0",
-                                         "--margin_triples", triples, "--triples_collection", coll))  # fmt: skip
+    run = distillation.main(
+        distill_argv(
+            tiny_bert,
+            tmp_path / "out",
+            qfile,
+            "--loss",
+            "margin_mse:1.0",
+            "--margin_triples",
+            triples,
+            "--triples_collection",
+            coll,
+        )
+    )
     assert sizes == [5], "only the 5 dev queries get candidates (for the KL metric); training queries none"
     assert run["runs"][0]["train_texts"] > 0
 
@@ -374,8 +513,10 @@ def test_cqadupstack_is_the_mean_of_its_forums_and_msmarco_uses_dev(tiny_bert, t
         make_beir(root / forum, DOCS, {"q": list(DOCS.values())[i % 4][1]}, {"q": {f"d{1 + (i + i // 4) % 4}": 1}})
     rows = evaluate(tiny_bert, [], [root], tmp_path / "out")
     saved = tmp_path / "out" / "retrieval" / common.slug(tiny_bert) / common.slug(tiny_bert)
-    forums = [json.loads((saved / f"cqadupstack-{f}.json").read_text())["metrics"]["NDCG@10"]
-              for f in data.CQADUPSTACK_FORUMS]  # fmt: skip
+    forums = [
+        json.loads((saved / f"cqadupstack-{f}.json").read_text())["metrics"]["NDCG@10"]
+        for f in data.CQADUPSTACK_FORUMS
+    ]
     assert len(set(forums)) > 1, "forums differ, so the mean is a real check"
     assert rows[(tiny_bert, "cqadupstack")]["metrics"]["NDCG@10"] == pytest.approx(np.mean(forums))
     msmarco = make_beir(tmp_path / "msmarco", DOCS, QUERIES, QRELS, split="dev")
@@ -386,9 +527,20 @@ def test_cqadupstack_is_the_mean_of_its_forums_and_msmarco_uses_dev(tiny_bert, t
 def test_export_into_a_copy_keeps_the_record(tiny_bert, tmp_path):
     """serving.py's copy of training_text.json: an export scores in-domain where its source does."""
     a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
-    run = distillation.main(distill_argv(tiny_bert, tmp_path / "out", queries_file(tmp_path), "--train_queries",
-                                         queries_file(tmp_path), f"corpus:{a}", "--max_train_queries", "60",
-                                         "--run_name", "e"))["runs"][0]  # fmt: skip
+    run = distillation.main(
+        distill_argv(
+            tiny_bert,
+            tmp_path / "out",
+            queries_file(tmp_path),
+            "--train_queries",
+            queries_file(tmp_path),
+            f"corpus:{a}",
+            "--max_train_queries",
+            "60",
+            "--run_name",
+            "e",
+        )
+    )["runs"][0]
     serving.export(run["final_path"], tmp_path / "onnx", ["a query", "another"], int8=False)
     shutil.copytree(tmp_path / "onnx" / "fp32", tmp_path / "copy")
     rows = evaluate(tiny_bert, [tmp_path / "copy"], [a], tmp_path / "o")
@@ -401,9 +553,27 @@ def test_export_into_a_copy_keeps_the_record(tiny_bert, tmp_path):
 def test_speed_times_an_exported_folder_and_records_the_command_given(tiny_bert, tmp_path):
     q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i} about topic {i % 3}\n" for i in range(12)))
     serving.main(["--model", tiny_bert, "--queries", q, "--output_path", str(tmp_path / "onnx"), "--no_int8"])
-    argv = ["--models", tiny_bert, str(tmp_path / "onnx" / "fp32"), "--queries", q, "--num_queries", "4",
-            "--repeats", "1", "--warmup", "1", "--batch_sizes", "1", "--output_path", str(tmp_path), "--num_threads",
-            "1", "--log_level", "error"]  # fmt: skip
+    argv = [
+        "--models",
+        tiny_bert,
+        str(tmp_path / "onnx" / "fp32"),
+        "--queries",
+        q,
+        "--num_queries",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--batch_sizes",
+        "1",
+        "--output_path",
+        str(tmp_path),
+        "--num_threads",
+        "1",
+        "--log_level",
+        "error",
+    ]
     out = es.main(argv)
     rows = [r for r in out["results"] if r["model"] == str(tmp_path / "onnx" / "fp32")]
     assert {r["backend"] for r in rows} == {"onnx", "tokenizer only"} and rows[0]["dim"] == 32
