@@ -325,80 +325,10 @@ def main(argv=None) -> dict:
     datasets = check_datasets(args, trained)  # first: a bad dataset is named before any model is looked up
     sources = {name: common.text_sources(resolve(name)) for name in names}
     models = load_models(args, names, paths, device)
-    sim = loading.similarity_name(models[args.teacher_model])  # the teacher's own score function, not beir's cosine
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
-
     rows = []
     for ds, label_free_queries_ in datasets:
-        corpus, corpus_file, queries, qrels, data_stats = load_dataset(ds, label_free_queries_)
-        doc_emb, doc_ids, index_meta = cache.teacher_index(
-            models[args.teacher_model],
-            args.teacher_model,
-            paths[args.teacher_model],
-            corpus,
-            corpus_file,
-            args.output_path,
-            args.corpus_max_seq_length,
-            args.corpus_batch_size,
-            devices=args.encode_devices,
-        )
-        index_digest = cache.sha256_texts([json.dumps(index_meta["key"], sort_keys=True)])[:16]
-        settings = {
-            "dataset": ds.digest,
-            "split": ds.split,
-            "index": args.index,
-            "teacher_index": index_digest,
-            "k_values": args.k_values,
-            "similarity": sim,
-            "faiss": __import__("faiss").__version__,
-            "schema": RESULT_SCHEMA,
-            **({"seed": args.seed} if args.index != "flat" else {}),
-        }
-        records, pending = {}, []
-        for name in names:  # finished results are reused only when model, data and settings all match
-            runtime = {"onnxruntime": __import__("onnxruntime").__version__} if serving.is_export(paths[name]) else {}
-            key, key_digest = cache.cache_key("retrieval", paths[name], {**settings, **runtime})
-            path = out_root / common.slug(name) / f"{ds.name}.json"
-            old = json.loads(path.read_text()) if path.exists() and not args.overwrite else {}
-            if old.get("result_key") == key_digest:
-                logger.info(
-                    "%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name
-                )
-                records[name] = old
-            else:
-                pending.append((name, path, key, key_digest))
-        if pending:
-            records.update(
-                evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config)
-            )
-        for name in names:
-            record = {**records[name], "dataset": ds.name, "dataset_path": str(ds.folder), "split": ds.split}
-            if name != args.teacher_model:
-                teacher_ndcg = records[args.teacher_model].get("metrics", {}).get("NDCG@10")
-                if qrels is not None:
-                    record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
-                overlap = training_overlap(sources[name], queries.values())
-                if overlap:
-                    logger.warning(
-                        "%s trained on %d of the %d %s queries: in-domain, not zero-shot",
-                        name,
-                        overlap,
-                        len(queries),
-                        ds.name,
-                    )
-                record["training_text_sources"] = {
-                    k: v for k, v in (sources[name] or {}).items() if k != "text_hashes"
-                }
-                record["training_query_overlap"] = overlap
-                record["in_domain_text"] = in_domain(
-                    sources[name], ds.folder, ds.corpus_sha256, ds.queries_sha256, overlap
-                )
-                record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
-            record["data_stats"] = data_stats
-            if name in {p[0] for p in pending}:  # fresh results are written; reused ones stay as they are
-                common.write_json(out_root / common.slug(name) / f"{ds.name}.json", record)
-            rows.append({**record, "group": ds.group, "reused": name not in {p[0] for p in pending}})
-
+        rows += evaluate_dataset(args, ds, label_free_queries_, names, paths, models, sources, out_root, config)
     retention_cis(rows, args.teacher_model, args.seed)
     rows = group_rows(rows)
     shown = list(dict.fromkeys(r["dataset"] for r in rows))
@@ -406,6 +336,80 @@ def main(argv=None) -> dict:
     common.write_text(out_root / "results.md", table)
     print(table)
     return {"rows": rows, "table": table}
+
+
+def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, out_root, config) -> list[dict]:
+    """One row per model on one dataset: finished results reused when model, data and settings all match."""
+    corpus, corpus_file, queries, qrels, data_stats = load_dataset(ds, queries)
+    teacher = models[args.teacher_model]
+    doc_emb, doc_ids, index_meta = cache.teacher_index(
+        teacher,
+        args.teacher_model,
+        paths[args.teacher_model],
+        corpus,
+        corpus_file,
+        args.output_path,
+        args.corpus_max_seq_length,
+        args.corpus_batch_size,
+        devices=args.encode_devices,
+    )
+    sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
+    settings = {
+        "dataset": ds.digest,
+        "split": ds.split,
+        "index": args.index,
+        "teacher_index": cache.sha256_texts([json.dumps(index_meta["key"], sort_keys=True)])[:16],
+        "k_values": args.k_values,
+        "similarity": sim,
+        "faiss": __import__("faiss").__version__,
+        "schema": RESULT_SCHEMA,
+        **({"seed": args.seed} if args.index != "flat" else {}),  # hnsw/ivfpq are built with the seed
+    }
+    records, pending = {}, []
+    for name in names:
+        runtime = {"onnxruntime": __import__("onnxruntime").__version__} if serving.is_export(paths[name]) else {}
+        key, key_digest = cache.cache_key("retrieval", paths[name], {**settings, **runtime})
+        path = out_root / common.slug(name) / f"{ds.name}.json"
+        old = json.loads(path.read_text()) if path.exists() and not args.overwrite else {}
+        if old.get("result_key") == key_digest:
+            logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name)
+            records[name] = old
+        else:
+            pending.append((name, path, key, key_digest))
+    if pending:
+        records.update(
+            evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config)
+        )
+    rows, fresh = [], {p[0] for p in pending}
+    for name in names:
+        record = {**records[name], "dataset": ds.name, "dataset_path": str(ds.folder), "split": ds.split}
+        if name != args.teacher_model:
+            mark_training_text(record, records[args.teacher_model], sources[name], ds, queries)
+        record["data_stats"] = data_stats
+        if name in fresh:  # fresh results are written; reused ones stay as they are
+            common.write_json(out_root / common.slug(name) / f"{ds.name}.json", record)
+        rows.append({**record, "group": ds.group, "reused": name not in fresh})
+    return rows
+
+
+def mark_training_text(record: dict, teacher: dict, sources: dict | None, ds: Dataset, queries: dict) -> None:
+    """A student's retention, its training-text record, the leak guard's count and the in-domain mark (in place)."""
+    teacher_ndcg = teacher.get("metrics", {}).get("NDCG@10")
+    if "metrics" in record:
+        record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
+    overlap = training_overlap(sources, queries.values())
+    if overlap:
+        logger.warning(
+            "%s trained on %d of the %d %s queries: in-domain, not zero-shot",
+            record["model"],
+            overlap,
+            len(queries),
+            ds.name,
+        )
+    record["training_text_sources"] = {k: v for k, v in (sources or {}).items() if k != "text_hashes"}
+    record["training_query_overlap"] = overlap
+    record["in_domain_text"] = in_domain(sources, ds.folder, ds.corpus_sha256, ds.queries_sha256, overlap)
+    record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
 
 
 def retrieve(index, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
@@ -427,6 +431,18 @@ def encode_and_search(model, index, q_texts, q_ids, doc_ids, args, cosine):
     t0 = time.perf_counter()
     results = retrieve(index, q_emb, q_ids, doc_ids, max(args.k_values))
     return q_emb, results, enc_secs, time.perf_counter() - t0
+
+
+def score(qrels, results, k_values) -> dict:
+    """Relevance metrics and their per-query values; nothing without qrels (label-free: agreement only)."""
+    if qrels is None:
+        return {}
+    values, dropped = metrics.evaluate(qrels, results, k_values)
+    return {
+        "metrics": values,
+        "identical_ids_dropped": dropped,
+        "per_query": metrics.per_query(qrels, results, k_values),
+    }
 
 
 def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config):
@@ -470,9 +486,7 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
             },
             "config": config,
         }
-        if qrels is not None:
-            record["metrics"], record["identical_ids_dropped"] = metrics.evaluate(qrels, results, args.k_values)
-            record["per_query"] = metrics.per_query(qrels, results, args.k_values)
+        record.update(score(qrels, results, args.k_values))
         if name != args.teacher_model:
             s_top = metrics.top_ids(metrics.drop_own_ids(qrels, results)[0], 10)
             agree = metrics.agreement(s_top, t_top, q_emb, t_emb, q_ids, args.seed)
@@ -484,22 +498,24 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
                 f"@{k}": metrics.overlap_at_k(exact_ids, approx_ids, k) for k in (10, 100) if k <= max_k
             }
         if args.save_run:
-            lines = [
-                f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}"
-                for qid in q_ids
-                for rank, (did, score) in enumerate(sorted(results[qid].items(), key=lambda x: -x[1]), 1)
-            ]
-            common.write_text(path.with_suffix(".trec"), "\n".join(lines) + "\n")
+            write_trec(path.with_suffix(".trec"), name, q_ids, results)
         summary = (
             f"nDCG@10 {record['metrics']['NDCG@10']:.4f}"
             if qrels is not None
             else f"overlap@10 {record.get('agreement', {}).get('overlap@10', {}).get('value', 1.0):.3f}"
         )
-        logger.info(
-            "%s: %s (%d queries, encode %.2fs, search %.3fs)", name, summary, len(q_ids), enc_secs, search_secs
-        )
+        logger.info("%s: %s (%d queries, encode %.2fs)", name, summary, len(q_ids), enc_secs)
         out[name] = record
     return out
+
+
+def write_trec(path: Path, name: str, q_ids, results) -> None:
+    lines = [
+        f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}"
+        for qid in q_ids
+        for rank, (did, score) in enumerate(sorted(results[qid].items(), key=lambda x: -x[1]), 1)
+    ]
+    common.write_text(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -273,6 +273,37 @@ def add_export(variants: dict, name: str, enc, ref_emb) -> None:
     variants.setdefault((name, "tokenizer only", "-"), (Floor(enc), ref_emb))
 
 
+def token_lengths(tokenizer, texts) -> dict:
+    lengths = [len(x) for x in tokenizer(texts)["input_ids"]]
+    return {
+        "count": len(lengths),
+        "min": min(lengths),
+        "max": max(lengths),
+        "mean": float(np.mean(lengths)),
+        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
+    }
+
+
+def device_variants(args, device, plan, base, exports, paths, texts) -> dict:
+    """(model, backend, variant) -> (object to time, the model's torch fp32 embeddings) on one device: torch
+    variants of each loaded model, their cached exports with --backend onnx, and exported folders as given."""
+    variants = {}
+    for name, model in base.items():
+        ref_emb = model.to(device).encode_query(texts, batch_size=64)
+        for _, variant in [p for p in plan if p[0] == device]:
+            variants[(name, "torch", variant)] = (make_variant(model, device, variant), ref_emb)
+        if "onnx" in args.backend and device == "cpu":
+            int8 = "int8" in args.quantize
+            for enc in serving.cached_export(
+                name, paths[name], args.output_path, texts, int8, args.num_threads
+            ).values():
+                add_export(variants, name, enc, ref_emb)
+    if device == "cpu":  # exported folders given as models: timed as they are (their source is not loaded)
+        for name, enc in exports.items():
+            add_export(variants, name, enc, None)
+    return variants
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.start_run(args.log_level, args.seed, args.output_path)
@@ -298,32 +329,12 @@ def main(argv=None) -> dict:
     if args.models[0] in exports:
         raise UsageError(f"the reference {args.models[0]} is an export; give the teacher's torch model first")
     base = {name: loading.load_model(name, "cpu", path=paths[name])[0] for name in args.models if name not in exports}
-    lengths = [len(x) for x in base[args.models[0]].tokenizer(texts)["input_ids"]]
-    token_stats = {
-        "count": len(lengths),
-        "min": min(lengths),
-        "max": max(lengths),
-        "mean": float(np.mean(lengths)),
-        **{f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
-    }
+    token_stats = token_lengths(base[args.models[0]].tokenizer, texts)
     if any(v == "int8" for _, v in plan):
         notes.append(INT8_NOTE)
     rows = []
     for device in dict.fromkeys(d for d, _ in plan):
-        variants = {}  # (model, backend, variant) -> (object to time, the model's torch fp32 embeddings)
-        for name, model in base.items():
-            ref_emb = model.to(device).encode_query(texts, batch_size=64)
-            for _, variant in [p for p in plan if p[0] == device]:
-                variants[(name, "torch", variant)] = (make_variant(model, device, variant), ref_emb)
-            if "onnx" in args.backend and device == "cpu":
-                encoders = serving.cached_export(
-                    name, paths[name], args.output_path, texts, "int8" in args.quantize, args.num_threads
-                )
-                for variant, enc in encoders.items():
-                    add_export(variants, name, enc, ref_emb)
-        if device == "cpu":  # exported folders given as models: timed as they are (their source is not loaded)
-            for name, enc in exports.items():
-                add_export(variants, name, enc, None)
+        variants = device_variants(args, device, plan, base, exports, paths, texts)
         facts = {name: model_facts(model) for name, model in {**base, **exports}.items()}
         rows += device_rows(
             variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats, max(args.warmup, 1)

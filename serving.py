@@ -214,44 +214,52 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
         except (ValueError, NotImplementedError):
             pass
     with common.atomic_dir(out / "fp32") as tmp:
-        try:
-            graph, inputs = _Pipeline(model.eval(), names), tuple(sample[n] for n in names)
-            torch.onnx.export(
-                graph,
-                inputs,
-                str(tmp / "traced.onnx"),
-                input_names=names,
-                output_names=["sentence_embedding"],
-                dynamo=False,
-                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
-                opset_version=17,
-            )
-        except Exception as e:  # noqa: BLE001 - unsupported ops of an architecture: one line, nothing left behind
-            raise UsageError(f"cannot export {model_path} to ONNX ({str(e).splitlines()[0][:120]})") from e
+        _trace(model, names, sample, tmp / "traced.onnx", model_path)
         fused = _fuse(tmp / "traced.onnx", tmp / "model.onnx", getattr(auto, "config", None))
         tok.save_pretrained(str(tmp))
         meta = {**settings, "variant": "fp32", "inputs": names, "fused_ops": fused}
         written["fp32"] = _finish(tmp, path, meta, reference, queries, num_threads, accept)
     if int8:
-        from onnx import TensorProto
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
         with common.atomic_dir(out / "int8") as tmp:
-            # weights only, per channel, signed: per-tensor int8 loses ~2% cosine on MiniLM. The fused
-            # graph's com.microsoft ops defeat ONNX shape inference, hence the default tensor type.
-            quantize_dynamic(
-                out / "fp32" / "model.onnx",
-                tmp / "model.onnx",
-                weight_type=QuantType.QInt8,
-                per_channel=True,
-                op_types_to_quantize=INT8_OPS,
-                extra_options={"DefaultTensorType": TensorProto.FLOAT},
-            )
+            _quantize(out / "fp32" / "model.onnx", tmp / "model.onnx")
             tok.save_pretrained(str(tmp))
             how = f"dynamic, {'+'.join(INT8_OPS)}, per-channel"
             meta = {**settings, "variant": "int8", "inputs": names, "quantization": how}
             written["int8"] = _finish(tmp, path, meta, reference, queries, num_threads, accept)
     return written
+
+
+def _trace(model, names, sample, target: Path, model_path) -> None:
+    try:
+        graph, inputs = _Pipeline(model.eval(), names), tuple(sample[n] for n in names)
+        torch.onnx.export(
+            graph,
+            inputs,
+            str(target),
+            input_names=names,
+            output_names=["sentence_embedding"],
+            dynamo=False,
+            dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names},
+            opset_version=17,
+        )
+    except Exception as e:  # noqa: BLE001 - unsupported ops of an architecture: one line, nothing left behind
+        raise UsageError(f"cannot export {model_path} to ONNX ({str(e).splitlines()[0][:120]})") from e
+
+
+def _quantize(source: Path, target: Path) -> None:
+    """Weights only, per channel, signed: per-tensor int8 loses ~2% cosine on MiniLM. The fused graph's
+    com.microsoft ops defeat ONNX shape inference, hence the default tensor type."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        source,
+        target,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=INT8_OPS,
+        extra_options={"DefaultTensorType": TensorProto.FLOAT},
+    )
 
 
 def _fuse(traced: Path, target: Path, config) -> dict:

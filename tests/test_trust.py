@@ -583,3 +583,15 @@ def test_speed_times_an_exported_folder_and_records_the_command_given(tiny_bert,
     # the one export location: serving.cached_export finds what an earlier call wrote, keyed by content
     first = serving.cached_export("tiny", tiny_bert, tmp_path, ["a", "b"], int8=False)
     assert serving.export_folder("tiny", tiny_bert, tmp_path) == first["fp32"].folder.parent
+
+
+def test_the_dev_set_is_encoded_once_per_evaluation(tiny_bert):
+    import losses
+
+    student = SentenceTransformer(tiny_bert, device="cpu")
+    calls = []
+    real = student.encode_query
+    student.encode_query = lambda *a, **k: calls.append(1) or real(*a, **k)
+    labels = np.random.default_rng(1).normal(size=(3, 32)).astype(np.float32)
+    out = losses.make_evaluator(["a", "b", "c"], labels, 8)(student)
+    assert len(calls) == 1 and "dev_cosine" in out and "dev_negative_mse" in out
