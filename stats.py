@@ -16,6 +16,22 @@ N_RESAMPLES = 2000
 CONFIDENCE = 0.95
 
 
+def _interval(data, statistic, seed: int, **options) -> tuple[float, float]:
+    """(low, high): scipy's percentile bootstrap at CONFIDENCE, seeded."""
+    from scipy import stats
+
+    res = stats.bootstrap(
+        data,
+        statistic,
+        n_resamples=N_RESAMPLES,
+        confidence_level=CONFIDENCE,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+        **options,
+    )
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
 def paired_arrays(student: dict, teacher: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per-query values of the queries both have, in one order."""
     qids = sorted(set(student) & set(teacher))
@@ -35,28 +51,14 @@ def retention_ci(student: dict, teacher: dict, seed: int = 0) -> dict:
     out = {"value": float(_ratio(s, t)), "low": None, "high": None, "p_value": None, "queries": len(s)}
     if len(s) < 2 or not t.any():
         return out
-    res = stats.bootstrap(
-        (s, t),
-        _ratio,
-        paired=True,
-        vectorized=True,
-        n_resamples=N_RESAMPLES,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    out.update(low=float(res.confidence_interval.low), high=float(res.confidence_interval.high))
-    if np.any(s != t):
-        out["p_value"] = float(stats.ttest_rel(s, t).pvalue)
-    else:
-        out["p_value"] = 1.0
+    out["low"], out["high"] = _interval((s, t), _ratio, seed, paired=True, vectorized=True)
+    out["p_value"] = float(stats.ttest_rel(s, t).pvalue) if np.any(s != t) else 1.0
     return out
 
 
 def mean_retention_ci(pairs: list[tuple[dict, dict]], seed: int = 0) -> dict:
     """{'value', 'low', 'high', 'datasets'} for the mean over datasets of retention, each dataset's queries
     resampled within it."""
-    from scipy import stats
 
     arrays = [paired_arrays(s, t) for s, t in pairs]
     arrays = [(s, t) for s, t in arrays if len(s) and t.any()]
@@ -69,36 +71,17 @@ def mean_retention_ci(pairs: list[tuple[dict, dict]], seed: int = 0) -> dict:
         return np.mean([_ratio(s[i], t[i]) for (s, t), i in zip(arrays, indices)])
 
     indices = tuple(np.arange(len(s)) for s, _ in arrays)
-    res = stats.bootstrap(
-        indices,
-        statistic,
-        vectorized=False,
-        n_resamples=N_RESAMPLES,
-        confidence_level=CONFIDENCE,
-        method="percentile",
-        rng=np.random.default_rng(seed),
-    )
-    out.update(low=float(res.confidence_interval.low), high=float(res.confidence_interval.high))
+    out["low"], out["high"] = _interval(indices, statistic, seed, vectorized=False)
     return out
 
 
 def mean_ci(values, seed: int = 0) -> dict:
     """{'value', 'low', 'high', 'n'}: a mean over queries with its percentile bootstrap interval."""
-    from scipy import stats
 
     x = np.asarray(list(values), float)
     out = {"value": float(x.mean()) if len(x) else None, "low": None, "high": None, "n": len(x)}
     if len(x) >= 2 and np.ptp(x) > 0:
-        res = stats.bootstrap(
-            (x,),
-            np.mean,
-            vectorized=True,
-            n_resamples=N_RESAMPLES,
-            confidence_level=CONFIDENCE,
-            method="percentile",
-            rng=np.random.default_rng(seed),
-        )
-        out.update(low=float(res.confidence_interval.low), high=float(res.confidence_interval.high))
+        out["low"], out["high"] = _interval((x,), np.mean, seed, vectorized=True)
     elif len(x):
         out.update(low=out["value"], high=out["value"])
     return out

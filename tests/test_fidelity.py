@@ -10,6 +10,7 @@ from conftest import MINILM_LOCAL, TRAIN_TSV, make_tiny, needs_data
 from sentence_transformers import SentenceTransformer
 from test_defects import QRELS, QUERIES, distill_argv, exit_2, queries_file, write
 from test_retrieval import DOCS, make_beir
+from test_trust import run_evaluation
 
 import common
 import data
@@ -25,23 +26,6 @@ import training_text
 MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}") for i in range(40)}}
 MANY_QUERIES = {f"q{i}": f"{w} question {i}" for i, w in enumerate(["cat", "rocket", "bread", "lava"] * 6)}
 MANY_QRELS = {f"q{i}": {f"d{1 + i % 4}": 1, f"x{i}": 1} for i in range(24)}
-
-
-def evaluate(teacher, models, datasets, out, *extra):
-    argv = [
-        "--teacher_model",
-        teacher,
-        "--models",
-        *map(str, models),
-        "--datasets",
-        *map(str, datasets),
-        "--output_path",
-        str(out),
-        "--log_level",
-        "error",
-        *extra,
-    ]
-    return er.main(argv)
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -151,7 +135,7 @@ def test_result_files_keep_per_query_values_equal_to_the_averages(tmp_path):
     teacher = make_tiny(tmp_path / "t", "bert", seed=0)
     student = make_tiny(tmp_path / "s", "bert", seed=1)
     ds = make_beir(tmp_path / "tiny", MORE_DOCS, MANY_QUERIES, MANY_QRELS)
-    out = evaluate(teacher, [student], [ds], tmp_path / "out")
+    out = run_evaluation(teacher, [student], [ds], tmp_path / "out")
     for row in out["rows"]:
         for m in ("NDCG@10", "Recall@100", "MRR@10", "NDCG@1"):
             assert np.mean(list(row["per_query"][m].values())) == pytest.approx(row["metrics"][m], abs=1e-4), m
@@ -169,7 +153,7 @@ def test_agreement_is_perfect_for_the_teacher_itself_and_lower_for_a_student(tmp
     shutil.copytree(teacher, same)
     student = make_tiny(tmp_path / "s", "bert", seed=1)
     ds = make_beir(tmp_path / "tiny", MORE_DOCS, MANY_QUERIES, MANY_QRELS)
-    rows = {r["model"]: r for r in evaluate(teacher, [same, student], [ds], tmp_path / "out")["rows"]}
+    rows = {r["model"]: r for r in run_evaluation(teacher, [same, student], [ds], tmp_path / "out")["rows"]}
     for m in metrics.AGREEMENT:
         assert rows[str(same)]["agreement"][m]["value"] == pytest.approx(1.0, abs=1e-5)
     assert rows[student]["agreement"]["overlap@10"]["value"] < 0.9
@@ -182,12 +166,12 @@ def test_label_free_collection_with_a_query_log_and_with_pseudo_queries(tmp_path
     student = make_tiny(tmp_path / "s", "bert", seed=1)
     coll = write(tmp_path / "docs.tsv", "".join(f"{k}\t{v[0]} {v[1]}\n" for k, v in MORE_DOCS.items()))
     log = write(tmp_path / "log.txt", "cats that purr\nrocket engines\nsourdough\nvolcano lava\n")
-    out = evaluate(teacher, [student], [coll], tmp_path / "out", "--queries", log)
+    out = run_evaluation(teacher, [student], [coll], tmp_path / "out", "--queries", log)
     row = next(r for r in out["rows"] if r["model"] == student)
     assert row["dataset"] == "docs-label-free" and "metrics" not in row and row["num_queries"] == 4
     assert set(row["agreement"]) == set(metrics.AGREEMENT) and "overlap@10" in out["table"]
     folder = make_beir(tmp_path / "c", MORE_DOCS, QUERIES, QRELS)
-    pseudo = evaluate(teacher, [student], [folder], tmp_path / "out", "--label_free", "--pseudo_queries", "15")
+    pseudo = run_evaluation(teacher, [student], [folder], tmp_path / "out", "--label_free", "--pseudo_queries", "15")
     row = next(r for r in pseudo["rows"] if r["model"] == student)
     assert row["dataset"] == "c-pseudo" and row["num_queries"] == 15
     bare = tmp_path / "bare"
@@ -212,7 +196,9 @@ def test_pseudo_queries_are_never_a_students_training_text(tiny_bert, tmp_path):
     )["runs"][0]
     trained = set(common.text_sources(run["final_path"])["text_hashes"])
     assert len(trained & set(data.text_hashes(spans[:15]))) >= 14, "the student trained on the first spans"
-    out = evaluate(tiny_bert, [run["final_path"]], [folder], tmp_path / "e", "--label_free", "--pseudo_queries", "15")
+    out = run_evaluation(
+        tiny_bert, [run["final_path"]], [folder], tmp_path / "e", "--label_free", "--pseudo_queries", "15"
+    )
     row = next(r for r in out["rows"] if r["model"] == run["final_path"])
     assert row["num_queries"] == 15 and row["training_query_overlap"] == 0
 
@@ -221,7 +207,7 @@ def test_report_prints_intervals_and_the_agreement_correlation(tmp_path):
     teacher = make_tiny(tmp_path / "t", "bert", seed=0)
     students = [make_tiny(tmp_path / f"s{i}", "bert", seed=i) for i in (1, 2, 3)]
     a = make_beir(tmp_path / "a", MORE_DOCS, MANY_QUERIES, MANY_QRELS)
-    evaluate(teacher, students, [a], tmp_path / "out")
+    run_evaluation(teacher, students, [a], tmp_path / "out")
     table = report.main(
         [
             "agreement",

@@ -28,22 +28,16 @@ import serving
 MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}") for i in range(40)}}
 
 
-def evaluate(teacher, models, datasets, out, *extra):
-    argv = [
-        "--teacher_model",
-        teacher,
-        "--models",
-        *map(str, models),
-        "--datasets",
-        *map(str, datasets),
-        "--output_path",
-        str(out),
-        "--log_level",
-        "error",
-        *extra,
-    ]
-    result = er.main(argv)
-    return {(r["model"], r["dataset"]): r for r in result["rows"]}
+def run_evaluation(teacher, models, datasets, out, *extra) -> dict:
+    """evaluate_retrieval.main on tiny models, quietly; its output as returned."""
+    argv = ["--teacher_model", teacher, "--models", *map(str, models), "--datasets", *map(str, datasets),
+            "--output_path", str(out), "--log_level", "error", *extra]  # fmt: skip
+    return er.main(argv)
+
+
+def evaluate(teacher, models, datasets, out, *extra) -> dict:
+    """{(model, dataset): row} of run_evaluation."""
+    return {(r["model"], r["dataset"]): r for r in run_evaluation(teacher, models, datasets, out, *extra)["rows"]}
 
 
 # ----------------------------------------------------------------------------- 1. fingerprints see every byte
@@ -385,39 +379,21 @@ def test_export_folder_holds_one_model_and_damaged_exports_are_caught(tiny_bert,
     ds = make_beir(tmp_path / "tiny", DOCS, QUERIES, QRELS)
     fp32 = tmp_path / "onnx" / "fp32"
     graph = (fp32 / "model.onnx").read_bytes()
+    argv = [
+        "--teacher_model",
+        tiny_bert,
+        "--models",
+        str(fp32),
+        "--datasets",
+        str(ds),
+        "--output_path",
+        str(tmp_path / "o"),
+    ]
     (fp32 / "model.onnx").write_bytes(graph[: len(graph) // 2])
-    exit_2(
-        er.main,
-        [
-            "--teacher_model",
-            tiny_bert,
-            "--models",
-            str(fp32),
-            "--datasets",
-            str(ds),
-            "--output_path",
-            str(tmp_path / "o"),
-        ],
-        capsys,
-        "damaged export",
-    )
+    exit_2(er.main, argv, capsys, "damaged export")
     (fp32 / "model.onnx").write_bytes(graph)
     (fp32 / serving.EXPORT_FILE).write_text("{not json")
-    exit_2(
-        er.main,
-        [
-            "--teacher_model",
-            tiny_bert,
-            "--models",
-            str(fp32),
-            "--datasets",
-            str(ds),
-            "--output_path",
-            str(tmp_path / "o"),
-        ],
-        capsys,
-        "malformed",
-    )
+    exit_2(er.main, argv, capsys, "malformed")
     assert not (tmp_path / "o" / "index").exists(), "checked before the teacher's index"
 
 
