@@ -30,8 +30,19 @@ MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}"
 
 def run_evaluation(teacher, models, datasets, out, *extra) -> dict:
     """evaluate_retrieval.main on tiny models, quietly; its output as returned."""
-    argv = ["--teacher_model", teacher, "--models", *map(str, models), "--datasets", *map(str, datasets),
-            "--output_path", str(out), "--log_level", "error", *extra]  # fmt: skip
+    argv = [
+        "--teacher_model",
+        teacher,
+        "--models",
+        *map(str, models),
+        "--datasets",
+        *map(str, datasets),
+        "--output_path",
+        str(out),
+        "--log_level",
+        "error",
+        *extra,
+    ]
     return er.main(argv)
 
 
