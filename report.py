@@ -235,6 +235,14 @@ def agreement_table(args) -> str:
     for i, m in enumerate(("overlap@10", "top-1 in top-10", "query cosine"), 1):
         rho, p = spearmanr([q[i] for q in points], ret)
         lines.append(f"- {m}: rho = {rho:.3f} (p = {p:.2g})")
+    by_dataset = {}
+    for name, point in zip([n for _ in args.students for n in result.values()], points):
+        by_dataset.setdefault(name, []).append(point)
+    lines.append("Within each dataset (ranking the students), overlap@10 vs retention:")
+    for name, pts in by_dataset.items():
+        if len(pts) >= 3:
+            rho, p = spearmanr([q[1] for q in pts], [q[0] for q in pts])
+            lines.append(f"- {name}: rho = {rho:.3f} (p = {p:.2g}, {len(pts)} students)")
     plot = Path(args.output_path) / "agreement_vs_retention.png"
     plot_agreement(points, plot, f"{args.teacher_model}: {len(args.students)} students x {len(result)} datasets")
     lines += ["", f"plot: {plot}"]
