@@ -103,11 +103,12 @@ class Dataset(NamedTuple):
     queries_sha256: str
 
 
-def labelled_dataset(name, folder: Path, group, split) -> Dataset:
-    """A BEIR folder with qrels, every file read and checked (malformed files fail here, not after indexing)."""
-    data.load_beir(folder, split)
+def labelled_dataset(name, folder: Path, group, split) -> tuple[Dataset, int]:
+    """(dataset, documents) of a BEIR folder with qrels, every file read and checked (malformed files fail here,
+    not after indexing)."""
+    corpus = data.load_beir(folder, split)[0]
     hashes = [cache.sha256_file(f) for f in data.check_beir(folder, split)]
-    return Dataset(name, folder, group, split, cache.sha256_texts(hashes)[:16], hashes[0], hashes[1])
+    return Dataset(name, folder, group, split, cache.sha256_texts(hashes)[:16], hashes[0], hashes[1]), len(corpus)
 
 
 def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, str]:
@@ -127,7 +128,7 @@ def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, s
     return {f"pseudo-{i}": s for i, s in enumerate(spans)}
 
 
-def label_free_dataset(args, name, path: Path, group, trained) -> tuple[Dataset, dict]:
+def label_free_dataset(args, name, path: Path, group, trained) -> tuple[Dataset, dict, int]:
     corpus, file = data.load_corpus(path)
     queries = {q: t for q, t in label_free_queries(args, path, corpus, trained).items() if t.strip()}
     if not queries:
@@ -136,7 +137,8 @@ def label_free_dataset(args, name, path: Path, group, trained) -> tuple[Dataset,
     corpus_sha = cache.sha256_file(file)
     # its own result name: never the labelled results of the same folder, nor the other query source's
     name = f"{name}-{'pseudo' if args.pseudo_queries else 'label-free'}"
-    return Dataset(name, path, group, None, cache.sha256_texts([corpus_sha, q_sha])[:16], corpus_sha, q_sha), queries
+    digest = cache.sha256_texts([corpus_sha, q_sha])[:16]
+    return Dataset(name, path, group, None, digest, corpus_sha, q_sha), queries, len(corpus)
 
 
 def load_dataset(ds: Dataset, queries=None):
@@ -156,13 +158,14 @@ def check_datasets(args, trained) -> list[tuple[Dataset, dict | None]]:
         split = args.split or ("dev" if path.name == "msmarco" else "test")
         has_qrels = path.is_dir() and (path / "qrels" / f"{split}.tsv").is_file()
         if has_qrels and not args.label_free:
-            out.append((labelled_dataset(name, path, group, split), None))
+            ds, num_docs = labelled_dataset(name, path, group, split)
+            out.append((ds, None))
         elif args.label_free or args.queries or args.pseudo_queries or path.is_file():
-            out.append(label_free_dataset(args, name, path, group, trained))
+            ds, queries, num_docs = label_free_dataset(args, name, path, group, trained)
+            out.append((ds, queries))
         else:
             data.check_beir(path, split)  # the one-line error naming the missing qrels file
-        corpus, _ = data.load_corpus(path)
-        check_index_size(args.index, len(corpus), name)
+        check_index_size(args.index, num_docs, name)
     return out
 
 
