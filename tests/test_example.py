@@ -31,10 +31,18 @@ def test_make_example_reduced(shared_output, scifact_eval):
     table = (shared_output / "example_results.md").read_text()
     assert table in proc.stdout, "make example ends by printing the table"
     # cranfield gave training text (in-domain), scifact did not (zero-shot): marked, and never averaged together
-    row = re.search(r"\| scifact \| zero-shot \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", table)
+    row = re.search(r"\| scifact \| zero-shot \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)", table)
     assert row and "| cranfield | in-domain |" in table, table
     teacher, student, retention = map(float, row.groups())
-    assert 0.62 <= teacher <= 0.67 and 0 < retention <= 1.05 and student > 0
+    # 2,000 texts x 1 epoch, SciFact never seen: the trained student keeps well above 0.6 (0.80 at 1,500 queries)
+    assert (
+        0.62 <= teacher <= 0.67
+        and 0.6 <= retention <= 1.02
+        and student == pytest.approx(teacher * retention, abs=2e-3)
+    )
+    # retention with its interval, and the label-free check that ends make example
+    assert re.search(r"\| scifact \| zero-shot \| [\d.]+ \| [\d.]+ \| [\d.]+ \[[\d.]+, [\d.]+\] \|", table), table
+    assert "label-free check on cranfield" in proc.stdout and "overlap@10" in proc.stdout.split("label-free check")[1]
     assert "**mean retention, zero-shot**" in table and "**mean retention, in-domain**" in table
     lat = re.search(r"\| ([\d.]+) ms \| ([\d.]+) ms \| ([\d.]+)x", table)
     assert lat and all(float(x) > 0 for x in lat.groups()), table
