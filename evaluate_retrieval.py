@@ -417,8 +417,13 @@ def mark_training_text(record: dict, teacher: dict, sources: dict | None, ds: Da
 
 def retrieve(index, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
     """Top-k results per query. Searches k+1: evaluation drops a document whose id equals the query's (ArguAna,
-    Quora), and k hits must remain after that. faiss's -1 padding ids are dropped."""
+    Quora), and k hits must remain after that."""
     scores, rows = search(index, q_emb, k + 1)
+    return to_results(q_ids, doc_ids, scores, rows)
+
+
+def to_results(q_ids, doc_ids, scores, rows) -> dict[str, dict[str, float]]:
+    """{query id: {doc id: score}} from faiss's arrays; faiss's -1 padding ids are dropped."""
     return {
         qid: {doc_ids[r]: float(s) for s, r in zip(srow, rrow) if r >= 0}
         for qid, srow, rrow in zip(q_ids, scores, rows)
