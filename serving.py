@@ -1,14 +1,17 @@
 """Serving a student the way it is deployed: ONNX Runtime (fp32, int8) and a lean query path.
 
-    python serving.py --model output/RUN/final --queries scifact     # writes output/RUN/onnx/{fp32,int8}/
+    # writes output/onnx/<model>-<fingerprint>-<tag>/{fp32,int8}/ (the path is printed); --output_path DIR instead
+    python serving.py --model output/RUN/final --queries scifact --output_path output/RUN/onnx
     python evaluate_retrieval.py --teacher_model T --models output/RUN/onnx/int8 --datasets scifact
     python evaluate_speed.py --models T output/RUN/final --queries scifact --backend torch onnx --quantize none int8
+    python evaluate_speed.py --models T output/RUN/onnx/int8 --queries scifact      # an exported folder, as it is
 
 `export(model_path, out)` writes out/fp32/ and out/int8/ (transformer students) or out/static/ (static
 students): the graph or table, the fast tokenizer, and export.json with the settings and the fidelity check
 (cosine to the torch model on real queries). `LeanEncoder(folder).encode(texts)` is the query path: fast
 tokenizer -> ONNX Runtime session (or an embedding-bag over the table) -> the model's own pooling and
-normalization, without SentenceTransformer.encode's per-call overhead.
+normalization, without SentenceTransformer.encode's per-call overhead; it answers `encode_query` as a
+SentenceTransformer does, so every script treats an export and a torch model alike.
 """
 
 from __future__ import annotations
