@@ -3,9 +3,12 @@
 The teacher's document encoder and index stay as they are; the student learns to put each query where
 the teacher would (MSE or cosine between student and teacher query embeddings, optionally score terms).
 
-    # 2-layer [0, L-1] student of all-MiniLM-L6-v2 on MS MARCO train queries
+    # 2-layer [0, L-1] student of all-MiniLM-L6-v2 on MS MARCO train queries plus your documents' text,
+    # with the recipe measured best here (--recipe best, the default)
     python distillation.py --teacher_model sentence-transformers/all-MiniLM-L6-v2 --num_layers 2 \\
-        --train_queries msmarco
+        --train_queries msmarco corpus:scifact
+    # the paper's exact settings (mse, lr 1e-4, batch 128, one epoch), for reproductions
+    python distillation.py --teacher_model sentence-transformers/all-mpnet-base-v2 --layers 0 11 --recipe paper
     # explicit layers, on a local query file
     python distillation.py --teacher_model sentence-transformers/all-mpnet-base-v2 --layers 0 11 \\
         --train_queries $DATA_DIR/queries/msmarco-train-sample.tsv --output_path output
