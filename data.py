@@ -90,11 +90,16 @@ def normalise(text: str) -> str:
     return " ".join(str(text).split()).lower()
 
 
-def text_hashes(texts) -> list[str]:
-    """Sorted 16-hex sha256 digests of the normalised texts: what a student trained on, without the texts."""
+def text_hash(text: str) -> str:
+    """16-hex sha256 digest of the normalised text: how the leak guard compares texts without storing them."""
     import hashlib
 
-    return sorted({hashlib.sha256(normalise(t).encode("utf-8")).hexdigest()[:16] for t in texts})
+    return hashlib.sha256(normalise(text).encode("utf-8")).hexdigest()[:16]
+
+
+def text_hashes(texts) -> list[str]:
+    """Sorted digests (text_hash) of the texts: what a student trained on, without the texts."""
+    return sorted({text_hash(t) for t in texts})
 
 
 def clean_queries(texts) -> list[str]:
@@ -102,8 +107,8 @@ def clean_queries(texts) -> list[str]:
     seen, out = set(), []
     for t in texts:
         t = " ".join(str(t).split())
-        if t and t.lower() not in seen:
-            seen.add(t.lower())
+        if t and normalise(t) not in seen:
+            seen.add(normalise(t))
             out.append(t)
     return out
 

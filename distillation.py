@@ -222,15 +222,13 @@ def check_inputs(args, device: str) -> Inputs:
         args.student_model_init, args.student_model_init_list, args.run_name, args.teacher_model, keep
     )
     plans = runs.plan_runs(
-        names, args.output_path, args.overwrite_output_dir, args.resume_from_checkpoint, args.skip_finished
+        names,
+        args.output_path,
+        args.overwrite_output_dir,
+        args.resume_from_checkpoint,
+        lambda init: recipes.fingerprint(args, sources, teacher_path, init),
+        args.skip_finished,
     )
-    for plan in plans:
-        plan["recipe"] = recipes.fingerprint(args, sources, teacher_path, plan["init"])
-        plan["done"] = args.skip_finished and recipes.finished_with(plan["run_dir"], plan["recipe"])
-        run_dir = plan["run_dir"]
-        if not plan["done"] and run_dir.is_dir() and any(run_dir.iterdir()) and not args.overwrite_output_dir:
-            if not args.resume_from_checkpoint:
-                raise UsageError(f"{run_dir} holds a run of another recipe; pass --overwrite_output_dir to retrain")
     return Inputs(sources, train, dev, triples, score_corpus, teacher_path, plans)
 
 
@@ -335,9 +333,9 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
     """Train one planned student into its run folder; a run that fails before its first checkpoint leaves
     nothing that blocks the corrected rerun."""
     run_dir, info = run["run_dir"], run["info"]
-    prompt = cache.encoder_settings(teacher, "query")["prompt"]  # the prompt the labels were made with
-    student.prompts = {**student.prompts, **dict(teacher.prompts)}  # it answers for the teacher's query side
-    if rank == 0 and (args.overwrite_output_dir or args.skip_finished) and not run["resume"] and run_dir.exists():
+    # the prompt the labels were made with (every student carries the teacher's prompts: students.build_student)
+    prompt = cache.encoder_settings(teacher, "query")["prompt"]
+    if rank == 0 and args.overwrite_output_dir and not run["resume"] and run_dir.exists():
         shutil.rmtree(run_dir)
     created = not run_dir.exists()
     try:

@@ -124,7 +124,7 @@ def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, s
         )
     spans = training_text.sample_spans(corpus, 2 * args.pseudo_queries, list(range(3, 13)), args.seed + 5)
     seen = trained()  # every evaluated student's training-text hashes
-    spans = [s for s in spans if data.text_hashes([s])[0] not in seen][: args.pseudo_queries]
+    spans = [s for s in spans if data.text_hash(s) not in seen][: args.pseudo_queries]
     return {f"pseudo-{i}": s for i, s in enumerate(spans)}
 
 
@@ -190,7 +190,7 @@ def in_domain(sources: dict | None, folder: Path, corpus_sha256: str, queries_sh
 def training_overlap(sources: dict | None, query_texts) -> int:
     """How many evaluation queries (normalised text) the student trained on: the leak guard."""
     trained = set((sources or {}).get("text_hashes", []))
-    return sum(h in trained for h in (data.text_hashes([t])[0] for t in query_texts)) if trained else 0
+    return sum(data.text_hash(t) in trained for t in query_texts) if trained else 0
 
 
 # ----------------------------------------------------------------------------- the table

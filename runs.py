@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import common
+import recipes
 from common import UsageError
 
 
@@ -36,12 +37,21 @@ def run_names(init: str, inits: list[str], run_name: str | None, teacher: str, l
     return [(m, f"{run_name or teacher + '-pretrained'}/{n}") for m, n in zip(inits, names)]
 
 
-def plan_runs(names, output_path, overwrite: bool, resume: str | None, skip: bool = False) -> list[dict]:
-    """One entry per student: its run folder (refused when it holds another run) and its resume point."""
+def plan_runs(names, output_path, overwrite: bool, resume: str | None, recipe_of, skip: bool = False) -> list[dict]:
+    """One entry per student: its run folder, resume point, recipe (recipe_of(init)) and whether it is done.
+
+    done: with skip (--skip_finished), the folder holds a run finished by the same recipe, kept as it is. A
+    non-empty folder that is not done is refused unless it is overwritten or resumed.
+    """
     plans = []
     for init, name in names:
         run_dir = Path(output_path) / name
-        if run_dir.is_dir() and any(run_dir.iterdir()) and not (overwrite or resume or skip):
-            raise UsageError(f"{run_dir} exists and is not empty; pass --overwrite_output_dir or another --run_name")
-        plans.append({"init": init, "run_dir": run_dir, "resume": resume_point(run_dir, resume)})
+        recipe = recipe_of(init)
+        done = skip and recipes.finished_with(run_dir, recipe)
+        if not done and run_dir.is_dir() and any(run_dir.iterdir()) and not (overwrite or resume):
+            why = "holds a run of another recipe" if skip else "exists and is not empty"
+            raise UsageError(f"{run_dir} {why}; pass --overwrite_output_dir or another --run_name")
+        plans.append(
+            {"init": init, "run_dir": run_dir, "resume": resume_point(run_dir, resume), "recipe": recipe, "done": done}
+        )
     return plans

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 
 import common
+from cache import sha256_file
 from common import UsageError
-from data import clean_queries, dataset_path, load_corpus, read_queries
+from data import clean_queries, dataset_path, load_corpus, normalise, read_queries
 
 logger = logging.getLogger("qdistill.training_text")
 
@@ -139,11 +140,7 @@ def corpus_source(spec: str, data_dir: str | Path) -> tuple[dict, Path, set[str]
     folder = path if path.is_file() else dataset_path(name, data_dir)
     corpus, file = load_corpus(folder)
     queries = file.parent / "queries.jsonl" if file.name == "corpus.jsonl" else None
-    held_out = (
-        {" ".join(q.split()).lower() for q in read_queries(queries).values()}
-        if queries and queries.is_file()
-        else set()
-    )
+    held_out = {normalise(q) for q in read_queries(queries).values()} if queries and queries.is_file() else set()
     return corpus, file, held_out
 
 
@@ -290,8 +287,6 @@ def read_sources(args: TextSettings):
 
 
 def _corpus_record(spec: str, file: Path, role: str, texts: int) -> dict:
-    from cache import sha256_file
-
     return {
         "spec": spec,
         "corpus_file": str(Path(file).resolve()),
@@ -304,8 +299,6 @@ def _corpus_record(spec: str, file: Path, role: str, texts: int) -> dict:
 def source_record(files, counts, corpora, triples, triples_collection, score_corpus, score_spec) -> dict:
     """The training-text record saved as final/training_text.json: exactly the sources that gave the student
     text or documents, by content hash. corpora: (spec, corpus file) of the `corpus:` sources."""
-    from cache import sha256_file
-
     record = {
         "query_files": [{"path": str(Path(f).resolve()), "sha256": sha256_file(f)} for f in files],
         "queries": counts.get("queries", 0),
