@@ -128,42 +128,39 @@ def make_tiny(folder: Path, arch: str, hidden: int = 32, layers: int = 4, seed: 
     return str(out)
 
 
+def distill_real(teacher, out, run_name, *extra, max_train_queries=2000) -> dict:
+    """distillation.main on real MS MARCO train queries (300 held out for validation); the run's metrics."""
+    import distillation
+
+    argv = [
+        "--teacher_model",
+        teacher,
+        "--train_queries",
+        str(TRAIN_TSV),
+        "--max_train_queries",
+        str(max_train_queries),
+        "--num_dev_queries",
+        "300",
+        "--output_path",
+        str(out),
+        "--run_name",
+        run_name,
+        "--log_level",
+        "warning",
+        *extra,
+    ]
+    return distillation.main(argv)["runs"][0]
+
+
 @pytest.fixture(scope="session")
 def minilm_student(shared_output):
     """all-MiniLM-L6-v2 distilled into a 2-layer [0, 5] student on 2,000 real MS MARCO train queries."""
     if not TRAIN_TSV.exists():
         pytest.skip(f"{TRAIN_TSV} not found")
-    import distillation
-
-    out = distillation.main(
-        [
-            "--teacher_model",
-            MINILM,
-            "--num_layers",
-            "2",
-            "--train_queries",
-            str(TRAIN_TSV),
-            "--max_train_queries",
-            "2000",
-            "--num_dev_queries",
-            "300",
-            "--num_train_epochs",
-            "2",
-            "--learning_rate",
-            "1e-3",
-            "--per_device_train_batch_size",
-            "64",
-            "--eval_steps",
-            "20",
-            "--output_path",
-            str(shared_output),
-            "--run_name",
-            "minilm-L2",
-            "--log_level",
-            "warning",
-        ]
+    flags = ["--num_layers", "2", "--num_train_epochs", "2", "--learning_rate", "1e-3"]
+    return distill_real(
+        MINILM, shared_output, "minilm-L2", *flags, "--per_device_train_batch_size", "64", "--eval_steps", "20"
     )
-    return out["runs"][0]
 
 
 @pytest.fixture(scope="session")

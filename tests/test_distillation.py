@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MINILM, MPNET, TRAIN_TSV, make_tiny, needs_data
+from conftest import MINILM, MPNET, TRAIN_TSV, distill_real, make_tiny, needs_data
 from sentence_transformers import SentenceTransformer
 
 import common
@@ -197,29 +197,7 @@ def test_real_minilm_distillation(minilm_student, shared_output):
     assert any("eval_dev_negative_mse" in h for h in saved["log_history"])
 
     # a second student on the same queries reuses the cached labels
-    again = distillation.main(
-        [
-            "--teacher_model",
-            MINILM,
-            "--layers",
-            "0",
-            "1",
-            "--train_queries",
-            str(TRAIN_TSV),
-            "--max_train_queries",
-            "2000",
-            "--num_dev_queries",
-            "300",
-            "--num_train_epochs",
-            "0.1",
-            "--output_path",
-            str(shared_output),
-            "--run_name",
-            "minilm-L01",
-            "--log_level",
-            "warning",
-        ]
-    )["runs"][0]
+    again = distill_real(MINILM, shared_output, "minilm-L01", "--layers", "0", "1", "--num_train_epochs", "0.1")
     assert (again["train_labels_cached"], again["dev_labels_cached"]) == (True, True)
 
 

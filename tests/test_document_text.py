@@ -98,39 +98,23 @@ def test_results_name_training_text_and_mark_in_domain(tiny_bert, tmp_path):
 @needs_data
 def test_token_alignment_lowers_heldout_mse_at_equal_steps(shared_output):
     """Same queries, same steps: adding the last-layer token term brings the student closer to the teacher."""
-    from conftest import MINILM, TRAIN_TSV
+    from conftest import MINILM, distill_real
 
     def run(name, *extra):
-        return distillation.main(
-            [
-                "--teacher_model",
-                MINILM,
-                "--num_layers",
-                "2",
-                "--train_queries",
-                str(TRAIN_TSV),
-                "--max_train_queries",
-                "1500",
-                "--num_dev_queries",
-                "300",
-                "--learning_rate",
-                "1e-3",
-                "--per_device_train_batch_size",
-                "64",
-                "--loss",
-                "cosine",
-                "--freeze_embeddings",
-                "--student_dropout",
-                "0",
-                "--output_path",
-                str(shared_output),
-                "--run_name",
-                name,
-                "--log_level",
-                "warning",
-                *extra,
-            ]
-        )["runs"][0]
+        flags = [
+            "--num_layers",
+            "2",
+            "--learning_rate",
+            "1e-3",
+            "--per_device_train_batch_size",
+            "64",
+            "--loss",
+            "cosine",
+            "--freeze_embeddings",
+            "--student_dropout",
+            "0",
+        ]
+        return distill_real(MINILM, shared_output, name, *flags, *extra, max_train_queries=1500)
 
     pooled, token = run("pooled-only"), run("token", "--token_loss_weight", "1.0")
     assert pooled["train_steps"] == token["train_steps"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import MINILM_LOCAL, TRAIN_TSV, make_tiny, needs_data
+from conftest import MINILM_LOCAL, distill_real, make_tiny, needs_data
 from sentence_transformers import SentenceTransformer
 from test_defects import QRELS, QUERIES, distill_argv, exit_2, queries_file, write
 from test_retrieval import DOCS, make_beir
@@ -84,30 +84,8 @@ def test_a_bge_style_instruction_teacher_is_distilled_on_the_inputs_it_labelled(
     teacher = prompted_teacher(
         tmp_path / "t", MINILM_LOCAL, "Represent this sentence for searching relevant passages: "
     )
-    run = distillation.main(
-        [
-            "--teacher_model",
-            teacher,
-            "--num_layers",
-            "2",
-            "--train_queries",
-            str(TRAIN_TSV),
-            "--max_train_queries",
-            "2000",
-            "--num_dev_queries",
-            "300",
-            "--num_train_epochs",
-            "2",
-            "--eval_steps",
-            "20",
-            "--output_path",
-            str(tmp_path / "out"),
-            "--run_name",
-            "bge",
-            "--log_level",
-            "warning",
-        ]
-    )["runs"][0]
+    flags = ["--num_layers", "2", "--num_train_epochs", "2", "--eval_steps", "20"]
+    run = distill_real(teacher, tmp_path / "out", "bge", *flags)
     assert run["dev_cosine"] >= 0.88, run["dev_cosine"]
 
 

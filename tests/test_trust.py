@@ -46,6 +46,25 @@ def run_evaluation(teacher, models, datasets, out, *extra) -> dict:
     return er.main(argv)
 
 
+def distill_with_corpus(teacher, tmp_path, corpus, run_name, *extra) -> dict:
+    """A tiny student trained on 60 texts: the test queries plus spans of `corpus` (output under tmp_path/out)."""
+    queries = queries_file(tmp_path)
+    argv = distill_argv(
+        teacher,
+        tmp_path / "out",
+        queries,
+        "--train_queries",
+        queries,
+        f"corpus:{corpus}",
+        "--max_train_queries",
+        "60",
+        "--run_name",
+        run_name,
+        *extra,
+    )
+    return distillation.main(argv)["runs"][0]
+
+
 def evaluate(teacher, models, datasets, out, *extra) -> dict:
     """{(model, dataset): row} of run_evaluation."""
     return {(r["model"], r["dataset"]): r for r in run_evaluation(teacher, models, datasets, out, *extra)["rows"]}
@@ -201,24 +220,9 @@ def test_asymmetric_folder_and_hub_push_carry_the_training_text_record(tiny_bert
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
-    run = distillation.main(
-        distill_argv(
-            tiny_bert,
-            tmp_path / "out",
-            queries_file(tmp_path),
-            "--train_queries",
-            queries_file(tmp_path),
-            f"corpus:{a}",
-            "--max_train_queries",
-            "60",
-            "--save_asymmetric",
-            "--push_to_hub",
-            "--hub_model_id",
-            "me/student",
-            "--run_name",
-            "asym",
-        )
-    )["runs"][0]
+    run = distill_with_corpus(
+        tiny_bert, tmp_path, a, "asym", "--save_asymmetric", "--push_to_hub", "--hub_model_id", "me/student"
+    )
     asym = tmp_path / "out" / "asym" / "asymmetric"
     assert common.text_sources(asym) == common.text_sources(run["final_path"])
     assert pushed["repo"] == "me/student" and common.TRAINING_TEXT in pushed["files"]
@@ -514,20 +518,7 @@ def test_cqadupstack_is_the_mean_of_its_forums_and_msmarco_uses_dev(tiny_bert, t
 def test_export_into_a_copy_keeps_the_record(tiny_bert, tmp_path):
     """serving.py's copy of training_text.json: an export scores in-domain where its source does."""
     a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
-    run = distillation.main(
-        distill_argv(
-            tiny_bert,
-            tmp_path / "out",
-            queries_file(tmp_path),
-            "--train_queries",
-            queries_file(tmp_path),
-            f"corpus:{a}",
-            "--max_train_queries",
-            "60",
-            "--run_name",
-            "e",
-        )
-    )["runs"][0]
+    run = distill_with_corpus(tiny_bert, tmp_path, a, "e")
     serving.export(run["final_path"], tmp_path / "onnx", ["a query", "another"], int8=False)
     shutil.copytree(tmp_path / "onnx" / "fp32", tmp_path / "copy")
     rows = evaluate(tiny_bert, [tmp_path / "copy"], [a], tmp_path / "o")
