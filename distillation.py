@@ -95,6 +95,13 @@ def _objective_flags(p) -> None:
     add = p.add_argument_group("objective").add_argument
     add("--loss", default=None, type=losses.parse_loss, help="mse, cosine, or weighted terms, e.g. mse:1.0,kl:5.0")
     add("--token_loss_weight", type=float, default=0.0, help="also match the teacher's last-layer token states")
+    add(
+        "--align_loss_weight",
+        type=float,
+        default=0.0,
+        help="also match, token by token, the student's hidden state after its layer j to the teacher's entering\n"
+        "teacher layer keep[j+1] (masked MSE; layer-reduced students of 2+ layers)",
+    )
     add("--score_corpus", default=None, help="BEIR folder or collection tsv for kl/margin_mse (not an eval set)")
     add("--kl_temperature", type=positive, default=0.05)
     add("--kl_top_k", type=positive_int, default=32, help="teacher top-k documents per query")
@@ -174,8 +181,11 @@ def _validate(p, args) -> None:
         p.error("--student_dropout must be in [0, 1)")
     if args.token_loss_weight and args.student_model_init != "layer_reduction":
         p.error("--token_loss_weight needs --student_model_init layer_reduction (same tokenizer and width)")
-    if not 0 <= args.token_loss_weight < float("inf"):  # nan fails this too: it would train to a NaN final/
-        p.error("--token_loss_weight must be a finite number >= 0")
+    for flag in ("token_loss_weight", "align_loss_weight"):  # nan fails this too: it would train to a NaN final/
+        if not 0 <= getattr(args, flag) < float("inf"):
+            p.error(f"--{flag} must be a finite number >= 0")
+    if args.align_loss_weight and args.student_model_init != "layer_reduction":
+        p.error("--align_loss_weight needs --student_model_init layer_reduction (the teacher's own layers)")
     if args.span_words and args.span_words[0] > args.span_words[1]:
         p.error(f"--span_words MIN MAX: {args.span_words[0]} > {args.span_words[1]}; give the shorter length first")
     specs = args.train_queries
@@ -342,7 +352,16 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
         if rank == 0:  # one writer; first, so a crashed run still says what it was
             common.write_json(run_dir / "config.json", run["config"])
         dim = teacher.get_embedding_dimension()
-        loss = losses.make_loss(student, args.loss, dim, args.token_loss_weight, teacher, **loss_settings)
+        loss = losses.make_loss(
+            student,
+            args.loss,
+            dim,
+            args.token_loss_weight,
+            teacher,
+            args.align_loss_weight,
+            run["info"].get("layers"),
+            **loss_settings,
+        )
         evaluator = losses.make_evaluator(
             targets.dev_texts, targets.dev_labels, args.per_device_eval_batch_size, score
         )

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import search
+import students
 
 EMBED_TERMS, SCORE_TERMS = ("mse", "cosine"), ("kl", "margin_mse")
 
@@ -83,11 +84,18 @@ class QueryDistillLoss(nn.Module):
         margin_scale=1.0,
         teacher=None,
         token_weight=0.0,
+        align_weight=0.0,
+        layers=None,
     ):
         super().__init__()
-        # the frozen teacher's transformer, for the token term; kept out of the module tree (never trained/saved)
-        self.__dict__["teacher_encoder"] = teacher[0].eval() if teacher is not None and token_weight else None
-        self.token_weight = token_weight
+        self.token_weight, self.align_weight = token_weight, align_weight
+        # student hidden state after its layer j <-> teacher hidden state entering teacher layer layers[j + 1]
+        self.align_pairs = [(j, t) for j, t in enumerate(sorted(layers or [])[1:])] if align_weight else []
+        depth = None if token_weight else max((t for _, t in self.align_pairs), default=0)
+        # the frozen teacher's transformer (only the layers the terms read), kept out of the module tree (never
+        # trained or saved)
+        needed = teacher is not None and (token_weight or self.align_pairs)
+        self.__dict__["teacher_hf"] = teacher_prefix(teacher, depth).eval() if needed else None
         self.model, self.weights, self.dim, self.similarity = model, weights, dim, similarity
         self.temperature, self.negatives, self.margin_scale = temperature, negatives, margin_scale
         self.targets = None
@@ -105,7 +113,13 @@ class QueryDistillLoss(nn.Module):
 
     def forward(self, sentence_features, labels):
         features = sentence_features[0]
-        out = self.model(dict(features))
+        states = {}  # the student's per-layer outputs, for the alignment term
+        handles = self._capture(states)
+        try:
+            out = self.model(dict(features))
+        finally:
+            for h in handles:
+                h.remove()
         s = out["sentence_embedding"]
         t = labels[:, : self.dim].to(s.dtype)
         top, pairs, margins = torch.zeros((len(s), 0), dtype=torch.long, device=s.device), None, None
@@ -135,13 +149,28 @@ class QueryDistillLoss(nn.Module):
             margin = (s_n * pos).sum(-1) - (s_n * neg).sum(-1)
             terms["margin_mse"] = F.mse_loss(margin, margins.to(s.dtype) * self.margin_scale)
         loss = sum(self.weights[k] * v for k, v in terms.items())
-        if self.teacher_encoder is not None:  # last-layer token states, masked to real tokens
-            with torch.no_grad():
-                t_tok = self.teacher_encoder(dict(features))["token_embeddings"]
-            mask = features["attention_mask"].unsqueeze(-1).to(s.dtype)
-            err = ((out["token_embeddings"] - t_tok.to(s.dtype)) ** 2 * mask).sum() / (mask.sum() * s.shape[-1])
-            loss = loss + self.token_weight * err
+        if self.teacher_hf is None:
+            return loss
+        with torch.no_grad():
+            t_out = self.teacher_hf(**hf_inputs(features), output_hidden_states=bool(self.align_pairs))
+        mask = features["attention_mask"].unsqueeze(-1).to(s.dtype)
+        if self.token_weight:  # last-layer token states, masked to real tokens
+            loss = loss + self.token_weight * masked_mse(out["token_embeddings"], t_out.last_hidden_state, mask)
+        if self.align_pairs:
+            align = [masked_mse(states[j], t_out.hidden_states[t], mask) for j, t in self.align_pairs]
+            loss = loss + self.align_weight * sum(align) / len(align)
         return loss
+
+    def _capture(self, store):
+        """Forward hooks on the student's aligned layers that keep each one's output hidden state in `store`."""
+        if not self.align_pairs:
+            return []
+        _, _, _, blocks = students.find_layers(self.model[0].auto_model)
+
+        def hook(i):
+            return lambda _m, _in, out: store.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+
+        return [blocks[j].register_forward_hook(hook(j)) for j, _ in self.align_pairs]
 
     def get_config_dict(self):
         return {
@@ -150,19 +179,52 @@ class QueryDistillLoss(nn.Module):
             "top_k": self.top_k,
             "negatives": self.negatives,
             "margin_scale": self.margin_scale,
+            "token_weight": self.token_weight,
+            "align_weight": self.align_weight,
+            "align_pairs": self.align_pairs,
         }
 
 
-def make_loss(student, weights, dim, token_weight=0.0, teacher=None, **score_settings):
-    """sentence-transformers' own losses for one embedding term; QueryDistillLoss for weighted, score or token
-    terms."""
+def masked_mse(student_states, teacher_states, mask):
+    """Mean squared error over the real tokens (mask 1) of (batch, tokens, width) hidden states."""
+    err = (student_states - teacher_states.to(student_states.dtype)) ** 2 * mask
+    return err.sum() / (mask.sum() * student_states.shape[-1])
+
+
+def hf_inputs(features) -> dict:
+    """The tokenizer's outputs among a sentence-transformers feature dict, for a direct HF model call."""
+    return {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in features}
+
+
+def teacher_prefix(teacher, depth: int | None):
+    """The teacher's HF model, or a copy holding only its first `depth` layers when the terms need no more
+    (hidden_states[depth] is then exact, and the layers above are not computed on every step)."""
+    hf = teacher[0].auto_model
+    if depth is None or depth >= students.num_teacher_layers(teacher):
+        return hf
+    return students.layer_reduced_student(teacher, list(range(depth)))[0].auto_model
+
+
+def make_loss(student, weights, dim, token_weight=0.0, teacher=None, align_weight=0.0, layers=None, **score_settings):
+    """sentence-transformers' own losses for one embedding term; QueryDistillLoss for weighted, score, token or
+    intermediate-alignment terms (align_weight: `layers` are the teacher layer ids the student kept)."""
     from sentence_transformers.sentence_transformer import losses
 
-    if weights == {"mse": 1.0} and not token_weight:
+    aligned = align_weight and len(layers or []) > 1
+    if weights == {"mse": 1.0} and not token_weight and not aligned:
         return losses.MSELoss(student)
-    if weights == {"cosine": 1.0} and not token_weight:
+    if weights == {"cosine": 1.0} and not token_weight and not aligned:
         return losses.EmbedDistillLoss(student, distance_metric="cosine")
-    return QueryDistillLoss(student, weights, dim, teacher=teacher, token_weight=token_weight, **score_settings)
+    return QueryDistillLoss(
+        student,
+        weights,
+        dim,
+        teacher=teacher,
+        token_weight=token_weight,
+        align_weight=align_weight if aligned else 0.0,
+        layers=layers,
+        **score_settings,
+    )
 
 
 def make_evaluator(dev_texts, dev_labels, batch_size, score=None):

@@ -356,3 +356,47 @@ def test_a_static_table_trains_as_a_pretrained_student(tiny_bert, tmp_path):
         sources["text_hashes"]
     )
     assert sources["initialised_from"]["model"] == first["final_path"]
+
+
+# ----------------------------------------------------------------------------- intermediate alignment
+
+
+@pytest.mark.parametrize("keep, pairs", [([0, 3], [(0, 3)]), ([1, 2, 3], [(0, 2), (1, 3)])])
+def test_alignment_matches_each_student_layer_to_the_teacher_state_entering_the_next_kept_layer(tmp_path, keep, pairs):
+    """The term is the masked MSE between the student's state after its layer j and the full teacher's
+    hidden_states[keep[j + 1]], computed here independently; the hooks it uses are gone after each step."""
+    import losses
+
+    teacher = SentenceTransformer(make_tiny(tmp_path, "mpnet", layers=4, seed=3), device="cpu")
+    student = students.layer_reduced_student(teacher, keep)
+    torch.manual_seed(0)
+    for p in student.parameters():  # the student is no longer the teacher's copy: the term is not zero
+        p.data += 0.05 * torch.randn_like(p)
+    feats = student.tokenize(["a query about fusion energy", "cheap flights", "x"])
+    labels = torch.zeros(3, teacher.get_embedding_dimension())
+    plain = losses.make_loss(student, {"mse": 1.0}, labels.shape[1], 0.0, teacher, 0.0, keep)
+    aligned = losses.make_loss(student, {"mse": 1.0}, labels.shape[1], 0.0, teacher, 2.0, keep)
+    assert aligned.align_pairs == pairs and not hasattr(plain, "align_pairs")
+    # only the teacher layers below the last kept one are run on every step
+    assert len(students.find_layers(aligned.teacher_hf)[3]) == keep[-1]
+    student.eval()
+    with torch.no_grad():
+        extra = aligned([feats], labels) - losses.QueryDistillLoss(student, {"mse": 1.0}, 384)([feats], labels)
+        t_states = teacher[0].auto_model(**losses.hf_inputs(feats), output_hidden_states=True).hidden_states
+        s_states = student[0].auto_model(**losses.hf_inputs(feats), output_hidden_states=True).hidden_states
+    mask = feats["attention_mask"].unsqueeze(-1).float()
+    want = sum(losses.masked_mse(s_states[j + 1], t_states[t], mask) for j, t in pairs) / len(pairs)
+    assert float(want) > 1e-4
+    assert abs(float(extra) - 2.0 * float(want)) < 1e-5 * max(1.0, float(want))
+    assert all(not b._forward_hooks for b in students.find_layers(student[0].auto_model)[3])
+
+
+def test_alignment_trains_a_student_and_a_one_layer_student_has_nothing_to_align(tiny_bert, tmp_path):
+    q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
+    base = ["--teacher_model", tiny_bert, "--train_queries", q, "--num_dev_queries", "16", "--output_path"]
+    run = distillation.main([*base, str(tmp_path), "--layers", "0", "3", "--align_loss_weight", "0.5"])["runs"][0]
+    config = json.loads((Path(run["run_dir"]) / "config.json").read_text())
+    assert config["args"]["align_loss_weight"] == 0.5 and config["recipe"]["flags"]["align_loss_weight"] == 0.5
+    assert np.isfinite(run["train_loss"])
+    one = distillation.main([*base, str(tmp_path / "one"), "--layers", "3", "--align_loss_weight", "0.5"])["runs"][0]
+    assert np.isfinite(one["train_loss"])

@@ -311,6 +311,8 @@ def test_approximate_results_are_keyed_by_seed(tiny_bert, tmp_path):
     "extra, match",
     [
         (["--token_loss_weight", "nan"], "--token_loss_weight must be a finite number"),
+        (["--align_loss_weight", "-1"], "--align_loss_weight must be a finite number"),
+        (["--align_loss_weight", "1", "--student_model_init", "static"], "--align_loss_weight needs"),
         (["--loss", "mse:nan"], "must be a finite number > 0"),
         (["--span_words", "5", "3"], "--span_words MIN MAX: 5 > 3"),
     ],
