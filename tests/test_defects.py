@@ -362,7 +362,7 @@ def test_score_candidates_are_computed_once_and_the_evaluator_leaves_the_loss_al
     assert loss.targets.top.dtype == torch.long, "document rows stay integers, never floats beside the embeddings"
     labels = np.random.default_rng(1).normal(size=(3, 32)).astype(np.float32)
     rows = torch.as_tensor(np.concatenate([labels, [[2.0], [0.0], [1.0]]], 1))  # [embedding | training row]
-    value = loss([student.tokenize(["a", "b", "c"])], rows)
+    value = loss([student.preprocess(["a", "b", "c"])], rows)
     assert value.ndim == 0 and torch.isfinite(value)
     score = {"docs": docs, "candidates": np.zeros((3, 4), int), "similarity": "cosine", "temperature": 0.05}
     evaluator = losses.make_evaluator(["a", "b", "c"], labels, 8, score)

@@ -372,7 +372,7 @@ def test_alignment_matches_each_student_layer_to_the_teacher_state_entering_the_
     torch.manual_seed(0)
     for p in student.parameters():  # the student is no longer the teacher's copy: the term is not zero
         p.data += 0.05 * torch.randn_like(p)
-    feats = student.tokenize(["a query about fusion energy", "cheap flights", "x"])
+    feats = student.preprocess(["a query about fusion energy", "cheap flights", "x"])
     labels = torch.zeros(3, teacher.get_embedding_dimension())
     plain = losses.make_loss(student, {"mse": 1.0}, labels.shape[1], 0.0, teacher, 0.0, keep)
     aligned = losses.make_loss(student, {"mse": 1.0}, labels.shape[1], 0.0, teacher, 2.0, keep)
