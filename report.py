@@ -164,11 +164,11 @@ def paper_table(args) -> str:
     if gpu:
         head += ["GPU b1 ms", "GPU speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    teacher_pq = {}
+    teacher_pq, teacher_ndcg = {}, {}
     for d in args.datasets:
         record = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, result[d])
         per_query_ndcg(record, f"the teacher on {result[d]}")
-        teacher_pq[d] = record["per_query"]
+        teacher_pq[d], teacher_ndcg[d] = record["per_query"], record["metrics"]["NDCG@10"]
     labels, points = [], []
     for model in [args.teacher_model, *args.students]:
         records = {d: load_retrieval(args.output_path, args.teacher_model, model, d, result[d]) for d in args.datasets}
@@ -185,7 +185,12 @@ def paper_table(args) -> str:
         ]
         ret = cis[0]["value"]
         label = "teacher" if model == args.teacher_model else layers_label(model)
-        cells = [label, *[f"{ms[d]['NDCG@10']:.4f}" for d in args.datasets], *map(stats.fmt_ci, cis)]
+        # each dataset's nDCG@10 and, for students, its retention; the mean's interval beside the mean
+        per_dataset = [
+            f"{ms[d]['NDCG@10']:.4f}" + (f" ({ms[d]['NDCG@10'] / teacher_ndcg[d]:.2f})" if label != "teacher" else "")
+            for d in args.datasets
+        ]
+        cells = [label, *per_dataset, *map(stats.fmt_ci, cis)]
         for rows in (cpu, gpu) if gpu else (cpu,):
             r = rows.get(model)
             cells += [

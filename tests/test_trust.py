@@ -156,6 +156,19 @@ def test_report_rows_are_the_backend_and_the_folder_they_name(tiny_bert, tmp_pat
     exit_2(report.main, ["example", *argv[1:5], "--datasets", str(b), str(a), *argv[8:]], capsys, "holds results of")
 
 
+def test_paper_table_gives_each_datasets_retention_beside_its_ndcg(tiny_bert, tmp_path):
+    student = make_tiny(tmp_path / "L0-3" / "final", "bert", seed=1)
+    a = make_beir(tmp_path / "a" / "tiny", DOCS, QUERIES, QRELS)
+    rows = evaluate(tiny_bert, [student], [a], tmp_path / "out")
+    speed = speed_file(tmp_path / "speed.json", student, tiny_bert)
+    table = report.main(
+        ["paper", "--teacher_model", tiny_bert, "--students", student, "--datasets", str(a), "--speed", speed]
+        + ["--output_path", str(tmp_path / "out")]
+    )
+    s, t = rows[(student, "tiny")]["metrics"]["NDCG@10"], rows[(tiny_bert, "tiny")]["metrics"]["NDCG@10"]
+    assert f"| {s:.4f} ({s / t:.2f}) |" in table and f"| teacher | {t:.4f} |" in table, table
+
+
 # ----------------------------------------------------------------------------- 3. in-domain marking, both ways
 
 
