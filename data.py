@@ -191,11 +191,13 @@ def display_names(names: list[str]) -> list[str]:
     return out
 
 
-def check_beir(folder: Path, split: str) -> list[Path]:
-    """The files a BEIR split needs, checked to exist (the data hashes and the loader read them)."""
+def check_beir(folder: Path, split: str, corpus: bool = True) -> list[Path]:
+    """The files a BEIR split needs, checked to exist (the data hashes and the loader read them); corpus=False:
+    the documents are in an index the user gave (--doc_index), so corpus.jsonl may be absent."""
     files = [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
-    for f in files:
-        common.check_file(f, "BEIR file", f"a BEIR folder needs corpus.jsonl, queries.jsonl, qrels/{split}.tsv")
+    needs = f"a BEIR folder needs {'corpus.jsonl, ' if corpus else ''}queries.jsonl, qrels/{split}.tsv"
+    for f in files[0 if corpus else 1 :]:
+        common.check_file(f, "BEIR file", needs)
     return files
 
 
@@ -207,14 +209,16 @@ def _beir_loader(folder: Path, split: str = "test"):
     return loader
 
 
-def load_beir(folder: str | Path, split: str = "test"):
+def load_beir(folder: str | Path, split: str = "test", corpus_optional: bool = False):
     """(corpus, judged queries, qrels, stats) of a BEIR folder, every file checked before beir's loader reads it.
 
-    Qrels rows naming unknown queries or docs are dropped with a warning (and counted).
+    Qrels rows naming unknown queries or docs are dropped with a warning (and counted). corpus_optional: the
+    documents live in an index the user gave; without corpus.jsonl the corpus is None and qrels documents are
+    checked against that index's ids instead.
     """
     folder = Path(folder)
-    _, q_file, qrels_file = check_beir(folder, split)
-    corpus, _ = load_corpus(folder)
+    c_file, q_file, qrels_file = check_beir(folder, split, corpus=not corpus_optional)
+    corpus = load_corpus(folder)[0] if c_file.is_file() else None
     read_records(q_file)  # malformed lines and duplicate ids: one line naming them (beir keeps the last silently)
     loader = _beir_loader(folder, split)
     loader._load_queries()
@@ -223,7 +227,9 @@ def load_beir(folder: str | Path, split: str = "test"):
         raise UsageError(f"{q_file} holds no queries; fix the file or re-download the dataset")
     qrels = read_qrels(qrels_file)
     unknown_q = sum(q not in all_queries for q in qrels)
-    clean = {q: {d: s for d, s in r.items() if d in corpus} for q, r in qrels.items() if q in all_queries}
+    clean = {
+        q: {d: s for d, s in r.items() if corpus is None or d in corpus} for q, r in qrels.items() if q in all_queries
+    }
     unknown_d = sum(len(qrels[q]) - len(r) for q, r in clean.items())
     clean = {q: r for q, r in clean.items() if r}
     # a query with no positive judgment can only score 0: averaged in, it would pull every model down alike

@@ -14,6 +14,13 @@ the teacher would (MSE or cosine between student and teacher query embeddings, o
         --train_queries $DATA_DIR/queries/msmarco-train-sample.tsv --output_path output
     # other small pretrained models as students: output/<run_name>/<student>/ each
     python distillation.py --teacher_model T --student_model_init pretrained --student_model_init_list M1 M2
+    # the teacher's query vectors you logged, as labels (no teacher pass; 64 re-encoded to check them)
+    python distillation.py --teacher_model T --layers 0 11 --train_queries log.tsv \\
+        --teacher_query_embeddings log_vectors.npy
+    # score terms against the teacher index you have (nothing re-encoded; --score_corpus text checks it)
+    python distillation.py --teacher_model T --loss cosine:1.0,kl:1.0 --doc_index my_pyserini_index \\
+        --score_corpus $DATA_DIR/scifact
+    python distillation.py --teacher_model T --student_model_init pretrained --student_model_init_list M1 M2
 
 Outputs: output/<run_name>/{config.json, final/, metrics.json, checkpoints/}; teacher labels are cached
 under output/labels/. Several GPUs: `torchrun --nproc_per_node 4 distillation.py ...` (the trainer's DDP).
@@ -32,8 +39,10 @@ from typing import NamedTuple
 import cache
 import common
 import data
+import doc_index
 import loading
 import losses
+import query_log
 import recipes
 import runs
 import students
@@ -89,6 +98,13 @@ def _data_flags(p) -> None:
     add("--data_dir", default=common.DATA_DIR, help="downloads and assembled offline models go here")
     add("--max_seq_length", type=positive_int, default=128, help="query max length (labels and student)")
     add("--augment", type=int, default=0, choices=range(11), metavar="0..10", help="perturbed variants per query")
+    add(
+        "--teacher_query_embeddings",
+        default=None,
+        help="the teacher's query vectors you logged (.npy), used as labels: row i = the i-th id of\n"
+        "--teacher_query_ids, or the i-th query of the one --train_queries file",
+    )
+    add("--teacher_query_ids", default=None, help="ids of --teacher_query_embeddings' rows, one a line")
 
 
 def _objective_flags(p) -> None:
@@ -103,6 +119,13 @@ def _objective_flags(p) -> None:
         "teacher layer keep[j+1] (masked MSE; layer-reduced students of 2+ layers)",
     )
     add("--score_corpus", default=None, help="BEIR folder or collection tsv for kl/margin_mse (not an eval set)")
+    add(
+        "--doc_index",
+        default=None,
+        help="for kl/margin_mse: the teacher's document index you have (pyserini folder, or faiss/.npy file with\n"
+        "--doc_ids; flat or .npy); --score_corpus, if given, is the text a sample of it is checked against",
+    )
+    add("--doc_ids", default=None, help="ids of a --doc_index file, one a line")
     add("--kl_temperature", type=positive, default=0.05)
     add("--kl_top_k", type=positive_int, default=32, help="teacher top-k documents per query")
     add("--kl_negatives", type=positive_int, default=32, help="random corpus documents added per query")
@@ -169,10 +192,19 @@ def _validate(p, args) -> None:
         p.error("--student_model_init_list goes with --student_model_init pretrained")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
-    if set(args.loss) & set(losses.SCORE_TERMS) and not (args.score_corpus or args.margin_triples):
-        p.error("--loss terms kl/margin_mse need --score_corpus (a BEIR folder or collection tsv) or --margin_triples")
-    if args.margin_triples and args.score_corpus:
-        p.error("--margin_triples scores against its own --triples_collection; drop --score_corpus")
+    if set(args.loss) & set(losses.SCORE_TERMS) and not (args.score_corpus or args.doc_index or args.margin_triples):
+        p.error(
+            "--loss terms kl/margin_mse need --score_corpus (a BEIR folder or collection tsv), --doc_index or "
+            "--margin_triples"
+        )
+    if args.margin_triples and (args.score_corpus or args.doc_index):
+        p.error("--margin_triples scores against its own --triples_collection; drop --score_corpus/--doc_index")
+    if args.doc_ids and not args.doc_index:
+        p.error("--doc_ids goes with --doc_index (the index whose rows they name)")
+    if args.doc_index and not set(args.loss) & set(losses.SCORE_TERMS):
+        p.error("--doc_index serves the score terms; add kl or margin_mse to --loss, e.g. cosine:1.0,kl:1.0")
+    if args.teacher_query_ids and not args.teacher_query_embeddings:
+        p.error("--teacher_query_ids goes with --teacher_query_embeddings (the vectors whose rows they name)")
     if args.margin_triples and not args.triples_collection:
         p.error("--margin_triples needs --triples_collection (pid<TAB>text)")
     if args.margin_triples and args.augment:
@@ -208,6 +240,8 @@ class Inputs(NamedTuple):
     score_corpus: tuple | None
     teacher_path: Path
     plans: list[dict]
+    doc_index: doc_index.DocIndex | None  # the user's index for the score terms
+    query_log: query_log.QueryLog | None  # the user's logged teacher query vectors
 
 
 def check_inputs(args, device: str) -> Inputs:
@@ -219,6 +253,15 @@ def check_inputs(args, device: str) -> Inputs:
         # the token loss) would sit on one GPU and the student on another
         raise UsageError(f"--device {device}: select the GPU with CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda")
     sources, train, dev, triples, score_corpus = training_text.read_sources(training_text.TextSettings.from_args(args))
+    index = doc_index.open_index(args.doc_index, args.doc_ids) if args.doc_index else None
+    if index is not None:  # its documents train the student: collections evaluated on this index are in-domain
+        sources["corpora"].append({"spec": args.doc_index, "index_digest": index.digest(), "role": "score index"})
+    logged = None
+    if args.teacher_query_embeddings:
+        files = [Path(f["path"]) for f in sources["query_files"]]
+        if args.teacher_query_ids and args.dev_queries:  # the log may hold the validation queries too
+            files.append(Path(args.dev_queries))
+        logged = query_log.QueryLog(args.teacher_query_embeddings, args.teacher_query_ids, files)
     teacher_path = loading.resolve_model_path(args.teacher_model, args.data_dir)
     for name in args.student_model_init_list:
         loading.resolve_model_path(name, args.data_dir)
@@ -239,7 +282,7 @@ def check_inputs(args, device: str) -> Inputs:
         lambda init: recipes.fingerprint(args, sources, teacher_path, init),
         args.skip_finished,
     )
-    return Inputs(sources, train, dev, triples, score_corpus, teacher_path, plans)
+    return Inputs(sources, train, dev, triples, score_corpus, teacher_path, plans, index, logged)
 
 
 def main(argv=None) -> dict:
@@ -256,6 +299,7 @@ def main(argv=None) -> dict:
     if not plans:
         return {"runs": results}
     teacher, _ = loading.load_model(args.teacher_model, device, path=inputs.teacher_path)
+    check_given(args, inputs, teacher)  # the user's index and logged vectors belong to this teacher, or exit 2
     freeze = args.freeze_embeddings and ("freeze_embeddings" in args.explicit_flags or "if_any")
     student_settings = {
         "layers": args.layers,
@@ -275,6 +319,10 @@ def main(argv=None) -> dict:
     config.update(
         teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device, world_size=world
     )
+    if inputs.doc_index is not None:
+        config["doc_index"] = {"digest": inputs.doc_index.digest(), **inputs.doc_index.verification}
+    if inputs.query_log is not None:
+        config["teacher_query_embeddings"] = inputs.query_log.verification
     # the leak guard's input: which normalised texts trained the student (evaluation counts its queries among them)
     sources = {**inputs.sources, "text_hashes": data.text_hashes(targets.texts)}
     for plan, (student, info) in zip(plans, built):  # one student per plan, all trained on the same targets
@@ -299,11 +347,34 @@ def main(argv=None) -> dict:
     return {"runs": results}
 
 
-def prepare_targets(args, inputs: Inputs, teacher, world: int):
-    """(trainer.Targets, the loss's settings, the evaluator's score settings): labels from the cache or the
-    teacher (under torchrun every rank labels a share; rank 0 writes the caches), and score terms' targets."""
+def check_given(args, inputs: Inputs, teacher) -> None:
+    """A given --doc_index and --teacher_query_embeddings checked against the teacher on seeded samples, before
+    any labelling or training: one error line when they were made by another model, prompt or length."""
+    sim, name = loading.similarity_name(teacher), args.teacher_model
+    if inputs.doc_index is not None:
+        doc_index.check_shape(inputs.doc_index, teacher.get_embedding_dimension(), sim, name)
+        corpus = inputs.score_corpus[0] if inputs.score_corpus else None
 
-    def label(texts):
+        def encode_documents(ids):
+            return teacher.encode_document([cache.doc_text(corpus[i]) for i in ids], convert_to_numpy=True)
+
+        index = inputs.doc_index
+        index.verification = doc_index.verify(index, encode_documents, corpus, sim, name, args.seed)
+    if inputs.query_log is not None:
+
+        def encode_queries(texts):
+            with loading.max_length(teacher, args.max_seq_length):
+                return teacher.encode_query(texts, convert_to_numpy=True)
+
+        inputs.query_log.verify(encode_queries, sim, name, args.seed)
+
+
+def prepare_targets(args, inputs: Inputs, teacher, world: int):
+    """(trainer.Targets, the loss's settings, the evaluator's score settings): labels from the user's logged
+    vectors, the cache or the teacher (under torchrun every rank labels a share; rank 0 writes the caches), and
+    score terms' targets (against the user's index, or one built from --score_corpus)."""
+
+    def teacher_label(texts):
         return cache.teacher_labels(
             teacher,
             inputs.teacher_path,
@@ -314,11 +385,23 @@ def prepare_targets(args, inputs: Inputs, teacher, world: int):
             args.label_devices,
         )
 
+    def label(texts):
+        if inputs.query_log is None:
+            return teacher_label(texts)
+        emb, missing = inputs.query_log.lookup(texts)
+        logger.info("%d of %d texts labelled by the logged vectors", len(texts) - len(missing), len(texts))
+        if not missing:
+            return emb, True
+        emb[missing], cached = teacher_label([texts[i] for i in missing])
+        return emb, cached
+
     t0 = time.perf_counter()
     targets = trainer.teacher_targets(
         teacher, label, inputs.train, inputs.dev, inputs.triples, args.augment, args.seed
     )
-    if inputs.score_corpus is not None:
+    if inputs.doc_index is not None:  # the user's index: its stored vectors, nothing encoded
+        targets = targets._replace(docs=inputs.doc_index.all_vectors())
+    elif inputs.score_corpus is not None:
         corpus, file = inputs.score_corpus
         if (file.parent / "qrels").is_dir():
             logger.warning("--score_corpus %s is an evaluation dataset: results on it are in-domain", file.parent)

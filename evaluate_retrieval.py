@@ -14,6 +14,10 @@ overlap@10, the share of teacher top-1s in the student's top-10, and the cosine 
     python evaluate_retrieval.py --teacher_model T --models S --datasets my_docs.tsv --queries my_log.tsv
     python evaluate_retrieval.py --teacher_model T --models S --datasets $DATA_DIR/nfcorpus --label_free \\
         --pseudo_queries 500
+    # the teacher index you already have, as it is (nothing re-encoded; 64 documents re-encoded to check it)
+    python evaluate_retrieval.py --teacher_model T --models S --datasets my_beir_folder --doc_index my_pyserini_index
+    python evaluate_retrieval.py --teacher_model T --models S --datasets my_beir_folder \\
+        --doc_index embeddings.npy --doc_ids docids.txt
 
 Outputs: output/index/<teacher>/<dataset>/ (cached teacher embeddings), one JSON per (model, dataset) in
 output/retrieval/<teacher>/<model>/<dataset>.json (with per-query values), and the table
@@ -34,6 +38,7 @@ import numpy as np
 import cache
 import common
 import data
+import doc_index
 import loading
 import metrics
 import serving
@@ -41,7 +46,7 @@ import stats
 import training_text
 from common import UsageError, positive_int
 from metrics import evaluate  # noqa: F401 - part of this script's interface (tests, notebooks)
-from search import build_faiss, cached_faiss, check_index_size, search, unit
+from search import cached_faiss, check_index_size, search, unit
 
 logger = logging.getLogger("qdistill.retrieval")
 RESULT_SCHEMA = 2  # 2: per-query values and agreement in every result file; older results are recomputed
@@ -69,6 +74,15 @@ def parse_args(argv=None):
     add("--query_batch_size", type=positive_int, default=128)
     add("--encode_devices", nargs="+", default=None, help="several devices: multi-process corpus encoding")
     add("--index", default="flat", choices=["flat", "hnsw", "ivfpq"], help="flat = exact inner product")
+    add(
+        "--doc_index",
+        nargs="+",
+        default=None,
+        help="the teacher's document index you have, one per dataset: a pyserini folder (index + docid), or a\n"
+        "faiss file or embeddings .npy with --doc_ids; no document is encoded beyond a 64-document check",
+    )
+    add("--doc_ids", nargs="+", default=None, help="each --doc_index file's ids (one a line; - for a pyserini folder)")
+    add("--export_index", default=None, help="also write each teacher index built here as DIR/<dataset>/{index,docid}")
     add("--output_path", default="output")
     add("--save_run", action="store_true", help="also write a TREC run file per (model, dataset)")
     add(
@@ -86,6 +100,12 @@ def parse_args(argv=None):
         p.error("--k_values must include 10: nDCG@10 is the reported metric and the base of retention")
     if args.queries and args.pseudo_queries:
         p.error("--queries and --pseudo_queries are two query sources; give one")
+    if args.doc_ids and not args.doc_index:
+        p.error("--doc_ids goes with --doc_index (the index whose rows they name)")
+    if args.doc_ids and len(args.doc_ids) != len(args.doc_index):
+        p.error(f"--doc_ids lists {len(args.doc_ids)} files, --doc_index {len(args.doc_index)}; one each (- for none)")
+    if args.export_index and args.doc_index:
+        p.error("--export_index writes indexes this script builds; with --doc_index it builds none")
     args.k_values = sorted(set(args.k_values))
     return args
 
@@ -99,16 +119,26 @@ class Dataset(NamedTuple):
     group: str | None
     split: str | None  # None: label-free
     digest: str  # corpus, queries and qrels content
-    corpus_sha256: str
+    corpus_sha256: str | None  # None: no corpus text (the documents are in a given --doc_index)
     queries_sha256: str
+    doc_index: doc_index.DocIndex | None = None  # the user's index, searched instead of one built here
 
 
-def labelled_dataset(name, folder: Path, group, split) -> tuple[Dataset, int]:
+def labelled_dataset(name, folder: Path, group, split, index=None) -> tuple[Dataset, int]:
     """(dataset, documents) of a BEIR folder with qrels, every file read and checked (malformed files fail here,
-    not after indexing)."""
-    corpus = data.load_beir(folder, split)[0]
-    hashes = [cache.sha256_file(f) for f in data.check_beir(folder, split)]
-    return Dataset(name, folder, group, split, cache.sha256_texts(hashes)[:16], hashes[0], hashes[1]), len(corpus)
+    not after indexing); with a given index the corpus is optional and the qrels' documents must be in it."""
+    corpus, _, qrels, _ = data.load_beir(folder, split, corpus_optional=index is not None)
+    hashes = [cache.sha256_file(f) if f.is_file() else None for f in data.check_beir(folder, split, corpus=False)]
+    if index is not None:
+        doc_index.check_qrels(index, qrels)
+    digest = cache.sha256_texts(h or "-" for h in hashes)[:16]
+    return Dataset(name, folder, group, split, digest, hashes[0], hashes[1], index), len(index or corpus)
+
+
+def corpus_text(path: Path, index) -> tuple[dict | None, Path | None]:
+    """(corpus, its file) of a dataset; (None, None) where a given index stands in for absent documents."""
+    has_text = path.is_file() or (path / "corpus.jsonl").is_file()
+    return data.load_corpus(path) if has_text or index is None else (None, None)
 
 
 def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, str]:
@@ -122,49 +152,68 @@ def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, s
         raise UsageError(
             f"{folder} has no relevance labels and no queries; pass --queries FILE (a query log) or --pseudo_queries N"
         )
+    if corpus is None:
+        raise UsageError(f"--pseudo_queries samples document text, and {folder} has none; pass --queries FILE")
     spans = training_text.sample_spans(corpus, 2 * args.pseudo_queries, list(range(3, 13)), args.seed + 5)
     seen = trained()  # every evaluated student's training-text hashes
     spans = [s for s in spans if data.text_hash(s) not in seen][: args.pseudo_queries]
     return {f"pseudo-{i}": s for i, s in enumerate(spans)}
 
 
-def label_free_dataset(args, name, path: Path, group, trained) -> tuple[Dataset, dict, int]:
-    corpus, file = data.load_corpus(path)
+def label_free_dataset(args, name, path: Path, group, trained, index=None) -> tuple[Dataset, dict, int]:
+    corpus, file = corpus_text(path, index)
     queries = {q: t for q, t in label_free_queries(args, path, corpus, trained).items() if t.strip()}
     if not queries:
         raise UsageError(f"no queries for {name}; pass --queries FILE or --pseudo_queries N")
     q_sha = cache.sha256_texts(x for q in sorted(queries) for x in (q, queries[q]))
-    corpus_sha = cache.sha256_file(file)
+    corpus_sha = cache.sha256_file(file) if file else None
     # its own result name: never the labelled results of the same folder, nor the other query source's
     name = f"{name}-{'pseudo' if args.pseudo_queries else 'label-free'}"
-    digest = cache.sha256_texts([corpus_sha, q_sha])[:16]
-    return Dataset(name, path, group, None, digest, corpus_sha, q_sha), queries, len(corpus)
+    digest = cache.sha256_texts([corpus_sha or "-", q_sha])[:16]
+    return Dataset(name, path, group, None, digest, corpus_sha, q_sha, index), queries, len(index or corpus)
 
 
 def load_dataset(ds: Dataset, queries=None):
-    """(corpus, corpus file, queries, qrels or None, stats)."""
+    """(corpus or None, corpus file or None, queries, qrels or None, stats)."""
     if ds.split is None:
-        corpus, file = data.load_corpus(ds.folder)
+        corpus, file = corpus_text(ds.folder, ds.doc_index)
         return corpus, file, queries, None, {"label_free": True, "num_queries": len(queries)}
-    corpus, queries, qrels, data_stats = data.load_beir(ds.folder, ds.split)
+    corpus, queries, qrels, data_stats = data.load_beir(ds.folder, ds.split, corpus_optional=ds.doc_index is not None)
     return corpus, ds.folder / "corpus.jsonl", queries, qrels, data_stats
+
+
+def given_indexes(args, count: int) -> list:
+    """One opened --doc_index per dataset (None each without the flag), read and checked for shape."""
+    if not args.doc_index:
+        return [None] * count
+    if len(args.doc_index) != count:
+        raise UsageError(
+            f"--doc_index lists {len(args.doc_index)} indexes for {count} datasets; give one per dataset, in order"
+        )
+    ids = [None if i in (None, "-") else i for i in (args.doc_ids or [None] * count)]
+    opened = [doc_index.open_index(spec, i) for spec, i in zip(args.doc_index, ids)]
+    for spec, index in zip(args.doc_index, opened):
+        if index.searched_as_built and args.index != "flat":
+            raise UsageError(f"--index {args.index}: the faiss index {spec} is searched as it was built; drop --index")
+    return opened
 
 
 def check_datasets(args, trained) -> list[tuple[Dataset, dict | None]]:
     """Every dataset read and checked before the teacher loads or any index is built. trained() gives the
     training-text hashes that pseudo-queries must avoid (read only when pseudo-queries are sampled)."""
     out = []
-    for name, path, group in data.expand_datasets(args.datasets, args.data_dir, allow_files=True):
+    expanded = data.expand_datasets(args.datasets, args.data_dir, allow_files=True)
+    for (name, path, group), index in zip(expanded, given_indexes(args, len(expanded))):
         split = args.split or ("dev" if path.name == "msmarco" else "test")
         has_qrels = path.is_dir() and (path / "qrels" / f"{split}.tsv").is_file()
         if has_qrels and not args.label_free:
-            ds, num_docs = labelled_dataset(name, path, group, split)
+            ds, num_docs = labelled_dataset(name, path, group, split, index)
             out.append((ds, None))
         elif args.label_free or args.queries or args.pseudo_queries or path.is_file():
-            ds, queries, num_docs = label_free_dataset(args, name, path, group, trained)
+            ds, queries, num_docs = label_free_dataset(args, name, path, group, trained, index)
             out.append((ds, queries))
         else:
-            data.check_beir(path, split)  # the one-line error naming the missing qrels file
+            data.check_beir(path, split, corpus=index is None)  # the one-line error naming the missing file
         check_index_size(args.index, num_docs, name)
     return out
 
@@ -289,12 +338,14 @@ def group_rows(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 
-def load_models(args, names, paths, device):
-    """{name: model}: the teacher and each student (an ONNX Runtime export through its lean query path)."""
+def load_models(args, names, paths, device, datasets):
+    """{name: model}: the teacher and each student (an ONNX Runtime export through its lean query path). Each
+    given --doc_index is checked against the teacher before any student loads."""
     for name in names[1:]:  # a damaged export fails here, before the teacher loads
         if serving.is_export(paths[name]):
             serving.check_export(paths[name])
     teacher, _ = loading.load_model(args.teacher_model, device, path=paths[args.teacher_model])
+    checked = [(ds._replace(doc_index=check_index(args, ds, teacher)), q) for ds, q in datasets]
     models = {args.teacher_model: teacher}
     for name in names[1:]:
         exported = serving.is_export(paths[name])
@@ -307,7 +358,26 @@ def load_models(args, names, paths, device):
                 f"{name} gives {dim}-d embeddings but the teacher index is {teacher.get_embedding_dimension()}-d; "
                 "train it with distillation.py against this teacher"
             )
-    return models
+    return models, checked
+
+
+def check_index(args, ds: Dataset, teacher):
+    """The dataset's given index, checked to belong to the teacher (doc_index.verify on a seeded sample of its
+    documents, encoded as the teacher's own index would be); its record is kept on the index."""
+    index = ds.doc_index
+    if index is None:
+        return None
+    sim = loading.similarity_name(teacher)
+    doc_index.check_shape(index, teacher.get_embedding_dimension(), sim, args.teacher_model)
+    corpus, _ = corpus_text(ds.folder, index)
+
+    def encode(ids):
+        with loading.max_length(teacher, args.corpus_max_seq_length):
+            texts = [cache.doc_text(corpus[i]) for i in ids]
+            return teacher.encode_document(texts, batch_size=args.corpus_batch_size, convert_to_numpy=True)
+
+    index.verification = doc_index.verify(index, encode, corpus, sim, args.teacher_model, args.seed)
+    return index
 
 
 def main(argv=None) -> dict:
@@ -327,7 +397,7 @@ def main(argv=None) -> dict:
 
     datasets = check_datasets(args, trained)  # first: a bad dataset is named before any model is looked up
     sources = {name: common.text_sources(resolve(name)) for name in names}
-    models = load_models(args, names, paths, device)
+    models, datasets = load_models(args, names, paths, device, datasets)
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
     rows = []
     for ds, label_free_queries_ in datasets:
@@ -341,14 +411,17 @@ def main(argv=None) -> dict:
     return {"rows": rows, "table": table}
 
 
-def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, out_root, config) -> list[dict]:
-    """One row per model on one dataset: finished results reused when model, data and settings all match."""
-    corpus, corpus_file, queries, qrels, data_stats = load_dataset(ds, queries)
-    teacher = models[args.teacher_model]
-    doc_emb, doc_ids, index_meta = cache.teacher_index(
+def document_side(args, ds: Dataset, teacher, teacher_path, corpus, corpus_file):
+    """(DocIndex, its record) of a dataset: the given --doc_index, or the teacher index built here (cached)."""
+    if ds.doc_index is not None:
+        index = ds.doc_index
+        record = {"given": True, "digest": index.digest(), "documents_encoded": 0, **index.verification}
+        record.update(kind=index.kind, faiss_type=index.faiss_type, num_docs=len(index))
+        return index, {**record, "folder": Path(args.output_path) / "index" / "given" / index.digest()}
+    doc_emb, doc_ids, meta = cache.teacher_index(
         teacher,
         args.teacher_model,
-        paths[args.teacher_model],
+        teacher_path,
         corpus,
         corpus_file,
         args.output_path,
@@ -356,12 +429,29 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
         args.corpus_batch_size,
         devices=args.encode_devices,
     )
+    if args.export_index:
+        cosine = loading.similarity_name(teacher) == "cosine"
+        folder = doc_index.write_pyserini(Path(args.export_index) / ds.name, doc_emb, doc_ids, cosine)
+        logger.info("wrote the teacher index of %s in pyserini's layout: %s", ds.name, folder)
+    index = doc_index.open_npy(Path(meta["folder"]) / "embeddings.npy", doc_ids)
+    digest = cache.sha256_texts([json.dumps(meta["key"], sort_keys=True)])[:16]
+    record = {"given": False, "digest": digest, "documents_encoded": meta["num_docs"], "index_verified": True}
+    return index, {**record, "folder": meta["folder"], "encode_seconds": meta.get("encode_seconds")}
+
+
+def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, out_root, config) -> list[dict]:
+    """One row per model on one dataset: finished results reused when model, data and settings all match."""
+    corpus, corpus_file, queries, qrels, data_stats = load_dataset(ds, queries)
+    teacher = models[args.teacher_model]
+    index, index_meta = document_side(args, ds, teacher, paths[args.teacher_model], corpus, corpus_file)
     sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
     settings = {
         "dataset": ds.digest,
         "split": ds.split,
         "index": args.index,
-        "teacher_index": cache.sha256_texts([json.dumps(index_meta["key"], sort_keys=True)])[:16],
+        # the index by content (its files' digests and faiss type, or the built index's key), never by path
+        "teacher_index": index_meta["digest"],
+        "index_verified": index_meta["index_verified"],
         "k_values": args.k_values,
         "similarity": sim,
         "faiss": __import__("faiss").__version__,
@@ -380,9 +470,7 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
         else:
             pending.append((name, path, key, key_digest))
     if pending:
-        records.update(
-            evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config)
-        )
+        records.update(evaluate_models(pending, models, queries, qrels, index, index_meta, args, sim, config))
     rows, fresh = [], {p[0] for p in pending}
     for name in names:
         record = {**records[name], "dataset": ds.name, "dataset_path": str(ds.folder), "split": ds.split}
@@ -415,10 +503,10 @@ def mark_training_text(record: dict, teacher: dict, sources: dict | None, ds: Da
     record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
 
 
-def retrieve(index, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
+def retrieve(searcher, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
     """Top-k results per query. Searches k+1: evaluation drops a document whose id equals the query's (ArguAna,
     Quora), and k hits must remain after that."""
-    scores, rows = search(index, q_emb, k + 1)
+    scores, rows = searcher(q_emb, k + 1)
     return to_results(q_ids, doc_ids, scores, rows)
 
 
@@ -430,14 +518,14 @@ def to_results(q_ids, doc_ids, scores, rows) -> dict[str, dict[str, float]]:
     }
 
 
-def encode_and_search(model, index, q_texts, q_ids, doc_ids, args, cosine):
+def encode_and_search(model, searcher, q_texts, q_ids, doc_ids, args, cosine):
     """(query embeddings, results with own ids dropped where unjudged, encode seconds, search seconds)."""
     t0 = time.perf_counter()
     q_emb = model.encode_query(q_texts, batch_size=args.query_batch_size, convert_to_numpy=True)
     enc_secs = time.perf_counter() - t0
     q_emb = unit(q_emb) if cosine else np.asarray(q_emb, np.float32)
     t0 = time.perf_counter()
-    results = retrieve(index, q_emb, q_ids, doc_ids, max(args.k_values))
+    results = retrieve(searcher, q_emb, q_ids, doc_ids, max(args.k_values))
     return q_emb, results, enc_secs, time.perf_counter() - t0
 
 
@@ -453,18 +541,31 @@ def score(qrels, results, k_values) -> dict:
     }
 
 
-def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_meta, args, sim, config):
+def searchers(index: doc_index.DocIndex, kind: str, folder, seed: int, cosine: bool):
+    """(search, exact search or None): a given faiss file searched as built; else exact search over the vectors
+    (chunk by chunk), or an hnsw/ivfpq index built from them once, with exact search beside it for its recall."""
+
+    def exact(q, k):
+        return index.search(q, k, cosine)
+
+    if kind == "flat" or index.searched_as_built:
+        return exact, None
+    approx = cached_faiss(np.load(index.path, mmap_mode="r"), kind, folder, seed, normalize=cosine)
+    return (lambda q, k: search(approx, q, k)), exact
+
+
+def evaluate_models(pending, models, queries, qrels, index, index_meta, args, sim, config):
     """{model name: record} for the models not evaluated before on this dataset; TREC runs on --save_run."""
     t0 = time.perf_counter()
     cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
-    index = cached_faiss(doc_emb, args.index, index_meta["folder"], args.seed, normalize=cosine)
-    exact = build_faiss(doc_emb, "flat", normalize=cosine) if args.index != "flat" else None
+    searcher, exact = searchers(index, args.index, index_meta["folder"], args.seed, cosine)
+    doc_ids = index.ids
     build_secs = time.perf_counter() - t0
     q_ids = sorted(queries)
     q_texts = [queries[q] for q in q_ids]
     max_k = max(args.k_values)
     # the teacher's own ranking and query embeddings: what each student's agreement is measured against
-    teacher_run = encode_and_search(models[args.teacher_model], index, q_texts, q_ids, doc_ids, args, cosine)
+    teacher_run = encode_and_search(models[args.teacher_model], searcher, q_texts, q_ids, doc_ids, args, cosine)
     t_emb, t_results = teacher_run[:2]
     t_top = metrics.top_ids(metrics.drop_own_ids(qrels, t_results)[0], 10)
     out = {}
@@ -473,7 +574,7 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
         q_emb, results, enc_secs, search_secs = (
             teacher_run
             if name == args.teacher_model
-            else encode_and_search(model, index, q_texts, q_ids, doc_ids, args, cosine)
+            else encode_and_search(model, searcher, q_texts, q_ids, doc_ids, args, cosine)
         )
         record = {
             "model": name,
@@ -481,6 +582,8 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
             "teacher": args.teacher_model,
             "similarity": sim,
             "index": args.index,
+            "doc_index": {k: v for k, v in index_meta.items() if k != "folder"},
+            "index_verified": index_meta["index_verified"],
             "result_key": key_digest,
             "key": key,
             "num_queries": len(q_ids),
@@ -491,6 +594,7 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
                 "queries_per_second": round(len(q_ids) / enc_secs, 1),
                 "index_build_seconds": round(build_secs, 3),
                 "corpus_encode_seconds": index_meta.get("encode_seconds"),
+                "documents_encoded": index_meta["documents_encoded"],
             },
             "config": config,
         }
@@ -501,7 +605,7 @@ def evaluate_models(pending, models, queries, qrels, doc_emb, doc_ids, index_met
             record["agreement"] = agree["summary"]
             record.setdefault("per_query", {}).update(agree["per_query"])
         if exact is not None:
-            exact_ids, approx_ids = search(exact, q_emb, max_k)[1], search(index, q_emb, max_k)[1]
+            exact_ids, approx_ids = exact(q_emb, max_k)[1], searcher(q_emb, max_k)[1]
             record["approx_recall"] = {
                 f"@{k}": metrics.overlap_at_k(exact_ids, approx_ids, k) for k in (10, 100) if k <= max_k
             }

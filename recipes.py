@@ -81,6 +81,11 @@ NOT_RECIPE = {
     "margin_triples",
     "triples_collection",
     "save_asymmetric",
+    # by content below, not by name: the index's digest (sources) and the logged vectors' sha256
+    "doc_index",
+    "doc_ids",
+    "teacher_query_embeddings",
+    "teacher_query_ids",
 }
 
 
@@ -88,7 +93,12 @@ def fingerprint(args, sources: dict, teacher_path: Path, init: str) -> dict:
     """Everything that makes the student: the flags that change training, and the content (not the names) of the
     teacher, the training text sources, the validation queries and the triples. Equal recipes, equal students."""
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
-    files = {"dev_queries": args.dev_queries, "margin_triples": args.margin_triples}
+    files = {
+        "dev_queries": args.dev_queries,
+        "margin_triples": args.margin_triples,
+        "teacher_query_embeddings": args.teacher_query_embeddings,
+        "teacher_query_ids": args.teacher_query_ids,
+    }
     return json.loads(
         json.dumps(
             {

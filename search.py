@@ -86,22 +86,36 @@ def search(index, q_emb: np.ndarray, k: int):
     return index.search(np.ascontiguousarray(q_emb, dtype=np.float32), min(k, index.ntotal))
 
 
-def exact_top_k(q_emb: np.ndarray, doc_emb: np.ndarray, k: int, normalize: bool, chunk: int = 100_000) -> np.ndarray:
-    """Row ids of each query's k best documents by exact inner product, scanning the corpus chunk by chunk.
+def exact_search(q_emb: np.ndarray, chunks, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, row ids) of each query's k best documents by exact inner product, over (start row, block) chunks
+    of the documents (normalize: unit blocks first, for cosine teachers).
 
-    Memory stays at one chunk of documents plus (queries x 2k) candidates, whatever the corpus size.
+    Memory stays at one chunk of documents plus (queries x 2k) candidates, whatever the corpus size. Each chunk is
+    searched by a faiss IndexFlatIP, so the scores are the ones an index over the whole corpus gives.
     """
     import faiss
 
     q = unit(q_emb) if normalize else np.ascontiguousarray(q_emb, dtype=np.float32)
     best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
-    for start in range(0, len(doc_emb), chunk):
-        block = np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32)
+    for start, block in chunks:
+        block = np.ascontiguousarray(block, dtype=np.float32)
         index = faiss.IndexFlatIP(block.shape[1])
         index.add(unit(block) if normalize else block)
         s, i = index.search(q, min(k, len(block)))
         best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i + start], 1)
-        order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
-        best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
-    return best_i
+        if best_s.shape[1] > k:
+            order = np.argsort(-best_s, axis=1, kind="stable")[:, :k]
+            best_s, best_i = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+    return best_s, best_i
+
+
+def array_chunks(doc_emb, rows: int = 131_072):
+    """(start row, block) over an in-memory or memory-mapped array."""
+    for start in range(0, len(doc_emb), rows):
+        yield start, doc_emb[start : start + rows]
+
+
+def exact_top_k(q_emb: np.ndarray, doc_emb: np.ndarray, k: int, normalize: bool) -> np.ndarray:
+    """Row ids of each query's k best documents by exact inner product, chunk by chunk (exact_search)."""
+    return exact_search(q_emb, array_chunks(doc_emb), min(k, len(doc_emb)), normalize)[1]

@@ -1,0 +1,366 @@
+"""The teacher's document index as the user already has it, used where it is: no document is re-encoded.
+
+Two forms are read: a faiss index file with its document ids (pyserini's prebuilt dense indexes are a folder
+holding `index` and `docid`; DPR and tevatron write the same kind), and an embeddings `.npy` (float32 or
+float16, any size) with an ids file (one id a line, or a JSON list). Before anything is searched, `verify`
+encodes a seeded sample of documents with the teacher exactly as its index would (document prompt, max length)
+and compares them with the stored vectors, so an index made by another model or prompt is refused in one line.
+
+A `.npy` is never loaded whole: exact search reads it in chunks with plain file reads (not a memory map, whose
+touched pages would count towards the process's resident memory), so memory stays at one chunk whatever the
+corpus size. A faiss file is read by faiss and searched with its own index type and settings, as it was built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import common
+import search
+from common import UsageError
+
+logger = logging.getLogger("qdistill.doc_index")
+
+PYSERINI_INDEX, PYSERINI_DOCID = "index", "docid"  # pyserini's dense index folder: the faiss file, one id a line
+CHUNK_ROWS = 131_072  # rows per read in exact search (a multiple of faiss's 1,024-row blocks)
+# faiss index types whose stored vectors are the float32 originals: checked by cosine to fresh teacher vectors;
+# other types (PQ, SQ, ...) only store codes, checked by whether a document finds itself
+EXACT_FAISS = {"IndexFlat", "IndexFlatIP", "IndexFlatL2", "IndexHNSWFlat", "IndexIVFFlat"}
+SAMPLE = 64  # documents re-encoded by the check
+MEDIAN_FLOOR, MIN_FLOOR = 0.99, 0.95  # cosine of stored to fresh vectors: median over the sample, and every one
+SELF_TOP_K, SELF_FLOOR = 10, 0.9  # quantised indexes: share of sampled documents found in their own top-10
+_DIGESTS: dict = {}
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of the whole file (never a part: a changed vector in the middle must change the key), memoized per
+    (path, size, mtime) within the process."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _DIGESTS:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+        _DIGESTS[memo] = h.hexdigest()
+    return _DIGESTS[memo]
+
+
+@dataclass
+class DocIndex:
+    """Document vectors with their ids, row i = ids[i]."""
+
+    path: Path  # the vectors: a .npy or a faiss file
+    ids: list[str]
+    dim: int
+    kind: str  # "npy" or "faiss"
+    faiss_type: str | None = None
+    metric: str = "ip"  # "ip" or "l2" (faiss); a .npy is scored with the teacher's own function
+    dtype: str = "float32"
+    offset: int = 0  # .npy: where the rows start in the file
+    index: object = None  # faiss: the index as read
+    key: dict = field(default_factory=dict)
+    verification: dict = field(default_factory=dict)  # what verify() found
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def exact(self) -> bool:
+        """Whether the stored vectors are the originals (flat, HNSW-flat, IVF-flat, .npy) rather than codes."""
+        return self.kind == "npy" or self.faiss_type in EXACT_FAISS
+
+    @property
+    def searched_as_built(self) -> bool:
+        """A faiss file is searched with its own index; a .npy by exact search (or an index built from it)."""
+        return self.kind == "faiss"
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def rows_of(self, ids) -> list[int | None]:
+        at = getattr(self, "_at", None)
+        if at is None:
+            at = self._at = {d: i for i, d in enumerate(self.ids)}
+        return [at.get(d) for d in ids]
+
+    def chunks(self, rows: int = CHUNK_ROWS):
+        """(start row, float32 block) over the whole index, one block in memory at a time."""
+        if self.kind == "faiss":
+            for start in range(0, len(self), rows):
+                yield start, self.index.reconstruct_n(start, min(rows, len(self) - start))
+            return
+        itemsize = np.dtype(self.dtype).itemsize
+        with open(self.path, "rb") as f:
+            for start in range(0, len(self), rows):
+                n = min(rows, len(self) - start)
+                f.seek(self.offset + start * self.dim * itemsize)
+                block = np.fromfile(f, self.dtype, n * self.dim).reshape(n, self.dim)
+                yield start, block.astype(np.float32, copy=False)
+
+    def vectors(self, rows) -> np.ndarray:
+        """float32 stored vectors of the given rows (exact for exact indexes, decoded codes otherwise)."""
+        rows = np.asarray(rows, np.int64)
+        if self.kind == "faiss":
+            return self.index.reconstruct_batch(rows)
+        arr = np.load(self.path, mmap_mode="r")  # a few rows: the map touches only their pages
+        return np.asarray(arr[rows], np.float32)
+
+    def all_vectors(self) -> np.ndarray:
+        """Every vector in memory (score terms keep them): only for exact indexes."""
+        if not self.exact:
+            raise UsageError(
+                f"{self.path} is a {self.faiss_type} index, which stores codes, not vectors; score terms need the "
+                "vectors themselves: pass a flat faiss index or the embeddings .npy with --doc_ids"
+            )
+        out = np.empty((len(self), self.dim), np.float32)
+        for start, block in self.chunks():
+            out[start : start + len(block)] = block
+        return out
+
+    def search(self, q: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows) of each query's top k: a faiss file with its own search, a .npy exactly in chunks
+        (normalize: unit document vectors first, for cosine teachers). Rows are -1 where fewer than k exist."""
+        if self.kind == "faiss":
+            return search.search(self.index, q, k)
+        return search.exact_search(q, self.chunks(), min(k, len(self)), normalize)
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def read_ids(path: Path) -> list[str]:
+    """Document ids: a JSON list (.json) or one id a line, each checked (UTF-8, non-empty, unique)."""
+    path = common.check_file(path, "document id file", "pass the index's docid list (one id a line, or .json)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"document id file {path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from e
+    if path.suffix == ".json":
+        try:
+            ids = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"document id file {path} is not valid JSON ({e.msg}, line {e.lineno})") from e
+        if not isinstance(ids, list):
+            raise UsageError(f"document id file {path} must hold a JSON list of ids")
+        ids = [str(i) for i in ids]
+    else:
+        ids = text.split("\n")
+        if ids and ids[-1] == "":
+            ids.pop()
+        ids = [i.rstrip("\r").strip() for i in ids]
+    if not ids:
+        raise UsageError(f"document id file {path} is empty")
+    if "" in ids:
+        raise UsageError(f"document id file {path}: line {ids.index('') + 1} is empty; one id a line, none blank")
+    if len(set(ids)) != len(ids):
+        seen = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise UsageError(f"document id file {path}: id {dup!r} appears more than once; ids must be unique")
+    return ids
+
+
+def resolve(spec: str | Path, ids_path: str | Path | None = None) -> tuple[Path, Path]:
+    """(vectors file, ids file) of a --doc_index: a pyserini folder, or a faiss/.npy file with --doc_ids."""
+    spec = Path(spec)
+    if spec.is_dir():
+        vectors, ids = spec / PYSERINI_INDEX, spec / PYSERINI_DOCID
+        if not vectors.is_file() or not ids.is_file():
+            raise UsageError(
+                f"--doc_index {spec} is a folder but not in pyserini's layout ({PYSERINI_INDEX} + {PYSERINI_DOCID}); "
+                "pass that folder, or a faiss/.npy file with --doc_ids"
+            )
+        return vectors, Path(ids_path) if ids_path else ids
+    common.check_file(spec, "--doc_index", "pass a pyserini index folder, or a faiss/.npy file with --doc_ids")
+    if not ids_path:
+        raise UsageError(f"--doc_index {spec} is a file: pass its document ids with --doc_ids (one id a line)")
+    return spec, Path(ids_path)
+
+
+def open_index(spec: str | Path, ids_path: str | Path | None = None) -> DocIndex:
+    """A DocIndex read and checked for shape: the vectors' count equals the ids', the file is whole."""
+    vectors, ids_file = resolve(spec, ids_path)
+    ids = read_ids(ids_file)
+    index = open_npy(vectors, ids) if vectors.suffix == ".npy" else _open_faiss(vectors, ids)
+    if index.dim < 1:
+        raise UsageError(f"index {vectors} holds {index.dim}-d vectors; expected embeddings")
+    index.key = {
+        "kind": index.kind,
+        "faiss_type": index.faiss_type,
+        "metric": index.metric,
+        "dtype": index.dtype,
+        "num_docs": len(ids),
+        "dim": index.dim,
+        "vectors_sha256": file_sha256(vectors),
+        "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+    }
+    logger.info("document index %s: %d x %d (%s)", vectors, len(ids), index.dim, index.faiss_type or index.dtype)
+    return index
+
+
+def open_npy(path: Path, ids: list[str]) -> DocIndex:
+    """Rows of a .npy with their ids, checked (2-d float32/float16, whole); nothing is read but the header. The
+    index this toolkit builds (cache.teacher_index) is opened this way too, and searched like a given one."""
+    common.check_file(path, "embeddings", "pass an existing .npy file")
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            offset = f.tell()
+    except (ValueError, OSError, SyntaxError) as e:
+        raise UsageError(f"embeddings {path} is not a readable .npy file ({e}); write it with numpy.save") from e
+    if len(shape) != 2 or fortran or dtype not in (np.float32, np.float16):
+        raise UsageError(
+            f"embeddings {path}: expected a 2-d C-order float32/float16 array, found shape {shape}, dtype {dtype}"
+            f"{', Fortran order' if fortran else ''}"
+        )
+    size = path.stat().st_size
+    if size != offset + shape[0] * shape[1] * dtype.itemsize:
+        raise UsageError(
+            f"embeddings {path} is truncated or padded: {size} bytes for a {shape[0]} x {shape[1]} {dtype} array; "
+            "write it again"
+        )
+    _same_count(path, shape[0], ids)
+    return DocIndex(path, ids, int(shape[1]), "npy", dtype=str(dtype), offset=offset)
+
+
+def _open_faiss(path: Path, ids: list[str]) -> DocIndex:
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path))  # already its own type (downcast_index would leave it unowned)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1][:160] if str(e).strip() else "unreadable"
+        raise UsageError(f"faiss index {path} cannot be read ({reason}); is it whole, and a faiss index?") from e
+    kind = type(index).__name__
+    if "IDMap" in kind:
+        raise UsageError(f"faiss index {path} is an {kind}: write its ids in order to a docid file instead")
+    _same_count(path, index.ntotal, ids)
+    if kind == "IndexIVFFlat":
+        index.make_direct_map()  # reconstructing a stored vector by row needs the row -> list map
+    metric = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}.get(index.metric_type, str(index.metric_type))
+    return DocIndex(path, ids, int(index.d), "faiss", faiss_type=kind, metric=metric, index=index)
+
+
+def _same_count(path: Path, n: int, ids: list[str]) -> None:
+    if n != len(ids):
+        raise UsageError(f"index {path} holds {n} vectors but its id file lists {len(ids)} ids; they must match")
+
+
+# ----------------------------------------------------------------------------- checking against the teacher
+
+
+def check_shape(index: DocIndex, dim: int, similarity: str, teacher_name: str) -> None:
+    """What can be checked without encoding: dimension and metric against the teacher's."""
+    where = f"index at {index.path}"
+    if index.dim != dim:
+        raise UsageError(
+            f"{where} holds {index.dim}-d vectors but teacher {teacher_name} gives {dim}-d; "
+            "was it built with another model?"
+        )
+    if index.metric != "ip":
+        raise UsageError(
+            f"{where} searches by {index.metric} distance but teacher {teacher_name} scores by {similarity}; "
+            "rebuild it with faiss.METRIC_INNER_PRODUCT (unit vectors for a cosine teacher)"
+        )
+
+
+def check_qrels(index: DocIndex, qrels: dict | None) -> None:
+    if not qrels:
+        return
+    judged = sorted({d for r in qrels.values() for d in r})
+    missing = [d for d, row in zip(judged, index.rows_of(judged)) if row is None]
+    if missing:
+        raise UsageError(
+            f"index at {index.path} lacks {len(missing)} of the {len(judged)} documents the qrels judge "
+            f"(e.g. {missing[0]!r}); is it the index of this collection?"
+        )
+
+
+def verify(index: DocIndex, encode_documents, corpus: dict | None, similarity: str, teacher_name: str, seed: int):
+    """{'index_verified', ...}: a seeded sample of corpus documents encoded by `encode_documents` (the teacher,
+    as its index would) against the stored vectors. Refused in one line when they disagree; without corpus text
+    the run goes on with a warning and the record says index_verified: false."""
+    where = f"index at {index.path}"
+    if not corpus:
+        logger.warning("%s: no corpus text to check it with; results say index_verified: false", where)
+        return {"index_verified": False, "reason": "no corpus text"}
+    shared = [d for d, row in zip(sorted(corpus), index.rows_of(sorted(corpus))) if row is not None]
+    if not shared:
+        raise UsageError(f"{where} holds none of the corpus's {len(corpus)} document ids; is it this collection's?")
+    rng = np.random.default_rng(seed)
+    sample = [shared[i] for i in sorted(rng.choice(len(shared), min(SAMPLE, len(shared)), replace=False))]
+    rows = index.rows_of(sample)
+    fresh = np.asarray(encode_documents(sample), np.float32)
+    record = {"sample": len(sample), "corpus_docs_missing": len(corpus) - len(shared)}
+    if index.exact:
+        stored = index.vectors(rows)
+        cos = search.cosine_rows(stored, fresh)
+        record.update(method="cosine of stored to re-encoded vectors", median_cosine=float(np.median(cos)))
+        record["min_cosine"] = float(cos.min())
+        if record["median_cosine"] < MEDIAN_FLOOR or record["min_cosine"] < MIN_FLOOR:
+            raise UsageError(
+                f"{where} does not match teacher {teacher_name}: median cosine {record['median_cosine']:.2f} "
+                f"(lowest {record['min_cosine']:.2f}) over {len(sample)} documents, {MEDIAN_FLOOR} needed; "
+                "was it built with another model, prompt or max length, or are its ids in another order?"
+            )
+        _check_norms(index, stored, fresh, similarity, teacher_name)
+    else:  # codes, not vectors: does each sampled document find itself?
+        q = search.unit(fresh) if similarity == "cosine" else fresh
+        _, top = index.search(q, SELF_TOP_K, similarity == "cosine")
+        found = float(np.mean([r in t for r, t in zip(rows, top.tolist())]))
+        record.update(method=f"own document in its top-{SELF_TOP_K} (a {index.faiss_type} stores codes)")
+        record["self_found"] = found
+        if found < SELF_FLOOR:
+            raise UsageError(
+                f"{where} does not match teacher {teacher_name}: only {found:.0%} of {len(sample)} re-encoded "
+                f"documents find themselves in its top-{SELF_TOP_K} ({SELF_FLOOR:.0%} needed); was it built with "
+                "another model or prompt, or are its ids in another order?"
+            )
+    if record["corpus_docs_missing"]:
+        logger.warning("%s: %d corpus documents are not in the index", where, record["corpus_docs_missing"])
+    logger.info("%s matches %s (%s)", where, teacher_name, record["method"])
+    return {"index_verified": True, **record}
+
+
+def _check_norms(index: DocIndex, stored, fresh, similarity: str, teacher_name: str) -> None:
+    """Searched as stored, a faiss file of a cosine teacher must hold unit vectors; a dot teacher's index must
+    keep the teacher's norms (unit vectors there would change every score)."""
+    norms = np.linalg.norm(stored, axis=1)
+    if similarity == "cosine" and index.searched_as_built and np.median(np.abs(norms - 1)) > 1e-2:
+        raise UsageError(
+            f"index at {index.path} holds vectors of median norm {np.median(norms):.3g}, but teacher {teacher_name} "
+            "scores by cosine and a faiss index is searched as built: add faiss.normalize_L2'd vectors"
+        )
+    if similarity == "dot":
+        ratio = np.median(np.abs(norms / np.maximum(np.linalg.norm(fresh, axis=1), 1e-12) - 1))
+        if ratio > 1e-2:
+            raise UsageError(
+                f"index at {index.path}: stored vector norms differ from teacher {teacher_name}'s by "
+                f"{ratio:.0%} (median); the teacher scores by dot product: were the vectors normalised?"
+            )
+
+
+# ----------------------------------------------------------------------------- writing the toolkit's own
+
+
+def write_pyserini(folder: Path, embeddings: np.ndarray, ids: list[str], normalize: bool) -> Path:
+    """The toolkit's teacher index in pyserini's layout (a flat inner-product faiss `index` + `docid`), written
+    atomically, chunk by chunk; unit vectors for a cosine teacher, as they are searched."""
+    import faiss
+
+    with common.atomic_dir(folder) as tmp:
+        index = faiss.IndexFlatIP(embeddings.shape[1])
+        for start in range(0, len(ids), CHUNK_ROWS):
+            block = np.ascontiguousarray(embeddings[start : start + CHUNK_ROWS], dtype=np.float32)
+            index.add(search.unit(block) if normalize else block)
+        faiss.write_index(index, str(tmp / PYSERINI_INDEX))
+        (tmp / PYSERINI_DOCID).write_text("".join(f"{d}\n" for d in ids), encoding="utf-8")
+    return folder
