@@ -66,8 +66,8 @@ class QueryLog:
         median, low = float(np.median(cos)), float(cos.min())
         if median < doc_index.MEDIAN_FLOOR or low < doc_index.MIN_FLOOR:
             raise UsageError(
-                f"logged query vectors {self.path} do not match teacher {teacher_name}: median cosine {median:.2f} "
-                f"(lowest {low:.2f}) over {len(sample)} queries, {doc_index.MEDIAN_FLOOR} needed; were they logged "
+                f"logged query vectors {self.path} do not match teacher {teacher_name}: median cosine {median:.4f} "
+                f"(lowest {low:.4f}) over {len(sample)} queries, {doc_index.MEDIAN_FLOOR} needed; were they logged "
                 "with another model, query prompt or max length, or in another row order?"
             )
         if similarity == "dot":

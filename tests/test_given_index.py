@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import DATA, MINILM, MINILM_LOCAL, TRAIN_TSV, distill_real, make_tiny, needs_data
+from conftest import DATA, MINILM, MINILM_LOCAL, TRAIN_TSV, make_tiny, needs_data
 
 import common
 import doc_index
@@ -139,7 +139,15 @@ def test_faiss_files_searched_as_built(small, built, tmp_path):
     for name, index in (("hnsw", hnsw), ("sq8", sq)):
         faiss.write_index(index, str(tmp_path / name))
         results[name] = row(
-            run(tmp_path / f"out-{name}", "--datasets", str(small), "--doc_index", str(tmp_path / name), "--doc_ids", str(ids))
+            run(
+                tmp_path / f"o-{name}",
+                "--datasets",
+                str(small),
+                "--doc_index",
+                str(tmp_path / name),
+                "--doc_ids",
+                str(ids),
+            )
         )
     assert results["hnsw"]["doc_index"]["faiss_type"] == "IndexHNSWFlat"
     assert results["hnsw"]["doc_index"]["method"].startswith("cosine")  # HNSW-flat stores the vectors
@@ -218,3 +226,108 @@ def test_bad_indexes_one_line_each(small, built, tmp_path, capsys):
     assert "l2 distance" in line
     # nothing half-written anywhere, and no result for a refused index
     assert not list(bad.rglob("*.json")) and not list(bad.rglob("*.tmp"))
+
+
+def test_prompt_missing_from_index_refused(small, built, tmp_path, capsys):
+    """The right model with a document prompt its index was built without: refused before any student loads."""
+    from sentence_transformers import SentenceTransformer
+
+    _, _, pyserini = built
+    prompted = tmp_path / "prompted"
+    model = SentenceTransformer(MINILM_LOCAL, device="cpu")
+    model.prompts = {"query": "query: ", "document": "passage: "}
+    model.save(str(prompted))
+    argv = ["--teacher_model", str(prompted), "--models", MINILM_LOCAL, "--datasets", str(small)]
+    line = refused(capsys, [*argv, "--doc_index", str(pyserini), "--output_path", str(tmp_path / "o")])
+    assert "does not match teacher" in line and "prompt" in line
+
+
+@pytest.fixture(scope="module")
+def log_files(tmp_path_factory):
+    """600 real MS MARCO train queries and the teacher's own query vectors for them, as a user would log them."""
+    from sentence_transformers import SentenceTransformer
+
+    out = tmp_path_factory.mktemp("log")
+    lines = TRAIN_TSV.read_text().splitlines()[:600]
+    (out / "q.tsv").write_text("\n".join(lines) + "\n")
+    teacher = SentenceTransformer(MINILM_LOCAL, device="cpu")
+    texts = [" ".join(line.split("\t")[1].split()) for line in lines]
+    np.save(out / "vectors.npy", teacher.encode_query(texts, batch_size=64).astype(np.float16))
+    return out
+
+
+def distill(out, name, queries, *extra):
+    flags = ["--num_layers", "2", "--num_train_epochs", "1", "--eval_steps", "5", "--learning_rate", "1e-3"]
+    import distillation
+
+    argv = ["--teacher_model", MINILM, "--train_queries", str(queries), "--num_dev_queries", "60"]
+    argv += ["--output_path", str(out), "--run_name", name, "--log_level", "warning", *flags, *extra]
+    return distillation.main(argv)["runs"][0]
+
+
+def student_outputs(run, texts):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(run["final_path"], device="cpu").encode(texts)
+
+
+def test_logged_query_vectors_train_the_same_student(log_files, tmp_path, monkeypatch, capsys):
+    from sentence_transformers import SentenceTransformer
+
+    calls, real = [], SentenceTransformer.encode_query
+
+    def counting(self, texts, *a, **k):
+        calls.append(len(texts))
+        return real(self, texts, *a, **k)
+
+    made = distill(tmp_path / "teacher-labels", "r", log_files / "q.tsv")
+    monkeypatch.setattr(SentenceTransformer, "encode_query", counting)
+    logged = distill(
+        tmp_path / "logged", "r", log_files / "q.tsv", "--teacher_query_embeddings", str(log_files / "vectors.npy")
+    )
+    assert calls[0] == doc_index.SAMPLE  # the teacher's only pass: the check's sample (the rest: the student's)
+    assert made["teacher_label_runs"] == 2 and logged["teacher_label_runs"] == 0  # every label from the log
+    config = json.loads((tmp_path / "logged" / "r" / "metrics.json").read_text())["config"]
+    assert config["teacher_query_embeddings"]["median_cosine"] > 0.999
+    probe = ["what is the capital of france", "symptoms of flu in adults"]
+    # the log is fp16 (as logs often are): the same student up to that rounding
+    np.testing.assert_allclose(student_outputs(logged, probe), student_outputs(made, probe), atol=2e-2)
+    assert abs(logged["dev_cosine"] - made["dev_cosine"]) < 2e-3
+    # a log in another row order is refused before any training
+    shuffled = tmp_path / "shuffled.npy"
+    np.save(shuffled, np.load(log_files / "vectors.npy")[::-1])
+    import distillation
+
+    argv = [
+        "--teacher_model",
+        MINILM,
+        "--train_queries",
+        str(log_files / "q.tsv"),
+        "--output_path",
+        str(tmp_path / "s"),
+    ]
+    with pytest.raises(SystemExit) as e:
+        common.cli(distillation.main, [*argv, "--teacher_query_embeddings", str(shuffled), "--log_level", "error"])
+    assert e.value.code == 2
+    assert "do not match teacher" in capsys.readouterr().err and not (tmp_path / "s" / "labels").exists()
+
+
+def test_score_terms_against_given_index(small, built, log_files, tmp_path, monkeypatch):
+    _, _, pyserini = built
+    seen = encoded_documents(monkeypatch)
+    run = distill(
+        tmp_path / "kl",
+        "kl",
+        log_files / "q.tsv",
+        "--loss",
+        "cosine:1.0,kl:1.0",
+        "--doc_index",
+        str(pyserini),
+        "--score_corpus",
+        str(small),
+    )
+    # the check's sample, then only the saved student's model-card examples: no teacher index is built
+    assert seen[0] == doc_index.SAMPLE and sum(seen[1:]) < 10 and not (tmp_path / "kl" / "index").exists()
+    assert run["dev_kl"] < run["initial_dev_kl"]
+    record = json.loads((tmp_path / "kl" / "kl" / "final" / "training_text.json").read_text())
+    assert any(c.get("role") == "score index" for c in record["corpora"])
