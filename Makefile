@@ -40,7 +40,7 @@ PAPER_OUT := $(OUTPUT_DIR)/paper
 PAPER_LAYERS ?= 0 11 0,11 1,11 0,10 0,1 10,11 0,1,10,11 0,1,2,3 8,9,10,11 0,4,7,11
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast lint format clean example paper bench
+.PHONY: help install test test-fast lint format clean example paper bench bench-index
 
 help: ## show this help
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -80,14 +80,16 @@ example: install ## distill, evaluate and benchmark a 2-layer MiniLM student; pr
 		--num_train_epochs $(EXAMPLE_EPOCHS) --recipe best --output_path $(OUTPUT_DIR) \
 		--run_name $(notdir $(EXAMPLE_RUN)) --overwrite_output_dir $(EXAMPLE_EXTRA)
 	$(PY) evaluate_retrieval.py --teacher_model $(EXAMPLE_TEACHER) --models $(EXAMPLE_RUN)/final \
-		--datasets $(EXAMPLE_DATASETS) --output_path $(OUTPUT_DIR) --overwrite
+		--datasets $(EXAMPLE_DATASETS) --output_path $(OUTPUT_DIR) --overwrite --export_index $(OUTPUT_DIR)/pyserini
 	$(PY) evaluate_speed.py --models $(EXAMPLE_TEACHER) $(EXAMPLE_RUN)/final --queries $(firstword $(EXAMPLE_DATASETS)) \
 		--devices cpu --batch_sizes 1 --num_queries 200 --repeats 3 --output_path $(OUTPUT_DIR) --run_name example
 	$(PY) report.py example --teacher_model $(EXAMPLE_TEACHER) --student $(EXAMPLE_RUN)/final \
 		--datasets $(EXAMPLE_DATASETS) --speed $(OUTPUT_DIR)/speed/example.json --output_path $(OUTPUT_DIR)
-	@echo "label-free check on $(lastword $(EXAMPLE_DATASETS)), as if it had no relevance labels (its query file):"
+	@echo "label-free check on $(lastword $(EXAMPLE_DATASETS)), as if it had no relevance labels (its query file), against"
+	@echo "its teacher index handed back as you would have it (pyserini's layout; 64 documents re-encoded to check it):"
 	$(PY) evaluate_retrieval.py --teacher_model $(EXAMPLE_TEACHER) --models $(EXAMPLE_RUN)/final \
-		--datasets $(lastword $(EXAMPLE_DATASETS)) --label_free --output_path $(OUTPUT_DIR) --log_level warning
+		--datasets $(lastword $(EXAMPLE_DATASETS)) --label_free --output_path $(OUTPUT_DIR) --log_level warning \
+		--doc_index $(OUTPUT_DIR)/pyserini/$(lastword $(EXAMPLE_DATASETS))
 
 paper: install ## the paper's layer-subset table + quality-vs-latency plot (cached, resumable)
 	@for layers in $(PAPER_LAYERS); do \
@@ -112,3 +114,11 @@ bench: install ## CPU speed benchmark: teachers vs 2-layer students, fp32 and in
 		--devices cpu cuda --batch_sizes 1 32 --backend torch onnx --quantize none int8 --output_path $(OUTPUT_DIR) --run_name bench
 
 COMMA := ,
+
+# make bench-index: a student against an MS MARCO-sized index (8.8M x 384: the offline collections' real teacher
+# vectors plus synthetic distractors; ~14 GB under output/bench-index), exact and HNSW, beside re-encoding time
+BENCH_INDEX_MODES ?= exact build_hnsw hnsw
+bench-index: install ## 1,000 queries against an 8.8M-vector teacher index: wall time, peak RSS, re-encode estimate
+	$(PY) -m benchmarks.large_index --teacher_model $(EXAMPLE_TEACHER) --model $(EXAMPLE_RUN)/final \
+		--datasets $(EXAMPLE_DATASETS) --modes $(BENCH_INDEX_MODES) --output_path $(OUTPUT_DIR)/bench-index \
+		--index_cache $(OUTPUT_DIR)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,7 +61,7 @@ class DocIndex:
     """Document vectors with their ids, row i = ids[i]."""
 
     path: Path  # the vectors: a .npy or a faiss file
-    ids: list[str]
+    ids: Sequence[str]  # an IdList for files read here
     dim: int
     kind: str  # "npy" or "faiss"
     faiss_type: str | None = None
@@ -88,10 +89,12 @@ class DocIndex:
         return hashlib.sha256(json.dumps(self.key, sort_keys=True).encode()).hexdigest()[:16]
 
     def rows_of(self, ids) -> list[int | None]:
-        at = getattr(self, "_at", None)
-        if at is None:
-            at = self._at = {d: i for i, d in enumerate(self.ids)}
-        return [at.get(d) for d in ids]
+        """The rows of the given ids (None where absent), by one scan: no map of every id is kept (8.8M ids in a
+        dict would cost about a GB)."""
+        wanted = {str(d).encode("utf-8") for d in ids}
+        raw = self.ids.raw() if isinstance(self.ids, IdList) else (str(d).encode("utf-8") for d in self.ids)
+        found = {d.decode("utf-8"): i for i, d in enumerate(raw) if d in wanted}
+        return [found.get(d) for d in ids]
 
     def chunks(self, rows: int = CHUNK_ROWS):
         """(start row, float32 block) over the whole index, one block in memory at a time."""
@@ -138,33 +141,73 @@ class DocIndex:
 # ----------------------------------------------------------------------------- opening
 
 
-def read_ids(path: Path) -> list[str]:
+class IdList(Sequence):
+    """Document ids kept as their UTF-8 bytes and line offsets: 8.8M ids cost ~300 MB here, not the ~1.3 GB of
+    8.8M Python strings. ids[i] decodes one id; iteration decodes them one at a time."""
+
+    def __init__(self, data: bytes):
+        self.data = data if data.endswith(b"\n") else data + b"\n"
+        self.ends = np.flatnonzero(np.frombuffer(self.data, np.uint8) == ord("\n"))
+        self.starts = np.concatenate([[0], self.ends[:-1] + 1])
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+
+    @classmethod
+    def from_list(cls, ids) -> IdList:
+        return cls("".join(f"{i}\n" for i in ids).encode("utf-8"))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.data[self.starts[i] : self.ends[i]].decode("utf-8")
+
+    def raw(self):
+        """Each id's bytes, in order."""
+        data = self.data
+        return (data[a:b] for a, b in zip(self.starts.tolist(), self.ends.tolist()))
+
+    def first_duplicate(self) -> str | None:
+        """An id that appears twice, found through sorted 64-bit hashes (no set of every id)."""
+        hashes = np.fromiter((hash(x) for x in self.raw()), np.int64, len(self))
+        order = np.argsort(hashes, kind="stable")
+        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        for j in same:  # a shared hash is a duplicate only when the bytes agree too
+            a, b = order[j], order[j + 1]
+            if self[int(a)] == self[int(b)]:
+                return self[int(a)]
+        return None
+
+
+def read_ids(path: Path) -> IdList:
     """Document ids: a JSON list (.json) or one id a line, each checked (UTF-8, non-empty, unique)."""
     path = common.check_file(path, "document id file", "pass the index's docid list (one id a line, or .json)")
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"document id file {path} is not UTF-8 text ({e.reason}); convert it to UTF-8") from e
     if path.suffix == ".json":
         try:
-            ids = json.loads(text)
+            listed = json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"document id file {path} is not valid JSON ({e.msg}, line {e.lineno})") from e
-        if not isinstance(ids, list):
+        if not isinstance(listed, list):
             raise UsageError(f"document id file {path} must hold a JSON list of ids")
-        ids = [str(i) for i in ids]
+        if any("\n" in str(i) for i in listed):
+            raise UsageError(f"document id file {path}: an id holds a line break; ids must be one line each")
+        ids = IdList.from_list(str(i) for i in listed) if listed else None
     else:
-        ids = text.split("\n")
-        if ids and ids[-1] == "":
-            ids.pop()
-        ids = [i.rstrip("\r").strip() for i in ids]
-    if not ids:
+        del text
+        ids = IdList(data.replace(b"\r\n", b"\n")) if data.strip() else None
+    if ids is None:
         raise UsageError(f"document id file {path} is empty")
-    if "" in ids:
-        raise UsageError(f"document id file {path}: line {ids.index('') + 1} is empty; one id a line, none blank")
-    if len(set(ids)) != len(ids):
-        seen = set()
-        dup = next(i for i in ids if i in seen or seen.add(i))
+    empty = np.flatnonzero(ids.ends == ids.starts)
+    if len(empty):
+        raise UsageError(f"document id file {path}: line {empty[0] + 1} is empty; one id a line, none blank")
+    dup = ids.first_duplicate()
+    if dup is not None:
         raise UsageError(f"document id file {path}: id {dup!r} appears more than once; ids must be unique")
     return ids
 
@@ -187,7 +230,14 @@ def resolve(spec: str | Path, ids_path: str | Path | None = None) -> tuple[Path,
 
 
 def open_index(spec: str | Path, ids_path: str | Path | None = None) -> DocIndex:
-    """A DocIndex read and checked for shape: the vectors' count equals the ids', the file is whole."""
+    """A DocIndex read and checked for shape: the vectors' count equals the ids', the file is whole; or a Milvus
+    collection (`milvus:<uri>#<collection>`, vector_db.py), searched where it lives."""
+    import vector_db
+
+    if vector_db.is_milvus(spec):
+        if ids_path:
+            raise UsageError(f"--doc_index {spec}: a Milvus collection holds its own ids; drop --doc_ids for it")
+        return vector_db.MilvusIndex(str(spec))
     vectors, ids_file = resolve(spec, ids_path)
     ids = read_ids(ids_file)
     index = open_npy(vectors, ids) if vectors.suffix == ".npy" else _open_faiss(vectors, ids)
@@ -201,7 +251,7 @@ def open_index(spec: str | Path, ids_path: str | Path | None = None) -> DocIndex
         "num_docs": len(ids),
         "dim": index.dim,
         "vectors_sha256": file_sha256(vectors),
-        "ids_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+        "ids_sha256": ids.sha256,
     }
     logger.info("document index %s: %d x %d (%s)", vectors, len(ids), index.dim, index.faiss_type or index.dtype)
     return index
@@ -268,7 +318,7 @@ def check_shape(index: DocIndex, dim: int, similarity: str, teacher_name: str) -
             f"{where} holds {index.dim}-d vectors but teacher {teacher_name} gives {dim}-d; "
             "was it built with another model?"
         )
-    if index.metric != "ip":
+    if index.metric != "ip" and not (index.metric == "cosine" and similarity == "cosine"):
         raise UsageError(
             f"{where} searches by {index.metric} distance but teacher {teacher_name} scores by {similarity}; "
             "rebuild it with faiss.METRIC_INNER_PRODUCT (unit vectors for a cosine teacher)"
@@ -337,7 +387,8 @@ def _check_norms(index: DocIndex, stored, fresh, similarity: str, teacher_name: 
     """Searched as stored, a faiss file of a cosine teacher must hold unit vectors; a dot teacher's index must
     keep the teacher's norms (unit vectors there would change every score)."""
     norms = np.linalg.norm(stored, axis=1)
-    if similarity == "cosine" and index.searched_as_built and np.median(np.abs(norms - 1)) > 1e-2:
+    own_cosine = index.metric == "cosine"  # an index that scores by cosine itself (Milvus COSINE) takes any norm
+    if similarity == "cosine" and index.searched_as_built and not own_cosine and np.median(np.abs(norms - 1)) > 1e-2:
         raise UsageError(
             f"index at {index.path} holds vectors of median norm {np.median(norms):.3g}, but teacher {teacher_name} "
             "scores by cosine and a faiss index is searched as built: add faiss.normalize_L2'd vectors"

@@ -331,3 +331,28 @@ def test_score_terms_against_given_index(small, built, log_files, tmp_path, monk
     assert run["dev_kl"] < run["initial_dev_kl"]
     record = json.loads((tmp_path / "kl" / "kl" / "final" / "training_text.json").read_text())
     assert any(c.get("role") == "score index" for c in record["corpora"])
+
+
+def test_milvus_collection_searched_where_it_lives(small, built, tmp_path, capsys):
+    """The real Milvus engine embedded (Milvus Lite, through pymilvus as a cluster is reached): labelled and
+    label-free evaluation by search requests to the collection, checked like any index."""
+    import faiss
+
+    import vector_db
+
+    _, own, pyserini = built
+    flat = faiss.read_index(str(pyserini / "index"))
+    ids = (pyserini / "docid").read_text().split()
+    db = str(tmp_path / "milvus.db")
+    vector_db.write_collection(db, "cran", flat.reconstruct_n(0, flat.ntotal), ids, normalize=False)
+    given = row(run(tmp_path / "o", "--datasets", str(small), "--doc_index", f"milvus:{db}#cran"))
+    assert given["doc_index"]["kind"] == "milvus" and given["index_verified"]
+    assert given["doc_index"]["median_cosine"] > 0.999 and given["doc_index"]["num_docs"] == 400
+    for metric in ("NDCG@10", "Recall@100", "MRR@10"):
+        assert given["metrics"][metric] == pytest.approx(row(own)["metrics"][metric], abs=1e-4)
+    assert given["agreement"]["overlap@10"]["value"] == pytest.approx(row(own)["agreement"]["overlap@10"]["value"])
+    free = row(run(tmp_path / "o", "--datasets", str(small), "--label_free", "--doc_index", f"milvus:{db}#cran"))
+    assert free["agreement"]["overlap@10"]["value"] == pytest.approx(1.0) and "metrics" not in free
+    argv = ["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(small)]
+    line = refused(capsys, [*argv, "--doc_index", f"milvus:{db}#nope", "--output_path", str(tmp_path / "x")])
+    assert "no collection 'nope'" in line
