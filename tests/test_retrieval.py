@@ -3,6 +3,7 @@
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 from conftest import BUILDS, DATA, MINILM, MINILM_LOCAL, needs_data
@@ -211,13 +212,17 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
     dres = DenseRetrievalExactSearch(Pair(), batch_size=64, corpus_chunk_size=10_000)
     beir_res = dres.search(sub_corpus, sub_queries, top_k=10, score_function="cos_sim")
 
-    emb, ids, _ = cache.teacher_index(
+    _, ids, meta = cache.teacher_index(
         teacher, "teacher-sub", MINILM_LOCAL, sub_corpus, sub / "corpus.jsonl", shared_output
     )
     q_ids = sorted(sub_queries)
     q = student.encode_query([sub_queries[x] for x in q_ids])
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    scores, rows = er.search(er.build_faiss(emb, "flat", normalize=True), q, 10)
+    # the production search: the cached index opened as any given .npy, exact search chunk by chunk
+    searcher, _ = er.searchers(
+        er.doc_index.open_npy(Path(meta["folder"]) / "embeddings.npy", ids), "flat", None, 0, True
+    )
+    scores, rows = searcher(q, 10)
     ours = er.to_results(q_ids, ids, scores, rows)
     same = [set(ours[x]) == set(beir_res[x]) for x in q_ids]
     assert sum(same) == len(q_ids), f"{len(q_ids) - sum(same)} queries differ"
