@@ -120,5 +120,4 @@ COMMA := ,
 BENCH_INDEX_MODES ?= exact build_hnsw hnsw
 bench-index: install ## 1,000 queries against an 8.8M-vector teacher index: wall time, peak RSS, re-encode estimate
 	$(PY) -m benchmarks.large_index --teacher_model $(EXAMPLE_TEACHER) --model $(EXAMPLE_RUN)/final \
-		--datasets $(EXAMPLE_DATASETS) --modes $(BENCH_INDEX_MODES) --output_path $(OUTPUT_DIR)/bench-index \
-		--index_cache $(OUTPUT_DIR)
+		--modes $(BENCH_INDEX_MODES) --output_path $(OUTPUT_DIR)/bench-index --index_cache $(OUTPUT_DIR)
