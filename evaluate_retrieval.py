@@ -221,12 +221,17 @@ def check_datasets(args, trained) -> list[tuple[Dataset, dict | None]]:
 # ----------------------------------------------------------------------------- in-domain marking
 
 
-def in_domain(sources: dict | None, folder: Path, corpus_sha256: str, queries_sha256: str, overlap: int) -> bool:
-    """A collection is in-domain for a student that trained on its documents, on its query file (same content,
-    or a file inside its folder), or on any of its evaluation queries (overlap: the leak guard's count)."""
+def in_domain(sources, folder: Path, corpus_sha256, queries_sha256, overlap: int, index_digest=None) -> bool:
+    """A collection is in-domain for a student that trained on its documents (their text, or the given index it
+    is evaluated against, whose vectors served score terms), on its query file (same content, or a file inside
+    its folder), or on any of its evaluation queries (overlap: the leak guard's count)."""
     if not sources:
         return False
-    if overlap or corpus_sha256 in {c["corpus_sha256"] for c in sources.get("corpora", []) if c.get("texts", 1)}:
+    corpora = sources.get("corpora", [])
+    documents = {c.get("corpus_sha256") for c in corpora if c.get("texts", 1)}
+    documents |= {c.get("index_digest") for c in corpora}
+    documents.discard(None)
+    if overlap or corpus_sha256 in documents or index_digest in documents:
         return True
     for f in sources.get("query_files", []):
         record = f if isinstance(f, dict) else {"path": f}  # records written before content hashes: paths only
@@ -499,7 +504,9 @@ def mark_training_text(record: dict, teacher: dict, sources: dict | None, ds: Da
         )
     record["training_text_sources"] = {k: v for k, v in (sources or {}).items() if k != "text_hashes"}
     record["training_query_overlap"] = overlap
-    record["in_domain_text"] = in_domain(sources, ds.folder, ds.corpus_sha256, ds.queries_sha256, overlap)
+    given = record.get("doc_index", {})
+    digest = given.get("digest") if given.get("given") else None
+    record["in_domain_text"] = in_domain(sources, ds.folder, ds.corpus_sha256, ds.queries_sha256, overlap, digest)
     record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
 
 

@@ -332,6 +332,12 @@ def test_score_terms_against_given_index(small, built, log_files, tmp_path, monk
     assert run["dev_kl"] < run["initial_dev_kl"]
     record = json.loads((tmp_path / "kl" / "kl" / "final" / "training_text.json").read_text())
     assert any(c.get("role") == "score index" for c in record["corpora"])
+    # its documents trained the student: evaluated against that index (no corpus text needed), it is in-domain
+    no_text = tmp_path / "no-text"
+    shutil.copytree(small, no_text, ignore=shutil.ignore_patterns("corpus.jsonl"))
+    argv = ["--teacher_model", MINILM, "--models", run["final_path"], "--datasets", str(no_text)]
+    result = evaluate_retrieval.main([*argv, "--doc_index", str(pyserini), "--output_path", str(tmp_path / "e")])
+    assert row(result, run["final_path"])["in_domain_text"] is True
 
 
 def test_milvus_collection_searched_where_it_lives(small, built, tmp_path, capsys):
