@@ -138,7 +138,9 @@ class DocIndex:
         """(scores, rows) of each query's top k: a faiss file with its own search, a .npy exactly in chunks
         (normalize: unit document vectors first, for cosine teachers). Rows are -1 where fewer than k exist."""
         if self.kind == "faiss":
-            return search.search(self.index, q, k)
+            scores, rows = search.search(self.index, q, k)
+            # L2 over unit vectors (a cosine teacher's, checked) ranks as cosine: |q - d|^2 = 2 - 2 cos
+            return (1 - scores / 2 if self.metric == "l2" else scores), rows
         return search.exact_search(q, self.chunks(), min(k, len(self)), normalize)
 
 
@@ -322,10 +324,12 @@ def check_shape(index: DocIndex, dim: int, similarity: str, teacher_name: str) -
             f"{where} holds {index.dim}-d vectors but teacher {teacher_name} gives {dim}-d; "
             "was it built with another model?"
         )
-    if index.metric != "ip" and not (index.metric == "cosine" and similarity == "cosine"):
+    # a cosine teacher's index may rank by inner product, cosine or L2 over its unit vectors (the same order; unit
+    # length is checked with the sample); a dot-product teacher's only by inner product
+    if index.metric != "ip" and not (index.metric in ("cosine", "l2") and similarity == "cosine"):
         raise UsageError(
             f"{where} searches by {index.metric} distance but teacher {teacher_name} scores by {similarity}; "
-            "rebuild it with faiss.METRIC_INNER_PRODUCT (unit vectors for a cosine teacher)"
+            "rebuild it with faiss.METRIC_INNER_PRODUCT"
         )
 
 

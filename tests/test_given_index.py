@@ -136,7 +136,9 @@ def test_faiss_files_searched_as_built(small, built, tmp_path):
     sq.add(vectors)
     ids = pyserini / "docid"
     results = {}
-    for name, index in (("hnsw", hnsw), ("sq8", sq)):
+    l2 = faiss.IndexFlatL2(vectors.shape[1])  # L2 over a cosine teacher's unit vectors ranks as cosine
+    l2.add(vectors)
+    for name, index in (("hnsw", hnsw), ("sq8", sq), ("l2", l2)):
         faiss.write_index(index, str(tmp_path / name))
         results[name] = row(
             run(
@@ -154,6 +156,7 @@ def test_faiss_files_searched_as_built(small, built, tmp_path):
     # codes, not vectors: the stored codes against the index's own coding of the re-encoded documents
     assert results["sq8"]["doc_index"]["method"].startswith("cosine of stored to re-encoded codes")
     assert results["sq8"]["doc_index"]["median_cosine"] > 0.999
+    assert results["l2"]["metrics"]["NDCG@10"] == pytest.approx(row(own)["metrics"]["NDCG@10"], abs=1e-6)
     exact = row(own)["metrics"]["NDCG@10"]
     assert abs(results["sq8"]["metrics"]["NDCG@10"] - exact) < 0.05
     # efSearch 7 is kept: recall@100 of that HNSW is well below the exact index's
@@ -209,22 +212,13 @@ def test_bad_indexes_one_line_each(small, built, tmp_path, capsys):
         [*base, "--output_path", str(bad / "f"), "--doc_index", str(broken), "--doc_ids", str(pyserini / "docid")],
     )
     assert "cannot be read" in line
-    l2 = faiss.IndexFlatL2(emb.shape[1])
-    l2.add(emb)
-    faiss.write_index(l2, str(bad / "l2"))
-    line = refused(
-        capsys,
-        [
-            *base,
-            "--output_path",
-            str(bad / "l2o"),
-            "--doc_index",
-            str(bad / "l2"),
-            "--doc_ids",
-            str(pyserini / "docid"),
-        ],
-    )
-    assert "l2 distance" in line
+    raw = emb * 3.0  # unit vectors are what a cosine teacher's faiss index must hold, searched as built
+    scaled = faiss.IndexFlatIP(emb.shape[1])
+    scaled.add(raw)
+    faiss.write_index(scaled, str(bad / "scaled"))
+    ids_file = str(pyserini / "docid")
+    argv = [*base, "--output_path", str(bad / "s"), "--doc_index", str(bad / "scaled"), "--doc_ids", ids_file]
+    assert "median norm 3" in refused(capsys, argv)
     # nothing half-written anywhere, and no result for a refused index
     assert not list(bad.rglob("*.json")) and not list(bad.rglob("*.tmp"))
 

@@ -113,3 +113,36 @@ def test_given_index_count_and_folder_checked(tmp_path):
         doc_index.open_index(tmp_path / "folder")
     with pytest.raises(common.UsageError, match="milvus:<uri>#<collection>"):
         doc_index.open_index("milvus:nocollection")
+
+
+@pytest.mark.parametrize("kind", ["IVFFlat", "IVFPQ", "PQ"])
+def test_ivf_and_pq_files_checked_as_built(tmp_path, kind):
+    """IVF and PQ faiss files: vectors (IVF-flat) or codes (PQ) compared with what the teacher gives; a file whose
+    ids are in another order is refused. The teacher here is the vectors themselves (no model in the fast tier)."""
+    import faiss
+
+    rng = np.random.default_rng(0)
+    docs = search.unit(rng.standard_normal((3000, 32)).astype(np.float32))
+    ids = [f"d{i}" for i in range(3000)]
+    quantizer = faiss.IndexFlatIP(32)
+    index = {
+        "IVFFlat": lambda: faiss.IndexIVFFlat(quantizer, 32, 16, faiss.METRIC_INNER_PRODUCT),
+        "IVFPQ": lambda: faiss.IndexIVFPQ(quantizer, 32, 16, 8, 8, faiss.METRIC_INNER_PRODUCT),
+        "PQ": lambda: faiss.IndexPQ(32, 8, 8, faiss.METRIC_INNER_PRODUCT),
+    }[kind]()
+    index.train(docs)
+    index.add(docs)
+    faiss.write_index(index, str(tmp_path / "index"))
+    (tmp_path / "docid").write_text("\n".join(ids) + "\n")
+    given = doc_index.open_index(tmp_path)
+    corpus = {d: {"title": "", "text": d} for d in ids}
+    by_id = dict(zip(ids, docs))
+    record = doc_index.verify(given, lambda sample: np.stack([by_id[d] for d in sample]), corpus, "cosine", "T", 0)
+    assert record["index_verified"] and record["median_cosine"] > 0.999
+    assert ("codes" in record["method"]) == (kind != "IVFFlat")
+    shifted = dict(zip(ids, np.roll(docs, 1, axis=0)))  # ids one row off
+    with pytest.raises(common.UsageError, match="does not match teacher T"):
+        doc_index.verify(given, lambda sample: np.stack([shifted[d] for d in sample]), corpus, "cosine", "T", 0)
+    with pytest.raises(common.UsageError, match="scores by dot"):
+        l2 = doc_index.DocIndex(tmp_path / "index", ids, 32, "faiss", metric="l2")
+        doc_index.check_shape(l2, 32, "dot", "T")
