@@ -345,6 +345,28 @@ def check_qrels(index: DocIndex, qrels: dict | None) -> None:
         )
 
 
+def check_cosines(stored, fresh, subject: str, what: str, hint: str, min_floor: float = MIN_FLOOR) -> tuple:
+    """(median, lowest) cosine of stored rows to the re-encoded ones; one error line below the floors. The one
+    comparison behind every check of given vectors (documents, codes, logged queries)."""
+    cos = search.cosine_rows(stored, fresh)
+    median, low = float(np.median(cos)), float(cos.min())
+    if median < MEDIAN_FLOOR or low < min_floor:
+        raise UsageError(
+            f"{subject}: median cosine {median:.4f} (lowest {low:.4f}) {what}, {MEDIAN_FLOOR} needed; {hint}"
+        )
+    return median, low
+
+
+def check_dot_norms(stored, fresh, subject: str, teacher_name: str) -> None:
+    """A dot-product teacher's stored vectors must keep its norms (unit vectors would change every score)."""
+    ratio = np.median(np.abs(np.linalg.norm(stored, axis=1) / np.maximum(np.linalg.norm(fresh, axis=1), 1e-12) - 1))
+    if ratio > 1e-2:
+        raise UsageError(
+            f"{subject} norms differ from teacher {teacher_name}'s by {ratio:.0%} (median); the teacher scores by "
+            "dot product: were they normalised?"
+        )
+
+
 def verify(index: DocIndex, encode_documents, corpus: dict | None, similarity: str, teacher_name: str, seed: int):
     """{'index_verified', ...}: a seeded sample of corpus documents encoded by `encode_documents` (the teacher,
     as its index would) against the stored vectors. Refused in one line when they disagree; without corpus text
@@ -353,7 +375,8 @@ def verify(index: DocIndex, encode_documents, corpus: dict | None, similarity: s
     if not corpus:
         logger.warning("%s: no corpus text to check it with; results say index_verified: false", where)
         return {"index_verified": False, "reason": "no corpus text"}
-    shared = [d for d, row in zip(sorted(corpus), index.rows_of(sorted(corpus))) if row is not None]
+    ids = sorted(corpus)
+    shared = [d for d, row in zip(ids, index.rows_of(ids)) if row is not None]
     if not shared:
         raise UsageError(f"{where} holds none of the corpus's {len(corpus)} document ids; is it this collection's?")
     rng = np.random.default_rng(seed)
@@ -361,32 +384,22 @@ def verify(index: DocIndex, encode_documents, corpus: dict | None, similarity: s
     rows = index.rows_of(sample)
     fresh = np.asarray(encode_documents(sample), np.float32)
     record = {"sample": len(sample), "corpus_docs_missing": len(corpus) - len(shared)}
+    subject = f"{where} does not match teacher {teacher_name}"
     if index.exact:
         stored = index.vectors(rows)
-        cos = search.cosine_rows(stored, fresh)
-        record.update(method="cosine of stored to re-encoded vectors", median_cosine=float(np.median(cos)))
-        record["min_cosine"] = float(cos.min())
-        if record["median_cosine"] < MEDIAN_FLOOR or record["min_cosine"] < MIN_FLOOR:
-            raise UsageError(
-                f"{where} does not match teacher {teacher_name}: median cosine {record['median_cosine']:.4f} "
-                f"(lowest {record['min_cosine']:.4f}) over {len(sample)} documents, {MEDIAN_FLOOR} needed; "
-                "was it built with another model, prompt or max length, or are its ids in another order?"
-            )
+        hint = "was it built with another model, prompt or max length, or are its ids in another order?"
+        median, low = check_cosines(stored, fresh, subject, f"over {len(sample)} documents", hint)
+        record.update(method="cosine of stored to re-encoded vectors", median_cosine=median, min_cosine=low)
         _check_norms(index, stored, fresh, similarity, teacher_name)
     else:  # codes, not vectors: the stored codes against the codes the index would give the fresh vectors
         q = search.unit(fresh) if similarity == "cosine" else fresh
         roundtrip = _as_coded(index, q)
         if roundtrip is not None:
-            cos = search.cosine_rows(index.vectors(rows), roundtrip)
+            what = f"of its codes to those of {len(sample)} re-encoded documents"
+            hint = "was it built with another model, prompt or max length, or are its ids in another order?"
+            median, low = check_cosines(index.vectors(rows), roundtrip, subject, what, hint, CODES_MIN_FLOOR)
             record.update(method=f"cosine of stored to re-encoded codes (a {index.faiss_type} stores codes)")
-            record.update(median_cosine=float(np.median(cos)), min_cosine=float(cos.min()))
-            if record["median_cosine"] < MEDIAN_FLOOR or record["min_cosine"] < CODES_MIN_FLOOR:
-                raise UsageError(
-                    f"{where} does not match teacher {teacher_name}: median cosine {record['median_cosine']:.4f} "
-                    f"(lowest {record['min_cosine']:.4f}) of its codes to those of {len(sample)} re-encoded "
-                    f"documents, {MEDIAN_FLOOR} needed; was it built with another model, prompt or max length, or "
-                    "are its ids in another order?"
-                )
+            record.update(median_cosine=median, min_cosine=low)
         else:  # no standalone codec: does each sampled document find itself?
             _, top = index.search(q, SELF_TOP_K, similarity == "cosine")
             found = float(np.mean([r in t for r, t in zip(rows, top.tolist())]))
@@ -427,12 +440,7 @@ def _check_norms(index: DocIndex, stored, fresh, similarity: str, teacher_name: 
             "scores by cosine and a faiss index is searched as built: add faiss.normalize_L2'd vectors"
         )
     if similarity == "dot":
-        ratio = np.median(np.abs(norms / np.maximum(np.linalg.norm(fresh, axis=1), 1e-12) - 1))
-        if ratio > 1e-2:
-            raise UsageError(
-                f"index at {index.path}: stored vector norms differ from teacher {teacher_name}'s by "
-                f"{ratio:.0%} (median); the teacher scores by dot product: were the vectors normalised?"
-            )
+        check_dot_norms(stored, fresh, f"index at {index.path}: stored vector", teacher_name)
 
 
 # ----------------------------------------------------------------------------- writing the toolkit's own
@@ -444,10 +452,7 @@ def write_pyserini(folder: Path, embeddings: np.ndarray, ids: list[str], normali
     import faiss
 
     with common.atomic_dir(folder) as tmp:
-        index = faiss.IndexFlatIP(embeddings.shape[1])
-        for start in range(0, len(ids), CHUNK_ROWS):
-            block = np.ascontiguousarray(embeddings[start : start + CHUNK_ROWS], dtype=np.float32)
-            index.add(search.unit(block) if normalize else block)
+        index = search.build_faiss(embeddings, "flat", normalize=normalize, gpu=False)
         faiss.write_index(index, str(tmp / PYSERINI_INDEX))
         (tmp / PYSERINI_DOCID).write_text("".join(f"{d}\n" for d in ids), encoding="utf-8")
     return folder

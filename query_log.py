@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 
 import doc_index
-import search
 from common import UsageError
 from data import read_queries
 
@@ -62,21 +61,11 @@ class QueryLog:
                 f"logged query vectors {self.path} are {stored.shape[1]}-d but teacher {teacher_name} gives "
                 f"{fresh.shape[1]}-d; were they logged from another model?"
             )
-        cos = search.cosine_rows(stored, fresh)
-        median, low = float(np.median(cos)), float(cos.min())
-        if median < doc_index.MEDIAN_FLOOR or low < doc_index.MIN_FLOOR:
-            raise UsageError(
-                f"logged query vectors {self.path} do not match teacher {teacher_name}: median cosine {median:.4f} "
-                f"(lowest {low:.4f}) over {len(sample)} queries, {doc_index.MEDIAN_FLOOR} needed; were they logged "
-                "with another model, query prompt or max length, or in another row order?"
-            )
+        subject = f"logged query vectors {self.path} do not match teacher {teacher_name}"
+        hint = "were they logged with another model, query prompt or max length, or in another row order?"
+        median, low = doc_index.check_cosines(stored, fresh, subject, f"over {len(sample)} queries", hint)
         if similarity == "dot":
-            ratio = np.median(np.abs(np.linalg.norm(stored, axis=1) / np.linalg.norm(fresh, axis=1) - 1))
-            if ratio > 1e-2:
-                raise UsageError(
-                    f"logged query vectors {self.path}: norms differ from teacher {teacher_name}'s by {ratio:.0%} "
-                    "(median); the teacher scores by dot product: were they normalised?"
-                )
+            doc_index.check_dot_norms(stored, fresh, f"logged query vectors {self.path}:", teacher_name)
         self.verification = {"sample": len(sample), "median_cosine": median, "min_cosine": low}
         logger.info("logged query vectors %s match %s (median cosine %.4f)", self.path, teacher_name, median)
         return self.verification

@@ -32,8 +32,11 @@ def check_index_size(kind: str, num_docs: int, name: str) -> None:
         )
 
 
-def build_faiss(doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: int = 100_000, normalize=False):
-    """A faiss inner-product index over doc embeddings; normalize=True (cosine teachers) works chunk by chunk."""
+def build_faiss(
+    doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: int = 100_000, normalize=False, gpu: bool = True
+):
+    """A faiss inner-product index over doc embeddings; normalize=True (cosine teachers) works chunk by chunk.
+    gpu=False keeps a flat index on the CPU even where faiss-gpu sees a GPU (one to be written to a file)."""
     import faiss
 
     n, dim = doc_emb.shape
@@ -52,7 +55,7 @@ def build_faiss(doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: 
         )
         index.train(unit(sample) if normalize else sample.astype(np.float32))
         index.nprobe = max(1, nlist // 8)
-    if kind == "flat" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
+    if gpu and kind == "flat" and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0:
         index = faiss.index_cpu_to_all_gpus(index)  # faiss-gpu installed and a GPU visible: search there
     for start in range(0, n, chunk):  # add in chunks: the memmap never needs to be fully in RAM
         block = np.ascontiguousarray(doc_emb[start : start + chunk], dtype=np.float32)
@@ -61,12 +64,10 @@ def build_faiss(doc_emb: np.ndarray, kind: str = "flat", seed: int = 42, chunk: 
 
 
 def cached_faiss(doc_emb, kind: str, folder, seed: int = 42, normalize=False):
-    """flat: built in memory (a copy of the embeddings, nothing to train). hnsw/ivfpq: trained and built once,
-    written with faiss's own serialization beside the teacher embeddings they index, and read back after."""
+    """An hnsw/ivfpq index, trained and built once, written with faiss's own serialization beside the teacher
+    embeddings it indexes, and read back after (exact search is search.exact_search over the vectors)."""
     import faiss
 
-    if kind == "flat":
-        return build_faiss(doc_emb, kind, seed, normalize=normalize)
     path = Path(folder) / f"{kind}-seed{seed}.faiss"
     if path.exists():
         index = faiss.read_index(str(path))
