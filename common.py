@@ -77,6 +77,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds: numpy refuses negatives)."""
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a finite number >= 0 (weight decay, loss weights)."""
+    value = _number(text, float)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
+    return value
+
+
 def positive(text: str) -> float:
     """argparse type: a finite number > 0."""
     value = _number(text, float)
@@ -327,6 +343,14 @@ def pick_device(device: str = "auto") -> str:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UsageError(f"--device {device} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if kind == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for, but no CUDA GPU is visible; use --device cpu or auto")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError(f"--device {device} asked for, but this machine has no MPS (Apple GPU); use cpu or auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {device}: only cpu, cuda and mps devices are supported")
     return device

@@ -41,6 +41,7 @@ import data
 import doc_index
 import loading
 import metrics
+import results
 import serving
 import stats
 import training_text
@@ -49,7 +50,9 @@ from metrics import evaluate  # noqa: F401 - part of this script's interface (te
 from search import cached_faiss, check_index_size, search, unit
 
 logger = logging.getLogger("qdistill.retrieval")
-RESULT_SCHEMA = 2  # 2: per-query values and agreement in every result file; older results are recomputed
+# 3: what made the result (made_alike), leaked queries and own ids in every result file; older ones are recomputed
+RESULT_SCHEMA = 3
+SELF_RETRIEVAL = {"arguana", "quora"}  # BEIR collections whose queries are documents (beir's ignore_identical_ids)
 
 
 def parse_args(argv=None):
@@ -92,8 +95,15 @@ def parse_args(argv=None):
         action="store_true",
         help="re-evaluate finished (model, dataset) pairs",
     )
+    add(
+        "--self_retrieval",
+        action="store_true",
+        help="the datasets' queries are documents (as in ArguAna, Quora): drop each query's own id from its\n"
+        "results (elsewhere only where the document of that id has the query's text)",
+    )
     add("--device", default="auto")
-    add("--seed", type=int, default=42)
+    add("--seed", type=common.non_negative_int, default=0, help="bootstrap intervals and pseudo-query sampling")
+    add("--index_seed", type=common.non_negative_int, default=42, help="hnsw/ivfpq index builds")
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if 10 not in args.k_values:
@@ -141,11 +151,12 @@ def corpus_text(path: Path, index) -> tuple[dict | None, Path | None]:
     return data.load_corpus(path) if has_text or index is None else (None, None)
 
 
-def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, str]:
-    """{id: text}: --queries, else the folder's queries.jsonl, else --pseudo_queries N sampled from the documents
-    (seeded; never a text any evaluated student trained on)."""
+def label_free_queries(args, folder: Path, corpus: dict) -> dict[str, str]:
+    """{id: text}: --queries, else the folder's queries.jsonl, else --pseudo_queries N sampled from the documents:
+    a function of (collection, N, seed) alone; a student that trained on some of them has those left out of its
+    agreement and counted (leaked queries), as on any query set."""
     if args.queries:
-        return data.read_queries(args.queries)
+        return data.read_queries(common.check_file(args.queries, "--queries", "pass a query log (id<TAB>text)"))
     if folder.is_dir() and (folder / "queries.jsonl").is_file() and not args.pseudo_queries:
         return data.read_queries(folder / "queries.jsonl")
     if not args.pseudo_queries:
@@ -154,32 +165,64 @@ def label_free_queries(args, folder: Path, corpus: dict, trained) -> dict[str, s
         )
     if corpus is None:
         raise UsageError(f"--pseudo_queries samples document text, and {folder} has none; pass --queries FILE")
-    spans = training_text.sample_spans(corpus, 2 * args.pseudo_queries, list(range(3, 13)), args.seed + 5)
-    seen = trained()  # every evaluated student's training-text hashes
-    spans = [s for s in spans if data.text_hash(s) not in seen][: args.pseudo_queries]
+    spans = training_text.sample_spans(corpus, args.pseudo_queries, list(range(3, 13)), args.seed + 5)
+    if len(spans) < args.pseudo_queries:
+        logger.warning(
+            "%s: only %d distinct pseudo-queries in its %d documents (%d asked for); evaluating those",
+            folder.name,
+            len(spans),
+            len(corpus),
+            args.pseudo_queries,
+        )
     return {f"pseudo-{i}": s for i, s in enumerate(spans)}
 
 
-def label_free_dataset(args, name, path: Path, group, trained, index=None) -> tuple[Dataset, dict, int]:
+def label_free_dataset(args, name, path: Path, group, index=None) -> tuple[Dataset, dict, int]:
     corpus, file = corpus_text(path, index)
-    queries = {q: t for q, t in label_free_queries(args, path, corpus, trained).items() if t.strip()}
+    queries = {q: t for q, t in label_free_queries(args, path, corpus).items() if t.strip()}
     if not queries:
-        raise UsageError(f"no queries for {name}; pass --queries FILE or --pseudo_queries N")
+        given = args.queries or (path / "queries.jsonl" if path.is_dir() and not args.pseudo_queries else None)
+        fix = f"{given} holds no non-empty query" if given else "no pseudo-query could be sampled from its documents"
+        raise UsageError(f"no queries for {name}: {fix}; pass a query log with --queries FILE or --pseudo_queries N")
     q_sha = cache.sha256_texts(x for q in sorted(queries) for x in (q, queries[q]))
     corpus_sha = cache.sha256_file(file) if file else None
-    # its own result name: never the labelled results of the same folder, nor the other query source's
-    name = f"{name}-{'pseudo' if args.pseudo_queries else 'label-free'}"
+    # its own result name: never the labelled results of the same folder, nor another query source's
+    name = f"{name}-label-free" if not args.pseudo_queries else pseudo_name(name, args.pseudo_queries, args.seed)
     digest = cache.sha256_texts([corpus_sha or "-", q_sha])[:16]
     return Dataset(name, path, group, None, digest, corpus_sha, q_sha, index), queries, len(index or corpus)
 
 
+def pseudo_name(name: str, n: int, seed: int) -> str:
+    """The result name of N pseudo-queries sampled with a seed: each (N, seed) its own query set and file."""
+    return f"{name}-pseudo{n}" + (f"-seed{seed}" if seed else "")
+
+
 def load_dataset(ds: Dataset, queries=None):
-    """(corpus or None, corpus file or None, queries, qrels or None, stats)."""
+    """(corpus or None, corpus file or None, queries, qrels or None, stats, every query of the collection)."""
     if ds.split is None:
         corpus, file = corpus_text(ds.folder, ds.doc_index)
-        return corpus, file, queries, None, {"label_free": True, "num_queries": len(queries)}
+        return corpus, file, queries, None, {"label_free": True, "num_queries": len(queries)}, queries
     corpus, queries, qrels, data_stats = data.load_beir(ds.folder, ds.split, corpus_optional=ds.doc_index is not None)
-    return corpus, ds.folder / "corpus.jsonl", queries, qrels, data_stats
+    collection = data.read_queries(ds.folder / "queries.jsonl")  # every split: training on them is in-domain
+    return corpus, ds.folder / "corpus.jsonl", queries, qrels, data_stats, collection
+
+
+def own_ids(ds: Dataset, queries: dict, corpus: dict | None, declared: bool) -> frozenset:
+    """The queries whose document of the same id is the query itself: only those lose that document from their
+    results. Declared self-retrieval collections (ArguAna, Quora, --self_retrieval): every query with a
+    document of its id; elsewhere only where that document's text is the query's. Never for label-free queries
+    (a log's or a pseudo-query's id that equals a document id is a coincidence)."""
+    if ds.split is None:
+        return frozenset()
+    if declared or ds.name.split("-")[0] in SELF_RETRIEVAL:
+        return frozenset(q for q in queries if corpus is None or q in corpus)
+    if corpus is None:
+        return frozenset()
+
+    def same(text: str, doc: dict) -> bool:
+        return data.normalise(text) in (data.normalise(doc.get("text", "")), data.normalise(cache.doc_text(doc)))
+
+    return frozenset(q for q, t in queries.items() if q in corpus and same(t, corpus[q]))
 
 
 def given_indexes(args, count: int) -> list:
@@ -198,53 +241,77 @@ def given_indexes(args, count: int) -> list:
     return opened
 
 
-def check_datasets(args, trained) -> list[tuple[Dataset, dict | None]]:
-    """Every dataset read and checked before the teacher loads or any index is built. trained() gives the
-    training-text hashes that pseudo-queries must avoid (read only when pseudo-queries are sampled)."""
+def is_label_free(args, path: Path, split: str) -> bool:
+    """Label-free: asked for, a collection file, a query source given, or a folder of documents and queries
+    with no qrels/ at all (a user's collection and query log). A qrels/ without the split is an error."""
+    if args.label_free or path.is_file():
+        return True
+    if (path / "qrels" / f"{split}.tsv").is_file():
+        return False
+    if args.queries or args.pseudo_queries:
+        return True
+    return path.is_dir() and not (path / "qrels").exists() and (path / "queries.jsonl").is_file()
+
+
+def check_datasets(args) -> list[tuple[Dataset, dict | None]]:
+    """Every dataset read and checked before the teacher loads or any index is built."""
     out = []
     expanded = data.expand_datasets(args.datasets, args.data_dir, allow_files=True)
     for (name, path, group), index in zip(expanded, given_indexes(args, len(expanded))):
         split = args.split or ("dev" if path.name == "msmarco" else "test")
-        has_qrels = path.is_dir() and (path / "qrels" / f"{split}.tsv").is_file()
-        if has_qrels and not args.label_free:
-            ds, num_docs = labelled_dataset(name, path, group, split, index)
-            out.append((ds, None))
-        elif args.label_free or args.queries or args.pseudo_queries or path.is_file():
-            ds, queries, num_docs = label_free_dataset(args, name, path, group, trained, index)
+        if is_label_free(args, path, split):
+            if not args.label_free and path.is_dir() and not args.queries and not args.pseudo_queries:
+                logger.info("%s has no qrels/: evaluated label-free (agreement with the teacher)", name)
+            ds, queries, num_docs = label_free_dataset(args, name, path, group, index)
             out.append((ds, queries))
         else:
-            data.check_beir(path, split, corpus=index is None)  # the one-line error naming the missing file
+            try:
+                ds, num_docs = labelled_dataset(name, path, group, split, index)
+            except UsageError as e:
+                if (path / "qrels" / f"{split}.tsv").is_file():
+                    raise
+                raise UsageError(f"{e}; or pass --label_free to evaluate agreement with the teacher only") from None
+            out.append((ds, None))
         check_index_size(args.index, num_docs, name)
+    if (args.queries or args.pseudo_queries) and all(q is None for _, q in out):
+        flag = "--queries" if args.queries else "--pseudo_queries"
+        raise UsageError(f"{flag} is for label-free datasets, and every dataset here has qrels; add --label_free")
     return out
 
 
 # ----------------------------------------------------------------------------- in-domain marking
 
 
-def in_domain(sources, folder: Path, corpus_sha256, queries_sha256, overlap: int, index_digest=None) -> bool:
-    """A collection is in-domain for a student that trained on its documents (their text, or the given index it
-    is evaluated against, whose vectors served score terms), on its query file (same content, or a file inside
-    its folder), or on any of its evaluation queries (overlap: the leak guard's count)."""
-    if not sources:
-        return False
-    corpora = sources.get("corpora", [])
+# fewer of a collection's own (non-evaluated) queries among a student's training texts are coincidences of short
+# common queries (1 of NFCorpus's 3,237 queries is also an MS MARCO train query), not training on its queries
+MIN_SHARED_QUERIES = 10
+
+
+def trained_documents(sources: dict | None) -> set[str]:
+    """Content digests of the collections whose documents trained a student: corpus files and given indexes."""
+    corpora = (sources or {}).get("corpora", [])
     documents = {c.get("corpus_sha256") for c in corpora if c.get("texts", 1)}
     documents |= {c.get("index_digest") for c in corpora}
     documents.discard(None)
-    if overlap or corpus_sha256 in documents or index_digest in documents:
-        return True
-    for f in sources.get("query_files", []):
-        record = f if isinstance(f, dict) else {"path": f}  # records written before content hashes: paths only
-        path = Path(record["path"]).resolve()
-        if record.get("sha256") == queries_sha256 or (folder.is_dir() and path.is_relative_to(folder.resolve())):
-            return True
-    return False
+    return documents
 
 
-def training_overlap(sources: dict | None, query_texts) -> int:
-    """How many evaluation queries (normalised text) the student trained on: the leak guard."""
+def training_text_marks(sources: dict | None, ds: Dataset, queries: dict, collection: dict, index_digest=None):
+    """What a student's training text shares with one evaluation, by content only (never by file location):
+    {'leaked_query_ids': evaluated queries it trained on (left out of its retention and agreement),
+    'collection_queries_trained': the collection's other queries it trained on, 'in_domain_by': 'documents',
+    'queries' or None}."""
     trained = set((sources or {}).get("text_hashes", []))
-    return sum(data.text_hash(t) in trained for t in query_texts) if trained else 0
+    leaked = sorted(q for q, t in queries.items() if data.text_hash(t) in trained)
+    others = sum(data.text_hash(t) in trained for q, t in collection.items() if q not in queries)
+    files = {f.get("sha256") for f in (sources or {}).get("query_files", []) if isinstance(f, dict)}
+    documents = trained_documents(sources)
+    by = None
+    if ds.corpus_sha256 in documents or (index_digest and index_digest in documents):
+        by = "documents"
+    elif others >= MIN_SHARED_QUERIES or (not trained and ds.queries_sha256 in files):
+        by = "queries"  # the queries_sha256 test serves records written before text hashes were kept
+    return {"leaked_query_ids": leaked, "collection_queries_trained": others, "in_domain_by": by}
 
 
 # ----------------------------------------------------------------------------- the table
@@ -255,74 +322,89 @@ def fmt(x, digits=3):
 
 
 def retention_cis(rows: list[dict], teacher: str, seed: int) -> None:
-    """Per-dataset retention of nDCG@10 with its interval and paired test, into each student row (in place)."""
+    """Per-dataset retention of nDCG@10 and R@100 with its interval and paired test, into each student row (in
+    place), over the queries it never trained on, from results checked to be made alike."""
     by = {(r["model"], r["dataset"]): r for r in rows}
     for r in rows:
         t = by.get((teacher, r["dataset"]))
-        if r["model"] == teacher or not t or "per_query" not in r or "per_query" not in t:
+        if r["model"] == teacher or not t or "per_query" not in r or "metrics" not in r:
             continue
+        results.check_alike(r, t, f"{r['model']} on {r['dataset']}")
         r["retention"] = {
-            m: stats.retention_ci(r["per_query"][m], t["per_query"][m], seed)
+            m: stats.retention_ci(*results.paired(r, t, m), seed)
             for m in ("NDCG@10", "Recall@100")
-            if m in r["per_query"]
+            if m in t["metrics"]
         }
 
 
 def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int = 0) -> str:
-    """Markdown: rows = models, columns = nDCG@10 per dataset (retention [95% interval]; * = the student trained
-    on that collection's text), the mean retention of nDCG@10 and R@100 over zero-shot and in-domain datasets
-    apart (never mixed), and the mean overlap@10 with the teacher; label-free datasets show overlap@10."""
+    """Markdown of the labelled datasets: rows = models, columns = nDCG@10 per dataset (retention [95% interval];
+    * = the student trained on that collection's documents or queries), then per kind (zero-shot, in-domain;
+    never mixed) the mean retention of nDCG@10 and R@100 and the mean overlap@10 with the teacher."""
     by = {(r["model"], r["dataset"]): r for r in rows}
     kinds = ("zero-shot", "in-domain")
     head = [
         "model",
         *[f"{d} nDCG@10 (ret.)" for d in datasets],
         *[f"{k} ret. {m}" for m in ("nDCG@10", "R@100") for k in kinds],
-        "overlap@10 w/ teacher",
+        *[f"{k} overlap@10" for k in kinds],
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    leaked = 0
     for m in dict.fromkeys(r["model"] for r in rows):
-        cells, pairs, ratios = [m + (" (teacher)" if m == teacher else "")], {}, {}
-        overlaps = []
+        cells, pairs, overlaps = [m + (" (teacher)" if m == teacher else "")], {}, {}
         for d in datasets:
             r, t = by.get((m, d)), by.get((teacher, d))
             if r is None:
                 cells.append("-")
                 continue
-            agree = r.get("agreement", {}).get("overlap@10")
-            if agree:
-                overlaps.append(agree["value"])
-            if "metrics" not in r:  # label-free: agreement only
-                cells.append(f"overlap@10 {stats.fmt_ci(agree, 2)}" if agree else "-")
-                continue
-            kind = "in-domain" if r.get("in_domain_text") else "zero-shot"
+            kind = results.kind(r)
+            leaked += r.get("leaked_queries", 0)
+            if r.get("agreement"):
+                overlaps.setdefault(kind, []).append(r["agreement"]["overlap@10"]["value"])
             for x, k in (("n", "NDCG@10"), ("r", "Recall@100")):
-                if t and t["metrics"].get(k) and m != teacher:
-                    ratios.setdefault((kind, x), []).append(r["metrics"][k] / t["metrics"][k])
-                    if "per_query" in r and "per_query" in t and k in r["per_query"]:
-                        pairs.setdefault((kind, x), []).append((r["per_query"][k], t["per_query"][k]))
-            mark = "*" if kind == "in-domain" else ""
+                if m != teacher and t and "per_query" in r and "per_query" in t and k in t["metrics"]:
+                    pairs.setdefault((kind, x), []).append(results.paired(r, t, k))
+                elif m != teacher and t and t["metrics"].get(k):  # grouped datasets (CQADupStack): means only
+                    pairs.setdefault((kind, x), []).append(r["metrics"][k] / t["metrics"][k])
             ret = r.get("retention", {}).get("NDCG@10") or (
                 {"value": r.get("retention_ndcg@10")} if m != teacher else None
             )
-            cells.append(
-                f"{fmt(r['metrics']['NDCG@10'])} ({stats.fmt_ci(ret, 2)}){mark}"
-                if ret
-                else fmt(r["metrics"]["NDCG@10"])
-            )
+            mark = "*" if kind == "in-domain" else ""
+            ndcg = fmt(r["metrics"]["NDCG@10"])
+            cells.append(f"{ndcg} ({stats.fmt_ci(ret, 2)}){mark}" if ret else ndcg)
         for x in ("n", "r"):
             for k in kinds:
-                if (k, x) in pairs and len(pairs[(k, x)]) == len(ratios[(k, x)]):
-                    cells.append(stats.fmt_ci(stats.mean_retention_ci(pairs[(k, x)], seed)))
-                else:  # grouped datasets (CQADupStack) and older result files: the mean alone
-                    cells.append(fmt(np.mean(ratios[(k, x)])) if ratios.get((k, x)) else "-")
-        cells.append(fmt(np.mean(overlaps)) if overlaps and m != teacher else "-")
+                got = pairs.get((k, x), [])
+                if got and all(isinstance(p, tuple) for p in got):
+                    cells.append(stats.fmt_ci(stats.mean_retention_ci(got, seed)))
+                else:
+                    cells.append(fmt(np.mean(got)) if got and all(isinstance(p, float) for p in got) else "-")
+        cells += [fmt(np.mean(overlaps[k])) if overlaps.get(k) and m != teacher else "-" for k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     note = (
-        "\n\n\\* the student trained on text of this collection (in-domain text). Brackets: 95% paired bootstrap "
-        "intervals over queries (stats.py).\n"
+        "\n\n\\* the student trained on documents or queries of this collection (in-domain). Brackets: 95% paired "
+        "bootstrap intervals over queries (stats.py)."
     )
-    return "\n".join(lines) + note
+    if leaked:
+        note += f" {leaked} evaluation queries a student trained on are left out of its retention (leaked_queries)."
+    return "\n".join(lines) + note + "\n"
+
+
+def label_free_table(rows: list[dict], teacher: str) -> str:
+    """Markdown of the label-free datasets: each student's agreement with the teacher's own ranking, with 95%
+    intervals: overlap@10, the share of teacher top-1s in its top-10, the cosine to the teacher's query vector."""
+    head = "| model | dataset | queries | overlap@10 | top-1 in top-10 | query cosine |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["model"] == teacher or "metrics" in r or not r.get("agreement"):
+            continue
+        queries = f"{r['num_queries'] - r.get('leaked_queries', 0)}" + (
+            f" ({r['leaked_queries']} trained on, left out)" if r.get("leaked_queries") else ""
+        )
+        cells = [stats.fmt_ci(r["agreement"][m], 2) for m in metrics.AGREEMENT]
+        lines.append(f"| {r['model']} | {r['dataset']} | {queries} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nAgreement with the teacher on the same queries and index; no relevance labels.\n"
 
 
 def group_rows(rows: list[dict]) -> list[dict]:
@@ -355,7 +437,7 @@ def load_models(args, names, paths, device, datasets):
     for name in names[1:]:
         exported = serving.is_export(paths[name])
         models[name] = (
-            serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, paths[name])[0]
+            serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, path=paths[name])[0]
         )
         dim = models[name].get_embedding_dimension()
         if dim != teacher.get_embedding_dimension():
@@ -393,14 +475,11 @@ def main(argv=None) -> dict:
     names = list(dict.fromkeys([args.teacher_model, *args.models]))
     paths = {}
 
-    def trained():
-        return {h for n in names for h in (common.text_sources(resolve(n)) or {}).get("text_hashes", [])}
-
     def resolve(name):
         paths[name] = paths.get(name) or loading.resolve_model_path(name, args.data_dir)
         return paths[name]
 
-    datasets = check_datasets(args, trained)  # first: a bad dataset is named before any model is looked up
+    datasets = check_datasets(args)  # first: a bad dataset is named before any model is looked up
     sources = {name: common.text_sources(resolve(name)) for name in names}
     models, datasets = load_models(args, names, paths, device, datasets)
     out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
@@ -409,8 +488,11 @@ def main(argv=None) -> dict:
         rows += evaluate_dataset(args, ds, label_free_queries_, names, paths, models, sources, out_root, config)
     retention_cis(rows, args.teacher_model, args.seed)
     rows = group_rows(rows)
-    shown = list(dict.fromkeys(r["dataset"] for r in rows))
-    table = results_table(rows, shown, args.teacher_model, args.seed)
+    labelled = list(dict.fromkeys(r["dataset"] for r in rows if "metrics" in r))
+    tables = [results_table(rows, labelled, args.teacher_model, args.seed)] if labelled else []
+    if any("metrics" not in r for r in rows):
+        tables.append(label_free_table(rows, args.teacher_model))
+    table = "\n".join(tables)
     common.write_text(out_root / "results.md", table)
     print(table)
     return {"rows": rows, "table": table}
@@ -446,7 +528,8 @@ def document_side(args, ds: Dataset, teacher, teacher_path, corpus, corpus_file)
 
 def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, out_root, config) -> list[dict]:
     """One row per model on one dataset: finished results reused when model, data and settings all match."""
-    corpus, corpus_file, queries, qrels, data_stats = load_dataset(ds, queries)
+    corpus, corpus_file, queries, qrels, data_stats, collection = load_dataset(ds, queries)
+    own = own_ids(ds, queries, corpus, args.self_retrieval)
     teacher = models[args.teacher_model]
     index, index_meta = document_side(args, ds, teacher, paths[args.teacher_model], corpus, corpus_file)
     sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
@@ -459,55 +542,63 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
         "index_verified": index_meta["index_verified"],
         "k_values": args.k_values,
         "similarity": sim,
+        "own_ids": cache.sha256_texts(sorted(own))[:16],
         "faiss": __import__("faiss").__version__,
         "schema": RESULT_SCHEMA,
-        **({"seed": args.seed} if args.index != "flat" else {}),  # hnsw/ivfpq are built with the seed
+        **({"index_seed": args.index_seed} if args.index != "flat" else {}),  # hnsw/ivfpq are built with it
     }
     records, pending = {}, []
     for name in names:
         runtime = {"onnxruntime": __import__("onnxruntime").__version__} if serving.is_export(paths[name]) else {}
         key, key_digest = cache.cache_key("retrieval", paths[name], {**settings, **runtime})
-        path = out_root / common.slug(name) / f"{ds.name}.json"
+        path = out_root / common.slug(name) / results.result_file(ds.name, args.index)
         old = json.loads(path.read_text()) if path.exists() and not args.overwrite else {}
-        if old.get("result_key") == key_digest:
+        if old.get("result_key") == key_digest and (not args.save_run or path.with_suffix(".trec").is_file()):
             logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name)
             records[name] = old
         else:
             pending.append((name, path, key, key_digest))
     if pending:
-        records.update(evaluate_models(pending, models, queries, qrels, index, index_meta, args, sim, config))
+        found = evaluate_models(pending, models, queries, qrels, own, index, index_meta, args, sim, config)
+        records.update({n: {**r, "made_alike": results.made_alike(settings)} for n, r in found.items()})
     rows, fresh = [], {p[0] for p in pending}
     for name in names:
         record = {**records[name], "dataset": ds.name, "dataset_path": str(ds.folder), "split": ds.split}
         if name != args.teacher_model:
-            mark_training_text(record, records[args.teacher_model], sources[name], ds, queries)
+            teacher_record = records[args.teacher_model]
+            mark_training_text(record, teacher_record, sources[name], ds, queries, collection, args.seed)
         record["data_stats"] = data_stats
         if name in fresh:  # fresh results are written; reused ones stay as they are
-            common.write_json(out_root / common.slug(name) / f"{ds.name}.json", record)
+            common.write_json(out_root / common.slug(name) / results.result_file(ds.name, args.index), record)
         rows.append({**record, "group": ds.group, "reused": name not in fresh})
     return rows
 
 
-def mark_training_text(record: dict, teacher: dict, sources: dict | None, ds: Dataset, queries: dict) -> None:
-    """A student's retention, its training-text record, the leak guard's count and the in-domain mark (in place)."""
-    teacher_ndcg = teacher.get("metrics", {}).get("NDCG@10")
-    if "metrics" in record:
-        record["retention_ndcg@10"] = record["metrics"]["NDCG@10"] / teacher_ndcg if teacher_ndcg else None
-    overlap = training_overlap(sources, queries.values())
-    if overlap:
+def mark_training_text(record, teacher, sources, ds: Dataset, queries: dict, collection: dict, seed: int) -> None:
+    """A student's training-text record, its leaked queries, the in-domain mark and its retention (in place)."""
+    given = record.get("doc_index", {})
+    marks = training_text_marks(sources, ds, queries, collection, given.get("digest") if given.get("given") else None)
+    leaked = marks["leaked_query_ids"]
+    if leaked:
         logger.warning(
-            "%s trained on %d of the %d %s queries: in-domain, not zero-shot",
+            "%s trained on %d of the %d %s queries: they are left out of its retention and agreement",
             record["model"],
-            overlap,
+            len(leaked),
             len(queries),
             ds.name,
         )
+    record.update(marks)
+    record["leaked_queries"] = len(leaked)
     record["training_text_sources"] = {k: v for k, v in (sources or {}).items() if k != "text_hashes"}
-    record["training_query_overlap"] = overlap
-    given = record.get("doc_index", {})
-    digest = given.get("digest") if given.get("given") else None
-    record["in_domain_text"] = in_domain(sources, ds.folder, ds.corpus_sha256, ds.queries_sha256, overlap, digest)
-    record["training_text"] = "in-domain" if record["in_domain_text"] else "zero-shot"
+    record["in_domain_text"] = marks["in_domain_by"] is not None
+    record["training_text"] = results.kind(record)
+    if "metrics" in record and "per_query" in teacher:
+        results.check_alike(record, teacher, f"{record['model']} on {ds.name}")
+        record["retention_ndcg@10"] = results.clean_ratio(record, teacher)
+    if "agreement" in record and leaked:
+        kept = [q for q in sorted(queries) if q not in set(leaked)]
+        per = record["per_query"]
+        record["agreement"] = {m: stats.mean_ci([per[m][q] for q in kept], seed) for m in metrics.AGREEMENT}
 
 
 def retrieve(searcher, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
@@ -532,19 +623,20 @@ def encode_and_search(model, searcher, q_texts, q_ids, doc_ids, args, cosine):
     enc_secs = time.perf_counter() - t0
     q_emb = unit(q_emb) if cosine else np.asarray(q_emb, np.float32)
     t0 = time.perf_counter()
-    results = retrieve(searcher, q_emb, q_ids, doc_ids, max(args.k_values))
-    return q_emb, results, enc_secs, time.perf_counter() - t0
+    found = retrieve(searcher, q_emb, q_ids, doc_ids, max(args.k_values))
+    return q_emb, found, enc_secs, time.perf_counter() - t0
 
 
-def score(qrels, results, k_values) -> dict:
+def score(qrels, found, k_values, own) -> dict:
     """Relevance metrics and their per-query values; nothing without qrels (label-free: agreement only)."""
     if qrels is None:
         return {}
-    values, dropped = metrics.evaluate(qrels, results, k_values)
+    values, dropped = metrics.evaluate(qrels, found, k_values, own)
     return {
         "metrics": values,
+        "own_id_queries": len(own),
         "identical_ids_dropped": dropped,
-        "per_query": metrics.per_query(qrels, results, k_values),
+        "per_query": metrics.per_query(qrels, found, k_values, own),
     }
 
 
@@ -561,11 +653,11 @@ def searchers(index: doc_index.DocIndex, kind: str, folder, seed: int, cosine: b
     return (lambda q, k: search(approx, q, k)), exact
 
 
-def evaluate_models(pending, models, queries, qrels, index, index_meta, args, sim, config):
+def evaluate_models(pending, models, queries, qrels, own, index, index_meta, args, sim, config):
     """{model name: record} for the models not evaluated before on this dataset; TREC runs on --save_run."""
     t0 = time.perf_counter()
     cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
-    searcher, exact = searchers(index, args.index, index_meta["folder"], args.seed, cosine)
+    searcher, exact = searchers(index, args.index, index_meta["folder"], args.index_seed, cosine)
     doc_ids = index.ids
     build_secs = time.perf_counter() - t0
     q_ids = sorted(queries)
@@ -574,11 +666,11 @@ def evaluate_models(pending, models, queries, qrels, index, index_meta, args, si
     # the teacher's own ranking and query embeddings: what each student's agreement is measured against
     teacher_run = encode_and_search(models[args.teacher_model], searcher, q_texts, q_ids, doc_ids, args, cosine)
     t_emb, t_results = teacher_run[:2]
-    t_top = metrics.top_ids(metrics.drop_own_ids(qrels, t_results)[0], 10)
+    t_top = metrics.top_ids(metrics.drop_own_ids(qrels, t_results, own)[0], 10)
     out = {}
     for name, path, key, key_digest in pending:
         model = models[name]
-        q_emb, results, enc_secs, search_secs = (
+        q_emb, found, enc_secs, search_secs = (
             teacher_run
             if name == args.teacher_model
             else encode_and_search(model, searcher, q_texts, q_ids, doc_ids, args, cosine)
@@ -605,9 +697,9 @@ def evaluate_models(pending, models, queries, qrels, index, index_meta, args, si
             },
             "config": config,
         }
-        record.update(score(qrels, results, args.k_values))
+        record.update(score(qrels, found, args.k_values, own))
         if name != args.teacher_model:
-            s_top = metrics.top_ids(metrics.drop_own_ids(qrels, results)[0], 10)
+            s_top = metrics.top_ids(metrics.drop_own_ids(qrels, found, own)[0], 10)
             agree = metrics.agreement(s_top, t_top, q_emb, t_emb, q_ids, args.seed)
             record["agreement"] = agree["summary"]
             record.setdefault("per_query", {}).update(agree["per_query"])
@@ -617,7 +709,7 @@ def evaluate_models(pending, models, queries, qrels, index, index_meta, args, si
                 f"@{k}": metrics.overlap_at_k(exact_ids, approx_ids, k) for k in (10, 100) if k <= max_k
             }
         if args.save_run:
-            write_trec(path.with_suffix(".trec"), name, q_ids, results)
+            write_trec(path.with_suffix(".trec"), name, q_ids, found)
         summary = (
             f"nDCG@10 {record['metrics']['NDCG@10']:.4f}"
             if qrels is not None
@@ -628,11 +720,11 @@ def evaluate_models(pending, models, queries, qrels, index, index_meta, args, si
     return out
 
 
-def write_trec(path: Path, name: str, q_ids, results) -> None:
+def write_trec(path: Path, name: str, q_ids, found) -> None:
     lines = [
         f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}"
         for qid in q_ids
-        for rank, (did, score) in enumerate(sorted(results[qid].items(), key=lambda x: -x[1]), 1)
+        for rank, (did, score) in enumerate(sorted(found[qid].items(), key=lambda x: -x[1]), 1)
     ]
     common.write_text(path, "\n".join(lines) + "\n")
 

@@ -16,23 +16,24 @@ from search import cosine_rows
 AGREEMENT = ("overlap@10", "top1_in_top10", "query_cosine")
 
 
-def drop_own_ids(qrels, results) -> tuple[dict, int]:
-    """(results without each query's own id, how many were dropped). On ArguAna and Quora a query is also a
-    document and finds itself; that hit is dropped, unless the qrels judge it relevant for that very query
-    (Cranfield's query 225 has document 225 relevant): beir's ignore_identical_ids would drop that one too."""
+def drop_own_ids(qrels, results, own=frozenset()) -> tuple[dict, int]:
+    """(results without each query's own id, how many were dropped), for the queries in `own` only: those whose
+    document of the same id is the query itself (ArguAna, Quora: own_ids in evaluate_retrieval.py). Elsewhere an
+    equal id is a coincidence and the document stays. A judged-relevant own document stays too (Cranfield's
+    query 225 has document 225 relevant): beir's ignore_identical_ids would drop that one as well."""
     out, dropped = {}, 0
     for qid, docs in results.items():
-        if qid in docs and (qrels or {}).get(qid, {}).get(qid, 0) <= 0:
+        if qid in own and qid in docs and (qrels or {}).get(qid, {}).get(qid, 0) <= 0:
             docs, dropped = {d: s for d, s in docs.items() if d != qid}, dropped + 1
         out[qid] = docs
     return out, dropped
 
 
-def evaluate(qrels, results, k_values) -> tuple[dict[str, float], int]:
+def evaluate(qrels, results, k_values, own=frozenset()) -> tuple[dict[str, float], int]:
     """(metrics, identical ids dropped): every metric, MRR@10 included, on the results with own ids dropped."""
     from beir.retrieval.evaluation import EvaluateRetrieval
 
-    results, dropped = drop_own_ids(qrels, results)
+    results, dropped = drop_own_ids(qrels, results, own)
     # evaluate() mutates `results`: hand it copies
     ndcg, _map, recall, precision = EvaluateRetrieval.evaluate(
         qrels, copy.deepcopy(results), k_values, ignore_identical_ids=False
@@ -41,12 +42,12 @@ def evaluate(qrels, results, k_values) -> tuple[dict[str, float], int]:
     return {**ndcg, **_map, **recall, **precision, **mrr}, dropped
 
 
-def per_query(qrels, results, k_values) -> dict[str, dict[str, float]]:
+def per_query(qrels, results, k_values, own=frozenset()) -> dict[str, dict[str, float]]:
     """{metric: {query id: value}} for NDCG@k, Recall@k and MRR@10 (pytrec_eval, as beir's averages use), on the
     results with own ids dropped: the values behind the error bars."""
     import pytrec_eval
 
-    results, _ = drop_own_ids(qrels, results)
+    results, _ = drop_own_ids(qrels, results, own)
     ks = ",".join(map(str, k_values))
     scores = pytrec_eval.RelevanceEvaluator(qrels, {f"ndcg_cut.{ks}", f"recall.{ks}"}).evaluate(results)
     out = {
@@ -66,9 +67,12 @@ def top_ids(results: dict, k: int) -> dict[str, list[str]]:
 
 def agreement(student_top: dict, teacher_top: dict, student_emb, teacher_emb, q_ids, seed=0) -> dict:
     """Agreement of a student with the teacher on the same queries and index, each with a 95% interval:
-    overlap@10 (shared ids in the two top-10s / 10), the share of queries whose teacher top-1 is in the student's
-    top-10, and the mean cosine of the student's query embedding to the teacher's."""
-    overlap = [len(set(student_top[q][:10]) & set(teacher_top[q][:10])) / 10 for q in q_ids]
+    overlap@10 (shared ids in the two top-10s / the teacher's top-10 size: 10 unless the index is smaller), the
+    share of queries whose teacher top-1 is in the student's top-10, and the mean cosine of the student's query
+    embedding to the teacher's."""
+    overlap = [
+        len(set(student_top[q][:10]) & set(teacher_top[q][:10])) / max(1, len(teacher_top[q][:10])) for q in q_ids
+    ]
     top1 = [float(bool(teacher_top[q]) and teacher_top[q][0] in student_top[q][:10]) for q in q_ids]
     cos = cosine_rows(np.asarray(student_emb), np.asarray(teacher_emb)).tolist()
     values = dict(zip(AGREEMENT, (overlap, top1, cos)))

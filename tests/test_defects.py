@@ -126,7 +126,7 @@ def test_search_keeps_k_hits_after_dropping_the_querys_own_id():
     relevant = doc_ids[ranked[10]]  # 10th hit once x0 is dropped
     flat = search.build_faiss(docs, "flat")
     results = er.retrieve(lambda q, k: search.search(flat, q, k), docs[[0]], ["x0"], doc_ids, 10)
-    assert er.evaluate({"x0": {relevant: 1}}, results, [10])[0]["Recall@10"] == 1.0
+    assert er.evaluate({"x0": {relevant: 1}}, results, [10], own={"x0"})[0]["Recall@10"] == 1.0
 
 
 # ----------------------------------------------------------------------------- 3. numeric flags

@@ -151,7 +151,7 @@ def test_label_free_collection_with_a_query_log_and_with_pseudo_queries(tmp_path
     folder = make_beir(tmp_path / "c", MORE_DOCS, QUERIES, QRELS)
     pseudo = run_evaluation(teacher, [student], [folder], tmp_path / "out", "--label_free", "--pseudo_queries", "15")
     row = next(r for r in pseudo["rows"] if r["model"] == student)
-    assert row["dataset"] == "c-pseudo" and row["num_queries"] == 15
+    assert row["dataset"] == "c-pseudo15" and row["num_queries"] == 15
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(folder / "corpus.jsonl", bare / "corpus.jsonl")
@@ -163,22 +163,34 @@ def test_label_free_collection_with_a_query_log_and_with_pseudo_queries(tmp_path
     )
 
 
-def test_pseudo_queries_are_never_a_students_training_text(tiny_bert, tmp_path):
+def test_pseudo_queries_depend_on_the_collection_n_and_seed_only_and_trained_ones_are_left_out(tiny_bert, tmp_path):
     folder = make_beir(tmp_path / "c", MORE_DOCS, QUERIES, QRELS)
     corpus, _ = data.load_corpus(folder)
-    spans = training_text.sample_spans(corpus, 30, list(range(3, 13)), 42 + 5)  # what --pseudo_queries 15 draws from
-    lines = [f"{i}\tquery number {i}\n" for i in range(60)] + [f"s{i}\t{s}\n" for i, s in enumerate(spans[:15])]
+    spans = training_text.sample_spans(corpus, 15, list(range(3, 13)), 0 + 5)  # what --pseudo_queries 15 draws
+    lines = [f"{i}\tquery number {i}\n" for i in range(60)] + [f"s{i}\t{s}\n" for i, s in enumerate(spans[:8])]
     qfile = write(tmp_path / "q.tsv", "".join(lines))
     run = distillation.main(
         distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1", "--run_name", "r")
     )["runs"][0]
     trained = set(common.text_sources(run["final_path"])["text_hashes"])
-    assert len(trained & set(data.text_hashes(spans[:15]))) >= 14, "the student trained on the first spans"
-    out = run_evaluation(
-        tiny_bert, [run["final_path"]], [folder], tmp_path / "e", "--label_free", "--pseudo_queries", "15"
-    )
+    leaked = len(trained & set(data.text_hashes(spans)))
+    assert leaked >= 7, "the student trained on the first spans"
+    argv = ["--label_free", "--pseudo_queries", "15"]
+    alone = run_evaluation(tiny_bert, [], [folder], tmp_path / "e1", *argv)
+    out = run_evaluation(tiny_bert, [run["final_path"]], [folder], tmp_path / "e", *argv)
     row = next(r for r in out["rows"] if r["model"] == run["final_path"])
-    assert row["num_queries"] == 15 and row["training_query_overlap"] == 0
+    teacher_alone = next(r for r in alone["rows"] if r["model"] == tiny_bert)
+    teacher = next(r for r in out["rows"] if r["model"] == tiny_bert)
+    # adding a student changes nothing about the query set: (collection, N, seed) alone decide it (was: filtered)
+    assert teacher_alone["result_key"] == teacher["result_key"] and teacher["num_queries"] == 15
+    assert row["num_queries"] == 15 and row["leaked_queries"] == leaked
+    assert row["agreement"]["overlap@10"]["n"] == 15 - leaked, "trained pseudo-queries are left out of agreement"
+    assert f"{15 - leaked} ({leaked} trained on, left out)" in out["table"]
+    other = run_evaluation(tiny_bert, [], [folder], tmp_path / "e1", *argv[:-1], "5")
+    assert {r["dataset"] for r in other["rows"]} == {"c-pseudo5"}, "another N is another result, never overwritten"
+    assert (
+        tmp_path / "e1" / "retrieval" / common.slug(tiny_bert) / common.slug(tiny_bert) / "c-pseudo15.json"
+    ).exists()
 
 
 def test_report_prints_intervals_and_the_agreement_correlation(tmp_path):

@@ -70,11 +70,13 @@ def test_metrics_by_hand():
 
 
 def test_identical_ids_are_ignored_unless_judged_relevant_and_before_every_metric():
-    m, dropped = er.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1])
+    m, dropped = er.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1], own={"x"})
     assert m["NDCG@1"] == 1.0 and dropped == 1
     assert m["MRR@10"] == 1.0, "MRR@10 is computed after the query's own id is dropped too (was 0.5)"
+    m, dropped = er.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1])
+    assert m["NDCG@1"] == 0.0 and dropped == 0, "an equal id alone is a coincidence: the document stays"
     # Cranfield's query 225 has document 225 judged relevant: that hit counts (beir's flag dropped it)
-    m, dropped = er.evaluate({"225": {"225": 2, "7": 1}}, {"225": {"225": 0.9, "7": 0.5, "8": 0.1}}, [1, 3])
+    m, dropped = er.evaluate({"225": {"225": 2, "7": 1}}, {"225": {"225": 0.9, "7": 0.5, "8": 0.1}}, [1, 3], {"225"})
     assert dropped == 0 and m["NDCG@1"] == 1.0 and m["Recall@3"] == 1.0 and m["MRR@10"] == 1.0
 
 

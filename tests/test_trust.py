@@ -263,7 +263,7 @@ def test_skip_finished_reuses_only_a_run_of_the_same_recipe(tiny_bert, tmp_path)
 # ----------------------------------------------------------------------------- 7. the leak guard
 
 
-def test_evaluation_queries_among_the_training_texts_are_counted_and_mark_in_domain(tiny_bert, tmp_path):
+def test_evaluation_queries_among_the_training_texts_are_counted_and_left_out(tiny_bert, tmp_path):
     a = make_beir(tmp_path / "a", DOCS, QUERIES, QRELS)
     qfile = write(
         tmp_path / "leak.tsv",
@@ -272,10 +272,16 @@ def test_evaluation_queries_among_the_training_texts_are_counted_and_mark_in_dom
     run = distillation.main(
         distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1", "--run_name", "leak")
     )["runs"][0]
-    row = evaluate(tiny_bert, [run["final_path"]], [a], tmp_path / "out")[(run["final_path"], "a")]
+    rows = evaluate(tiny_bert, [run["final_path"]], [a], tmp_path / "out")
+    row, teacher = rows[(run["final_path"], "a")], rows[(tiny_bert, "a")]
     # unless the held-out dev slice took it, the student trained on one of a's two queries
     trained = data.text_hashes(["purring small mammal"])[0] in common.text_sources(run["final_path"])["text_hashes"]
-    assert trained and row["training_query_overlap"] == 1 and row["in_domain_text"]
+    assert trained and row["leaked_queries"] == 1 and row["leaked_query_ids"] == ["q1"]
+    # one leaked query no longer flips the collection to in-domain: it is left out of the retention instead
+    assert not row["in_domain_text"] and row["training_text"] == "zero-shot"
+    clean = row["per_query"]["NDCG@10"]["q2"] / teacher["per_query"]["NDCG@10"]["q2"]
+    assert row["retention_ndcg@10"] == pytest.approx(clean)
+    assert row["retention"]["NDCG@10"]["queries"] == 1
 
 
 # ----------------------------------------------------------------------------- 8. caches keyed completely
@@ -307,14 +313,16 @@ def test_part_of_a_corpus_gets_its_own_index(tiny_bert, tmp_path):
     assert len(ids_part) == 10 and len(ids_all) == 44 and meta_part["folder"] != meta_all["folder"]
 
 
-def test_approximate_results_are_keyed_by_seed(tiny_bert, tmp_path):
+def test_approximate_results_are_keyed_by_index_seed_and_not_by_the_bootstrap_seed(tiny_bert, tmp_path):
     ds = make_beir(tmp_path / "tiny", MORE_DOCS, QUERIES, QRELS)
-    first = evaluate(tiny_bert, [], [ds], tmp_path / "out", "--index", "hnsw", "--seed", "1")
-    second = evaluate(tiny_bert, [], [ds], tmp_path / "out", "--index", "hnsw", "--seed", "2")
+    first = evaluate(tiny_bert, [], [ds], tmp_path / "out", "--index", "hnsw", "--index_seed", "1")
+    second = evaluate(tiny_bert, [], [ds], tmp_path / "out", "--index", "hnsw", "--index_seed", "2")
     assert not first[(tiny_bert, "tiny")]["reused"] and not second[(tiny_bert, "tiny")]["reused"]
-    assert evaluate(tiny_bert, [], [ds], tmp_path / "out", "--index", "hnsw", "--seed", "2")[(tiny_bert, "tiny")][
-        "reused"
-    ]
+    again = evaluate(tiny_bert, [], [ds], tmp_path / "out", "--index", "hnsw", "--index_seed", "2", "--seed", "7")
+    assert again[(tiny_bert, "tiny")]["reused"], "a bootstrap seed changes no index and no search"
+    assert (
+        tmp_path / "out" / "retrieval" / common.slug(tiny_bert) / common.slug(tiny_bert) / "tiny.hnsw.json"
+    ).exists()
 
 
 # ----------------------------------------------------------------------------- 9, 12, 14: refused, one line
