@@ -13,8 +13,11 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+
 import common
 import data
+import results
 import stats
 from common import UsageError
 
@@ -27,24 +30,36 @@ def parse_args(argv=None):
     p.add_argument("--students", nargs="+", default=[], help="paper: the students")
     p.add_argument("--datasets", nargs="+", required=True, help="names or folders, as given to evaluate_retrieval.py")
     p.add_argument("--speed", help="evaluate_speed.py JSON (example, paper)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"], help="the results of this index kind")
+    p.add_argument("--seed", type=common.non_negative_int, default=0, help="bootstrap seed (as evaluate_retrieval.py)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--output_path", default="output")
     return p.parse_args(argv)
 
 
 def result_names(datasets: list[str]) -> dict[str, str]:
-    """{dataset as given: the name of its result file}, named as evaluate_retrieval.py names them."""
-    return dict(zip(datasets, data.display_names([Path(d).name for d in datasets])))
+    """{dataset as given: the name of its result}, named as evaluate_retrieval.py names them (a collection file
+    by its stem)."""
+    stems = [Path(d).stem if Path(d).is_file() else Path(d).name for d in datasets]
+    return dict(zip(datasets, data.display_names(stems)))
 
 
-def load_retrieval(output_path, teacher, model, dataset, name=None) -> dict:
-    """The result of model on dataset, checked to be of that very folder when a folder is given."""
+def load_retrieval(output_path, teacher, model, dataset, name=None, index="flat") -> dict:
+    """The labelled result of model on dataset (of that very folder when a folder is given)."""
     name = name or Path(dataset).name
-    path = Path(output_path) / "retrieval" / common.slug(teacher) / common.slug(model) / f"{name}.json"
+    folder = Path(output_path) / "retrieval" / common.slug(teacher) / common.slug(model)
+    path = folder / results.result_file(name, index)
     if not path.exists():
+        if (folder / results.result_file(f"{name}-label-free", index)).exists():
+            raise UsageError(
+                f"{dataset} was evaluated label-free (no relevance labels): this report needs nDCG@10; "
+                f"its agreement is in {folder / results.result_file(name + '-label-free', index)}"
+            )
         raise UsageError(f"{path} missing; run evaluate_retrieval.py for {model} on {dataset} first")
-    record = json.loads(path.read_text())
+    try:
+        record = json.loads(path.read_text())
+    except ValueError:
+        raise UsageError(f"{path} is not JSON (damaged); rerun evaluate_retrieval.py with --overwrite") from None
     given, made = Path(dataset), Path(record.get("dataset_path", ""))
     if given.is_dir() and made.is_dir() and given.resolve() != made.resolve():
         raise UsageError(
@@ -59,7 +74,10 @@ def speed_rows(speed_file, device="cpu", batch=1, mode="end_to_end", variant="fp
     path = Path(speed_file)
     if not path.exists():
         raise UsageError(f"{path} missing; run evaluate_speed.py first")
-    rows = json.loads(path.read_text())["results"]
+    try:
+        rows = json.loads(path.read_text())["results"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"{path} is not an evaluate_speed.py result (JSON with 'results'); pass its output") from None
     want = {"device": device, "batch_size": batch, "mode": mode, "variant": variant, "backend": backend}
     return {r["model"]: r for r in rows if all(r.get(k) == v for k, v in want.items())}
 
@@ -102,10 +120,16 @@ def plot_quality_latency(labels, points, path, title="") -> list[int]:
     return front
 
 
-def per_query_ndcg(record: dict, path_hint: str) -> dict:
-    if "per_query" not in record:
-        raise UsageError(f"{path_hint} has no per-query values (an older result); rerun evaluate_retrieval.py")
-    return record["per_query"]["NDCG@10"]
+def pair(args, model: str, dataset: str, name: str) -> tuple[dict, dict]:
+    """(student's result, teacher's result) on one dataset, checked to be made alike and to hold per-query values."""
+    teacher = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, dataset, name, args.index)
+    record = load_retrieval(args.output_path, args.teacher_model, model, dataset, name, args.index)
+    for r, who in ((record, model), (teacher, "the teacher")):
+        if "per_query" not in r or "metrics" not in r:
+            raise UsageError(f"{who} on {name} has no per-query values (an older result); rerun evaluate_retrieval.py")
+    if model != args.teacher_model:
+        results.check_alike(record, teacher, f"{model} on {name}")
+    return record, teacher
 
 
 def example_table(args) -> str:
@@ -116,12 +140,11 @@ def example_table(args) -> str:
     ]
     pairs = {"zero-shot": [], "in-domain": []}
     for d, name in result_names(args.datasets).items():
-        teacher = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, name)
-        record = load_retrieval(args.output_path, args.teacher_model, args.student, d, name)
-        kind = "in-domain" if record.get("in_domain_text") else "zero-shot"
-        pair = (per_query_ndcg(record, f"{args.student} on {name}"), per_query_ndcg(teacher, f"the teacher on {name}"))
-        pairs[kind].append(pair)
-        ci = stats.retention_ci(*pair, seed=args.seed)
+        record, teacher = pair(args, args.student, d, name)
+        kind = results.kind(record)
+        values = results.paired(record, teacher)
+        pairs[kind].append(values)
+        ci = stats.retention_ci(*values, seed=args.seed)
         t, s = teacher["metrics"]["NDCG@10"], record["metrics"]["NDCG@10"]
         p = "-" if ci["p_value"] is None else f"{ci['p_value']:.2g}"
         lines.append(f"| {name} | {kind} | {t:.4f} | {s:.4f} | {stats.fmt_ci(ci)} | {p} |")
@@ -164,23 +187,17 @@ def paper_table(args) -> str:
     if gpu:
         head += ["GPU b1 ms", "GPU speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    teacher_pq, teacher_ndcg = {}, {}
+    teacher_ndcg = {}
     for d in args.datasets:
-        record = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, result[d])
-        per_query_ndcg(record, f"the teacher on {result[d]}")
-        teacher_pq[d], teacher_ndcg[d] = record["per_query"], record["metrics"]["NDCG@10"]
+        teacher_ndcg[d] = pair(args, args.teacher_model, d, result[d])[1]["metrics"]["NDCG@10"]
     labels, points = [], []
     for model in [args.teacher_model, *args.students]:
-        records = {d: load_retrieval(args.output_path, args.teacher_model, model, d, result[d]) for d in args.datasets}
-        for d, r in records.items():
-            per_query_ndcg(r, f"{model} on {result[d]}")
-        if any(r.get("in_domain_text") for r in records.values()):
+        pairs = {d: pair(args, model, d, result[d]) for d in args.datasets}
+        if any(r.get("in_domain_text") for r, _ in pairs.values()):
             raise UsageError(f"{model} trained on text of an evaluated collection; the paper table is zero-shot only")
-        ms = {d: r["metrics"] for d, r in records.items()}
+        ms = {d: r["metrics"] for d, (r, _) in pairs.items()}
         cis = [
-            stats.mean_retention_ci(
-                [(records[d]["per_query"][m], teacher_pq[d][m]) for d in args.datasets], seed=args.seed
-            )
+            stats.mean_retention_ci([results.paired(*pairs[d], m) for d in args.datasets], seed=args.seed)
             for m in ("NDCG@10", "Recall@100")
         ]
         ret = cis[0]["value"]
@@ -210,8 +227,6 @@ def paper_table(args) -> str:
 def agreement_table(args) -> str:
     """Label-free agreement beside nDCG@10 retention for every (student, dataset), and how well each agreement
     measure predicts retention: Spearman's rank correlation (scipy.stats.spearmanr) over all pairs, and a plot."""
-    from scipy.stats import spearmanr
-
     result = result_names(args.datasets)
     head = (
         "| student | dataset | training text | retention nDCG@10 [95% CI] | overlap@10 | top-1 in top-10 | query cos |"
@@ -220,13 +235,12 @@ def agreement_table(args) -> str:
     points = []
     for model in args.students:
         for d, name in result.items():
-            teacher = load_retrieval(args.output_path, args.teacher_model, args.teacher_model, d, name)
-            record = load_retrieval(args.output_path, args.teacher_model, model, d, name)
+            record, teacher = pair(args, model, d, name)
             if "agreement" not in record:
                 raise UsageError(f"{model} on {name} has no agreement values; rerun evaluate_retrieval.py")
-            ci = stats.retention_ci(per_query_ndcg(record, name), per_query_ndcg(teacher, name), seed=args.seed)
+            ci = stats.retention_ci(*results.paired(record, teacher), seed=args.seed)
             agree = record["agreement"]
-            kind = "in-domain" if record.get("in_domain_text") else "zero-shot"
+            kind = results.kind(record)
             lines.append(
                 f"| {Path(model).parent.name or model} | {name} | {kind} | {stats.fmt_ci(ci)} | "
                 + " | ".join(stats.fmt_ci(agree[m]) for m in ("overlap@10", "top1_in_top10", "query_cosine"))
@@ -238,20 +252,38 @@ def agreement_table(args) -> str:
     ret = [p[0] for p in points]
     lines += ["", f"Spearman rank correlation with nDCG@10 retention over {len(points)} (student, dataset) pairs:"]
     for i, m in enumerate(("overlap@10", "top-1 in top-10", "query cosine"), 1):
-        rho, p = spearmanr([q[i] for q in points], ret)
-        lines.append(f"- {m}: rho = {rho:.3f} (p = {p:.2g})")
+        lines.append(f"- {m}: {spearman([q[i] for q in points], ret, args.seed)}")
     by_dataset = {}
     for name, point in zip([n for _ in args.students for n in result.values()], points):
         by_dataset.setdefault(name, []).append(point)
     lines.append("Within each dataset (ranking the students), overlap@10 vs retention:")
     for name, pts in by_dataset.items():
         if len(pts) >= 3:
-            rho, p = spearmanr([q[1] for q in pts], [q[0] for q in pts])
-            lines.append(f"- {name}: rho = {rho:.3f} (p = {p:.2g}, {len(pts)} students)")
+            lines.append(
+                f"- {name}: {spearman([q[1] for q in pts], [q[0] for q in pts], args.seed)}, {len(pts)} students"
+            )
     plot = Path(args.output_path) / "agreement_vs_retention.png"
     plot_agreement(points, plot, f"{args.teacher_model}: {len(args.students)} students x {len(result)} datasets")
     lines += ["", f"plot: {plot}"]
     return "\n".join(lines) + "\n"
+
+
+def spearman(x, y, seed: int) -> str:
+    """'rho = r (p = ...)': Spearman's rho with a permutation p-value, exact for up to 7 pairs (at n = 3 the
+    smallest p is 1/3; scipy's t approximation printed 0 there)."""
+    from scipy.stats import permutation_test, spearmanr
+
+    rho = spearmanr(x, y).statistic
+    if rho != rho:  # nan: a constant column
+        return "rho undefined (a constant column)"
+    test = permutation_test(
+        (x,),
+        lambda a: spearmanr(a, y).statistic,
+        permutation_type="pairings",
+        n_resamples=5039,  # 7! - 1: every pairing for n <= 7, a seeded sample above
+        rng=np.random.default_rng(seed),
+    )
+    return f"rho = {rho:.3f} (p = {test.pvalue:.2g}, permutation)"
 
 
 def plot_agreement(points, path, title="") -> None:
