@@ -149,7 +149,7 @@ def _training_flags(p) -> None:
     add("--warmup_steps", type=int, default=None, help="capped at 10%% of the run's steps")
     add("--num_train_epochs", type=positive, default=None)
     add("--adam_epsilon", type=positive, default=1e-6)
-    add("--weight_decay", type=float, default=0.01)
+    add("--weight_decay", type=common.non_negative, default=0.01)
     add(
         "--group_by_length",
         action=argparse.BooleanOptionalAction,
@@ -159,7 +159,7 @@ def _training_flags(p) -> None:
     add("--eval_steps", type=positive_int, default=500)
     add("--logging_steps", type=positive_int, default=50)
     add("--save_total_limit", type=positive_int, default=2)
-    add("--seed", type=int, default=42)
+    add("--seed", type=common.non_negative_int, default=42)
     add("--fp16", action="store_true", help="CUDA only")
     add("--bf16", action="store_true", help="CUDA only")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -218,6 +218,17 @@ def _validate(p, args) -> None:
             p.error(f"--{flag} must be a finite number >= 0")
     if args.align_loss_weight and args.student_model_init != "layer_reduction":
         p.error("--align_loss_weight needs --student_model_init layer_reduction (the teacher's own layers)")
+    if args.align_loss_weight and len(args.layers or range(args.num_layers)) < 2:
+        p.error("--align_loss_weight aligns a student layer to the next kept teacher layer: keep 2 or more layers")
+    if args.layers:
+        if len(set(args.layers)) != len(args.layers) or min(args.layers) < 0:
+            p.error(f"--layers {' '.join(map(str, args.layers))}: give distinct teacher layer ids >= 0")
+        args.layers = sorted(args.layers)  # kept in teacher order: --layers 5 0 is the same student as 0 5
+    if args.max_seq_length < 3:
+        p.error("--max_seq_length must be >= 3: two special tokens and one word (tokenizers ignore less)")
+    corpora = [q for q in args.train_queries if q.startswith("corpus:")]
+    if corpora and args.corpus_text_share == 0:
+        p.error(f"--corpus_text_share 0 gives {corpora[0]} no text; drop the corpus: sources or raise the share")
     if args.span_words and args.span_words[0] > args.span_words[1]:
         p.error(f"--span_words MIN MAX: {args.span_words[0]} > {args.span_words[1]}; give the shorter length first")
     specs = args.train_queries
@@ -244,8 +255,10 @@ class Inputs(NamedTuple):
     query_log: query_log.QueryLog | None  # the user's logged teacher query vectors
 
 
-def check_inputs(args, device: str) -> Inputs:
+def check_inputs(args, device: str, world: int = 1) -> Inputs:
     """Everything a user can get wrong, checked before any model loads or any folder is made."""
+    if args.push_to_hub:
+        trainer.check_hub(args.hub_model_id)
     if (args.fp16 or args.bf16) and not device.startswith("cuda"):
         raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {device}")
     if device.startswith("cuda:") and device != "cuda:0" and common.rank_world()[1] == 1:
@@ -279,7 +292,7 @@ def check_inputs(args, device: str) -> Inputs:
         args.output_path,
         args.overwrite_output_dir,
         args.resume_from_checkpoint,
-        lambda init: recipes.fingerprint(args, sources, teacher_path, init),
+        lambda init: recipes.fingerprint(args, sources, teacher_path, init, trainer.batches_per_step(device, world)),
         args.skip_finished,
     )
     return Inputs(sources, train, dev, triples, score_corpus, teacher_path, plans, index, logged)
@@ -290,7 +303,7 @@ def main(argv=None) -> dict:
     common.start_run(args.log_level, args.seed, args.output_path)
     rank, world, device = common.distributed(common.pick_device(args.device))
     with common.main_first(rank):  # one download of the training queries, however many ranks
-        inputs = check_inputs(args, device)
+        inputs = check_inputs(args, device, world)
     done = [p for p in inputs.plans if p["done"]]
     for plan in done:
         logger.info("%s: finished earlier by the same recipe, kept (--skip_finished)", plan["run_dir"])

@@ -81,6 +81,10 @@ NOT_RECIPE = {
     "margin_triples",
     "triples_collection",
     "save_asymmetric",
+    # how a run is logged and checkpointed, and which other students share the call: not what this one is
+    "logging_steps",
+    "save_total_limit",
+    "student_model_init_list",
     # by content below, not by name: the index's digest (sources) and the logged vectors' sha256
     "doc_index",
     "doc_ids",
@@ -89,10 +93,14 @@ NOT_RECIPE = {
 }
 
 
-def fingerprint(args, sources: dict, teacher_path: Path, init: str) -> dict:
-    """Everything that makes the student: the flags that change training, and the content (not the names) of the
-    teacher, the training text sources, the validation queries and the triples. Equal recipes, equal students."""
+def fingerprint(args, sources: dict, teacher_path: Path, init: str, batches_per_step: int = 1) -> dict:
+    """Everything that makes the student: the flags that change training, the effective batch (per-device batch
+    x devices), and the content (not the names) of the teacher, the training text sources, the validation
+    queries and the triples. Equal recipes, equal students; logging and checkpoint-keeping change neither."""
     flags = {k: v for k, v in sorted(vars(args).items()) if k not in NOT_RECIPE}
+    flags["effective_batch_size"] = args.per_device_train_batch_size * batches_per_step
+    if flags.get("layers"):
+        flags["layers"] = sorted(flags["layers"])  # the student keeps them in teacher order either way
     files = {
         "dev_queries": args.dev_queries,
         "margin_triples": args.margin_triples,
@@ -117,12 +125,26 @@ def fingerprint(args, sources: dict, teacher_path: Path, init: str) -> dict:
 
 
 def finished_with(run_dir: Path, wanted: dict) -> bool:
-    """A run folder holds a finished student (final/, metrics.json) made by exactly this recipe."""
-    try:
-        done = json.loads((run_dir / "metrics.json").read_text())["config"].get("recipe")
-    except (OSError, ValueError, KeyError, AttributeError):
+    """A run folder holds a finished student made by exactly this recipe: metrics.json names the recipe and
+    final/ loads (a folder missing its weights is not finished). Each other case is logged as what it is."""
+    metrics = run_dir / "metrics.json"
+    if not metrics.is_file():
+        if run_dir.is_dir():
+            logger.info("%s holds no finished run (no metrics.json): it is trained again", run_dir)
         return False
-    if (run_dir / "final" / "modules.json").is_file() and done == wanted:
-        return True
-    logger.info("%s holds a run of another recipe (or an unfinished one): it is trained again", run_dir)
-    return False
+    try:
+        done = json.loads(metrics.read_text())["config"].get("recipe")
+    except (ValueError, KeyError, AttributeError, TypeError):
+        logger.warning("%s is damaged (not the JSON a finished run writes): the run is trained again", metrics)
+        return False
+    if done != wanted:
+        logger.info("%s holds a run of another recipe: it is trained again", run_dir)
+        return False
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        SentenceTransformer(str(run_dir / "final"), device="cpu")
+    except Exception as e:  # noqa: BLE001 - any failure to load means the student is not there
+        logger.warning("%s/final does not load (%s): the run is trained again", run_dir, str(e).splitlines()[0][:100])
+        return False
+    return True

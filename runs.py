@@ -49,7 +49,7 @@ def plan_runs(names, output_path, overwrite: bool, resume: str | None, recipe_of
         recipe = recipe_of(init)
         done = skip and recipes.finished_with(run_dir, recipe)
         if not done and run_dir.is_dir() and any(run_dir.iterdir()) and not (overwrite or resume):
-            why = "holds a run of another recipe" if skip else "exists and is not empty"
+            why = "holds no finished run of this recipe (the line above says why)" if skip else "is not empty"
             raise UsageError(f"{run_dir} {why}; pass --overwrite_output_dir or another --run_name")
         plans.append(
             {"init": init, "run_dir": run_dir, "resume": resume_point(run_dir, resume), "recipe": recipe, "done": done}

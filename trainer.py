@@ -162,6 +162,13 @@ def training_arguments(
     )
 
 
+def batches_per_step(device: str, world: int) -> int:
+    """Per-device batches in one optimiser step: one per torchrun process, or one per GPU when a single process
+    sees several (the trainer wraps the student in DataParallel)."""
+    in_process = torch.cuda.device_count() if device == "cuda" and world == 1 else 1
+    return world * max(1, in_process)
+
+
 def train(
     student,
     run_dir,
@@ -180,9 +187,7 @@ def train(
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer
 
-    # one process with several GPUs: the trainer wraps the student in DataParallel, one batch per GPU per step
-    in_process = torch.cuda.device_count() if device == "cuda" and world == 1 else 1
-    per_step = settings.per_device_train_batch_size * world * max(1, in_process)
+    per_step = settings.per_device_train_batch_size * batches_per_step(device, world)
     steps = max(1, int(-(-len(texts) // per_step) * settings.num_train_epochs))
     sampler = None
     if settings.group_by_length:
@@ -260,6 +265,20 @@ def train_one(
         run_dir / "final",
     )
     return metrics
+
+
+def check_hub(repo_id: str) -> None:
+    """Before any training: the hub answers and a token is set (whoami), so --push_to_hub fails first, not last."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().whoami()
+    except Exception as e:  # noqa: BLE001 - no network, no token, a bad token: all one line
+        raise UsageError(
+            f"--push_to_hub {repo_id}: the Hugging Face hub cannot be reached or no token is set "
+            f"({str(e).splitlines()[0][:100]}); run `huggingface-cli login` where the hub is reachable, "
+            "or drop the flag"
+        ) from None
 
 
 def push_folder(folder: Path, repo_id: str) -> None:

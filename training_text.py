@@ -215,6 +215,8 @@ def training_texts(
         n = n_spans // len(corpora) + (i < n_spans % len(corpora))
         k = num_dev // len(corpora) if hold_out else 0
         spans = sample_spans(corpus, n + k, lengths, seed + 17 * (i + 1), title_share, exclude | held_out)
+        if n and not spans[k:]:
+            raise UsageError(f"{name}: its documents give no text to train on (empty titles and texts); check it")
         dev, spans = dev + spans[:k], spans[k:]
         exclude |= {s.lower() for s in spans}
         train += spans

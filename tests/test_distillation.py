@@ -398,5 +398,7 @@ def test_alignment_trains_a_student_and_a_one_layer_student_has_nothing_to_align
     config = json.loads((Path(run["run_dir"]) / "config.json").read_text())
     assert config["args"]["align_loss_weight"] == 0.5 and config["recipe"]["flags"]["align_loss_weight"] == 0.5
     assert np.isfinite(run["train_loss"])
-    one = distillation.main([*base, str(tmp_path / "one"), "--layers", "3", "--align_loss_weight", "0.5"])["runs"][0]
-    assert np.isfinite(one["train_loss"])
+    # a one-layer student has no next layer to align: refused (was: silently dropped, recorded as used)
+    with pytest.raises(SystemExit) as e:
+        distillation.parse_args([*base, str(tmp_path / "one"), "--layers", "3", "--align_loss_weight", "0.5"])
+    assert e.value.code == 2 and not (tmp_path / "one").exists()

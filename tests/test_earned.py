@@ -183,3 +183,52 @@ def test_save_run_on_a_finished_result_writes_the_run_file(pair, tmp_path):
     run_evaluation(teacher, [], [folder], tmp_path / "out", "--save_run")
     trec = tmp_path / "out" / "retrieval" / common.slug(teacher) / common.slug(teacher) / "c.trec"
     assert trec.is_file() and len(trec.read_text().splitlines()) == 24 * len(MORE_DOCS)
+
+
+# ----------------------------------------------------------------------------- distillation: flags and keys
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--weight_decay", "nan"], "--weight_decay"),
+        (["--weight_decay", "-5"], "--weight_decay"),
+        (["--seed", "-1"], "--seed"),
+        (["--max_seq_length", "1"], "--max_seq_length must be >= 3"),
+        (["--layers", "0", "0"], "distinct teacher layer ids"),
+    ],
+)
+def test_bad_training_flags_exit_2_before_anything_runs(pair, tmp_path, capsys, extra, match):
+    q = write(tmp_path / "q.tsv", "1\tx\n2\ty\n")
+    with pytest.raises(SystemExit) as e:
+        distillation.main(distill_argv(pair[0], tmp_path / "out", q, *extra))
+    assert e.value.code == 2 and match in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_recipe_keys_count_what_makes_the_student_and_nothing_else(pair, tmp_path):
+    import recipes
+
+    q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
+    argv = distill_argv(pair[0], tmp_path / "out", q, "--run_name", "r", "--skip_finished", "--layers", "0", "3")
+    first = distillation.main(argv)["runs"][0]
+    # the order of --layers, the logging interval and the checkpoints kept make the same student: kept
+    same = [*argv[:-4], "--skip_finished", "--layers", "3", "0", "--logging_steps", "7", "--save_total_limit", "1"]
+    assert distillation.main(same)["runs"][0].get("reused")
+    args = distillation.parse_args(argv)
+    one = recipes.fingerprint(args, {}, tmp_path, "layer_reduction", 1)
+    assert recipes.fingerprint(args, {}, tmp_path, "layer_reduction", 4) != one, "4 GPUs: 4x the batch per step"
+    # a damaged metrics.json or a final/ without its weights is not a finished run: trained again
+    (tmp_path / "out" / "r" / "final" / "model.safetensors").unlink()
+    with pytest.raises(common.UsageError, match="no finished run of this recipe"):  # was: kept without weights
+        distillation.main(argv)
+    assert not distillation.main([*argv, "--overwrite_output_dir"])["runs"][0].get("reused")
+    (tmp_path / "out" / "r" / "metrics.json").write_text("{broken")
+    again = distillation.main([*argv, "--overwrite_output_dir"])["runs"][0]
+    assert not again.get("reused") and again["dev_mse"] == pytest.approx(first["dev_mse"], rel=1e-4)
+
+
+def test_push_to_hub_without_the_hub_fails_before_training(pair, tmp_path, capsys):
+    q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i}\n" for i in range(40)))
+    argv = distill_argv(pair[0], tmp_path / "out", q, "--push_to_hub", "--hub_model_id", "me/s", "--run_name", "r")
+    exit_2(distillation.main, argv, capsys, "--push_to_hub me/s")
+    assert not (tmp_path / "out" / "r").exists() and not (tmp_path / "out" / "labels").exists()

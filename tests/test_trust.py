@@ -172,7 +172,7 @@ def test_paper_table_gives_each_datasets_retention_beside_its_ndcg(tiny_bert, tm
 # ----------------------------------------------------------------------------- 3. in-domain marking, both ways
 
 
-def test_score_corpus_marks_in_domain_and_an_empty_corpus_source_does_not(tiny_bert, tmp_path):
+def test_score_corpus_marks_in_domain_and_a_corpus_source_without_text_is_refused(tiny_bert, tmp_path, capsys):
     a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
     b = make_beir(tmp_path / "b", DOCS, {"q9": "bread yeast"}, {"q9": {"d3": 1}})
     qfile = queries_file(tmp_path)
@@ -193,30 +193,21 @@ def test_score_corpus_marks_in_domain_and_an_empty_corpus_source_does_not(tiny_b
             "2",
         )
     )["runs"][0]
-    empty = distillation.main(
-        distill_argv(
-            tiny_bert,
-            tmp_path / "out",
-            qfile,
-            "--train_queries",
-            qfile,
-            f"corpus:{b}",
-            "--corpus_text_share",
-            "0",
-            "--max_train_queries",
-            "60",
-            "--run_name",
-            "share0",
-        )
-    )["runs"][0]
+    share0 = ["--train_queries", qfile, f"corpus:{b}", "--corpus_text_share", "0", "--max_train_queries", "60"]
+    # was: corpus spans filled a short query file anyway, and the collection was marked in-domain
+    with pytest.raises(SystemExit) as e:
+        distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, *share0))
+    assert e.value.code == 2 and "--corpus_text_share 0 gives corpus:" in capsys.readouterr().err
+    blank = make_beir(tmp_path / "blank", {"e1": ("", " "), "e2": ("", "")}, {"q9": "x"}, {"q9": {"e1": 1}})
+    argv = distill_argv(tiny_bert, tmp_path / "out", qfile, "--train_queries", qfile, f"corpus:{blank}")
+    exit_2(distillation.main, [*argv, "--max_train_queries", "60", "--run_name", "blank"], capsys, "no text")
+    assert not (tmp_path / "out" / "blank").exists()
     record = common.text_sources(scored["final_path"])
     assert [c["role"] for c in record["corpora"]] == ["score corpus"]
-    assert common.text_sources(empty["final_path"])["corpora"] == [], "a source that gave no text is not recorded"
-    rows = evaluate(tiny_bert, [scored["final_path"], empty["final_path"]], [a, b], tmp_path / "out")
+    rows = evaluate(tiny_bert, [scored["final_path"]], [a, b], tmp_path / "out")
     assert (
         rows[(scored["final_path"], "a")]["in_domain_text"] and not rows[(scored["final_path"], "b")]["in_domain_text"]
     )
-    assert not rows[(empty["final_path"], "b")]["in_domain_text"]
 
 
 def test_asymmetric_folder_and_hub_push_carry_the_training_text_record(tiny_bert, tmp_path, monkeypatch):
@@ -225,6 +216,9 @@ def test_asymmetric_folder_and_hub_push_carry_the_training_text_record(tiny_bert
     pushed = {}
 
     class FakeApi:
+        def whoami(self):
+            return {"name": "me"}
+
         def create_repo(self, repo_id, exist_ok=False):
             pushed["repo"] = repo_id
 
@@ -252,7 +246,7 @@ def test_skip_finished_reuses_only_a_run_of_the_same_recipe(tiny_bert, tmp_path)
     first = distillation.main(argv)["runs"][0]
     again = distillation.main(argv)["runs"][0]
     assert again.get("reused") and again["dev_mse"] == first["dev_mse"]
-    with pytest.raises(common.UsageError, match="another recipe"):  # never silently replaced
+    with pytest.raises(common.UsageError, match="no finished run of this recipe"):  # never silently replaced
         distillation.main([*argv, "--learning_rate", "5e-3"])
     other = distillation.main([*argv, "--learning_rate", "5e-3", "--overwrite_output_dir"])["runs"][0]
     assert not other.get("reused")
