@@ -60,7 +60,7 @@ def model_fingerprint(path: str | Path) -> str:
 
 def encoder_settings(model, side: str, max_seq_length: int | None = None) -> dict:
     """The settings that change a model's embeddings on one side (query/document)."""
-    prompt = model.prompts.get(side) or (model.prompts.get("passage") if side == "document" else None) or ""
+    prompt = loading.input_prompt(model, side)
     return {
         "side": side,
         "max_seq_length": max_seq_length or model.max_seq_length,

@@ -42,12 +42,13 @@ import doc_index
 import loading
 import metrics
 import results
+import search
 import serving
 import stats
 import training_text
 from common import UsageError, positive_int
 from metrics import evaluate  # noqa: F401 - part of this script's interface (tests, notebooks)
-from search import cached_faiss, check_index_size, search, unit
+from search import cached_faiss, check_index_size, unit
 
 logger = logging.getLogger("qdistill.retrieval")
 # 3: what made the result (made_alike), leaked queries and own ids in every result file; older ones are recomputed
@@ -545,7 +546,8 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
         "own_ids": cache.sha256_texts(sorted(own))[:16],
         "faiss": __import__("faiss").__version__,
         "schema": RESULT_SCHEMA,
-        **({"index_seed": args.index_seed} if args.index != "flat" else {}),  # hnsw/ivfpq are built with it
+        # hnsw/ivfpq: built with the seed and these settings
+        **({"index_seed": args.index_seed, "index_build": search.BUILD[args.index]} if args.index != "flat" else {}),
     }
     records, pending = {}, []
     for name in names:
@@ -650,7 +652,7 @@ def searchers(index: doc_index.DocIndex, kind: str, folder, seed: int, cosine: b
     if kind == "flat" or index.searched_as_built:
         return exact, None
     approx = cached_faiss(np.load(index.path, mmap_mode="r"), kind, folder, seed, normalize=cosine)
-    return (lambda q, k: search(approx, q, k)), exact
+    return (lambda q, k: search.search(approx, q, k)), exact
 
 
 def evaluate_models(pending, models, queries, qrels, own, index, index_meta, args, sim, config):

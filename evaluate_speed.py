@@ -131,7 +131,7 @@ def callable_for(model, batches, mode: str):
         return (lambda b: model.encode_query(b, batch_size=len(b))), batches
     if isinstance(model, serving.LeanEncoder):
         return model.forward, [model.features(b) for b in batches]
-    prompt = model.prompts.get("query") or None  # the same prompt encode_query prepends
+    prompt = loading.input_prompt(model, "query") or None  # the same prompt encode_query prepends
     return model, [batch_to_device(model.preprocess(b, prompt=prompt), model.device) for b in batches]
 
 

@@ -126,6 +126,27 @@ def similarity_name(model) -> str:
     raise UsageError(f"model similarity {name!r} is not supported; only cosine and dot teachers are")
 
 
+def input_prompt(model, side: str) -> str:
+    """The text encode_query (side 'query') or encode_document ('document') puts before each input, resolved as
+    sentence-transformers resolves it: the side's own prompt ('query'; 'document', 'passage' or 'corpus'), else
+    the default_prompt_name's, else none. The one place a model's prompts are read (labels, index, serving)."""
+    prompts = getattr(model, "prompts", None) or {}
+    for name in ("query",) if side == "query" else ("document", "passage", "corpus"):
+        if name in prompts:
+            return prompts[name] or ""
+    default = getattr(model, "default_prompt_name", None)
+    return prompts.get(default) or "" if default else ""
+
+
+def carry_prompts(student, teacher) -> None:
+    """A student answers for the teacher's query side: the teacher's prompts, its resolved query prompt under
+    'query', and that prompt as the default, so a plain .encode() gives what the student trained on (never the
+    teacher's default of another side)."""
+    query = input_prompt(teacher, "query")
+    student.prompts = {**teacher.prompts, **({"query": query} if query else {})}
+    student.default_prompt_name = "query" if query else None
+
+
 def normalizes(model) -> bool:
     """Whether a SentenceTransformer ends in a Normalize module (unit-length embeddings): the one place it is read."""
     from sentence_transformers.models import Normalize

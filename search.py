@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,13 @@ def cosine_rows(a, b) -> np.ndarray:
 IVFPQ_MIN_DOCS = 256
 
 
+# how hnsw/ivfpq indexes are built here: part of a cached index file's key, so a changed setting builds anew
+BUILD = {
+    "hnsw": {"M": 32, "efConstruction": 200, "efSearch": 128},
+    "ivfpq": {"nlist": "4 sqrt(n), <= n/39", "m": "dim/8", "nbits": "<= 8", "train": 100_000, "nprobe": "nlist/8"},
+}
+
+
 def check_index_size(kind: str, num_docs: int, name: str) -> None:
     if kind == "ivfpq" and num_docs < IVFPQ_MIN_DOCS:
         raise common.UsageError(
@@ -43,8 +52,9 @@ def build_faiss(
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction, index.hnsw.efSearch = 200, 128
+        hnsw = BUILD["hnsw"]
+        index = faiss.IndexHNSWFlat(dim, hnsw["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = hnsw["efConstruction"], hnsw["efSearch"]
     else:  # ivfpq: nlist ~ 4 sqrt(n), bounded so each list gets enough training points
         nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
         m = next(m for m in (dim // 8, dim // 12, dim // 16, 8, 4, 2, 1) if m and dim % m == 0)
@@ -68,7 +78,8 @@ def cached_faiss(doc_emb, kind: str, folder, seed: int = 42, normalize=False):
     embeddings it indexes, and read back after (exact search is search.exact_search over the vectors)."""
     import faiss
 
-    path = Path(folder) / f"{kind}-seed{seed}.faiss"
+    key = {"kind": kind, "seed": seed, "normalize": normalize, "build": BUILD[kind], "faiss": faiss.__version__}
+    path = Path(folder) / f"{kind}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}.faiss"
     if path.exists():
         index = faiss.read_index(str(path))
     else:
@@ -76,7 +87,7 @@ def cached_faiss(doc_emb, kind: str, folder, seed: int = 42, normalize=False):
         with common.atomic_file(path) as tmp:
             faiss.write_index(index, str(tmp))
     if kind == "hnsw":  # search-time settings, set again after reading
-        index.hnsw.efSearch = 128
+        index.hnsw.efSearch = BUILD["hnsw"]["efSearch"]
     else:
         index.nprobe = max(1, index.nlist // 8)
     return index

@@ -114,7 +114,9 @@ def cached_export(model_name, model_path, output_root, texts, int8: bool, num_th
             return False
 
     if not all([intact(v) for v in wanted()]):
-        export(model_path, folder, texts[:200], int8=int8, num_threads=num_threads)
+        # an int8 export already there is made again beside the fp32 one, never deleted as a stale variant
+        keep_int8 = int8 or is_export(folder / "int8")
+        export(model_path, folder, texts[:200], int8=keep_int8, num_threads=num_threads)
     return {v: LeanEncoder(folder / v, num_threads=num_threads) for v in wanted()}
 
 
@@ -184,7 +186,7 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
         "source": str(model_path),
         "source_fingerprint": __import__("cache").model_fingerprint(path),
         "max_seq_length": loading.length_limit(model),
-        "prompt": model.prompts.get("query") or "",
+        "prompt": loading.input_prompt(model, "query"),
         "similarity": loading.similarity_name(model),
         "dim": model.get_embedding_dimension(),
         "onnxruntime": __import__("onnxruntime").__version__,

@@ -127,7 +127,6 @@ def pretrained_student(name: str, teacher, device: str, data_dir: str):
         student.append(models.Dense(s_dim, t_dim, bias=True, activation_function=torch.nn.Identity()).to(device))
         if loading.normalizes(teacher):
             student.append(models.Normalize())
-    student.prompts = dict(teacher.prompts)  # the student answers for the teacher's query side
     student.similarity_fn_name = teacher.similarity_fn_name
     return student
 
@@ -169,7 +168,6 @@ def static_student(teacher, device: str, batch_size: int = 512):
     if loading.normalizes(teacher):
         modules.append(models.Normalize())
     student = SentenceTransformer(modules=modules, device=device, similarity_fn_name=teacher.similarity_fn_name)
-    student.prompts = dict(teacher.prompts)
     return student
 
 
@@ -226,8 +224,10 @@ def build_student(
         freeze_embeddings = getattr(getattr(student[0], "auto_model", None), "embeddings", None) is not None
     if freeze_embeddings:
         freeze_token_embeddings(student)
+    info["freeze_embeddings"] = bool(freeze_embeddings)  # what was done (a table student has nothing to freeze)
     if dropout is not None:
         set_dropout(student, dropout)
+    loading.carry_prompts(student, teacher)
     if hasattr(student[0], "auto_model"):  # a transformer; a static table (ours or model2vec's) has no length limit
         student.max_seq_length = max_seq_length  # the student is a query encoder
     return student, info
