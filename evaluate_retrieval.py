@@ -20,8 +20,8 @@ overlap@10, the share of teacher top-1s in the student's top-10, and the cosine 
         --doc_index embeddings.npy --doc_ids docids.txt
 
 Outputs: output/index/<teacher>/<dataset>/ (cached teacher embeddings), one JSON per (model, dataset) in
-output/retrieval/<teacher>/<model>/<dataset>.json (with per-query values), and the table
-output/retrieval/<teacher>/results.md.
+output/retrieval/<teacher>/<model>/<dataset>.json (<dataset>.hnsw.json for --index hnsw; with per-query values
+and what made the result), and the tables (labelled; label-free) in output/retrieval/<teacher>/results.md.
 """
 
 from __future__ import annotations

@@ -140,9 +140,9 @@ class QueryDistillLoss(nn.Module):
             t_sc, s_sc = candidate_scores(self.docs, torch.cat([top, rand], 1), s, t, self.similarity == "cosine")
             if "kl" in self.weights:
                 terms["kl"] = kl_term(s_sc, t_sc, self.temperature)
-            if "margin_mse" in self.weights:  # the teacher's own margin: top-1 vs a sampled candidate
-                j = torch.randint(1, t_sc.shape[1], (len(s), 1), generator=self.gen).to(s.device)
-                terms["margin_mse"] = F.mse_loss(s_sc[:, :1] - s_sc.gather(1, j), t_sc[:, :1] - t_sc.gather(1, j))
+            if "margin_mse" in self.weights:  # the teacher's own margins: top-1 vs every other candidate (the
+                # expectation of one sampled pair's loss, without its sampling noise)
+                terms["margin_mse"] = F.mse_loss(s_sc[:, :1] - s_sc[:, 1:], t_sc[:, :1] - t_sc[:, 1:])
         if "margin_mse" in self.weights and pairs is not None:  # published triples: the file's margins
             pos, neg = self.docs[pairs[:, 0]], self.docs[pairs[:, 1]]
             s_n = F.normalize(s, dim=-1) if self.similarity == "cosine" else s

@@ -60,66 +60,85 @@ def test_augment_is_seeded_and_perturbs():
     assert a[3:] == ["[MASK]"] * 3  # one-word queries can only be masked
 
 
-@pytest.mark.slow
-@needs_data
-def test_kl_term_lowers_heldout_kl(shared_output):
-    """mse + kl against the teacher's Cranfield document embeddings: held-out KL to the teacher falls."""
-    m = distill(
-        shared_output,
-        "kl",
-        "--num_layers",
-        "2",
-        "--max_train_queries",
-        "1000",
-        "--eval_steps",
-        "8",
-        "--loss",
-        "mse:1.0,kl:5.0",
-        "--score_corpus",
-        str(DATA / "cranfield"),
-    )
-    assert m["dev_kl"] < 0.8 * m["initial_dev_kl"], m
-    kls = [h["eval_dev_negative_kl"] for h in m["log_history"] if "eval_dev_negative_kl" in h]
-    assert len(kls) >= 2 and -kls[-1] < m["initial_dev_kl"]
+SCORE_RUN = ["--num_layers", "2", "--max_train_queries", "1000", "--eval_steps", "8"]
 
 
-@pytest.mark.slow
-@needs_data
-def test_margin_mse_from_corpus(shared_output):
-    """margin_mse alone: on unseen queries, the student's top-1 vs rank-5 margin moves toward the teacher's."""
+@pytest.fixture(scope="module")
+def cranfield_scoring(shared_output):
+    """Cranfield's teacher document embeddings and two query sets with the teacher's embeddings of them: 200 of
+    the score-term runs' training queries (the same seeded sample) and 200 unseen ones."""
     import torch
 
-    m = distill(
-        shared_output,
-        "margin",
-        "--num_layers",
-        "2",
-        "--max_train_queries",
-        "1000",
-        "--num_train_epochs",
-        "3",
-        "--loss",
-        "margin_mse:1.0",
-        "--score_corpus",
-        str(DATA / "cranfield"),
-    )
-    assert np.isfinite(m["train_loss"])
     teacher, path = loading.load_model(MINILM)
     corpus, file = data.load_corpus(DATA / "cranfield")
     docs, _, _ = cache.teacher_index(teacher, MINILM, path, corpus, file, shared_output)
-    docs = torch.as_tensor(np.asarray(docs))
+    train, _, _ = training_text.training_texts([TRAIN_TSV], [], None, 200, 1000, 0.6, 42)
     # the last 200 queries of the file: the seeded 1000-query sample of 92k almost surely misses them
     unseen = [line.split("\t")[1] for line in TRAIN_TSV.read_text().splitlines()[-200:]]
-    t = teacher.encode_query(unseen, convert_to_tensor=True)
-    ranked = (t @ docs.T).argsort(dim=1, descending=True)
-    top, fifth = docs[ranked[:, 0]], docs[ranked[:, 4]]
+    sets = {
+        name: (texts, teacher.encode_query(texts, convert_to_tensor=True))
+        for name, texts in (("train", train[:200]), ("unseen", unseen))
+    }
+    return teacher, torch.as_tensor(np.asarray(docs)), sets
 
-    def margin_error(model):
-        q = model.encode_query(unseen, convert_to_tensor=True)
-        return float(((((q - t) * top).sum(-1) - ((q - t) * fifth).sum(-1)) ** 2).mean())
 
+@pytest.fixture(scope="module")
+def mse_student(shared_output):
+    """The same student, queries and steps as the score-term runs, trained by MSE alone: what a score term must
+    beat on its own objective (an untrained copy is beaten by any training at all)."""
+    return SentenceTransformer(distill(shared_output, "mse-1000", *SCORE_RUN, "--loss", "mse:1.0")["final_path"])
+
+
+@pytest.mark.slow
+@needs_data
+def test_kl_term_lowers_the_kl_it_trains_below_mse_alone(shared_output, cranfield_scoring, mse_student):
+    """mse + kl against the teacher's Cranfield document embeddings: on the training queries, the KL it trains
+    (teacher top-32 + 32 random candidates, temperature 0.05) ends well below that of MSE alone (measured 0.072 vs
+    0.114), so a broken or silent KL term fails. Measured, not asserted: on unseen queries it is not lower
+    (0.208 vs 0.194): at 1,000 queries the term fits its training queries' rankings and no more."""
+    import torch
+
+    m = distill(shared_output, "kl", *SCORE_RUN, "--loss", "mse:1.0,kl:5.0", "--score_corpus", str(DATA / "cranfield"))
+    assert m["dev_kl"] < 0.8 * m["initial_dev_kl"], m
+    teacher, docs, sets = cranfield_scoring
+    texts, t = sets["train"]
+    top = (t @ docs.T).topk(32, dim=1).indices
+    cand = docs[
+        torch.cat([top, torch.randint(0, len(docs), (len(texts), 32), generator=torch.Generator().manual_seed(0))], 1)
+    ]
+
+    def candidate_kl(model):
+        q = model.encode_query(texts, convert_to_tensor=True)
+        p = torch.log_softmax(torch.einsum("bd,bkd->bk", t, cand) / 0.05, -1)
+        log_s = torch.log_softmax(torch.einsum("bd,bkd->bk", q, cand) / 0.05, -1)
+        return float((p.exp() * (p - log_s)).sum(-1).mean())
+
+    with_kl, mse_only = candidate_kl(SentenceTransformer(m["final_path"], device="cpu")), candidate_kl(mse_student)
+    assert with_kl < 0.8 * mse_only, (with_kl, mse_only)
+
+
+@pytest.mark.slow
+@needs_data
+def test_margin_mse_alone_trains_the_margins(shared_output, cranfield_scoring, mse_student):
+    """margin_mse alone (no embedding term: any change comes from it): the top-1 vs rank-5 margin error falls
+    well below the untrained copy's on training and unseen queries (a silent or sign-flipped term fails).
+    Measured, not asserted: MSE alone fits those margins better still (unseen 0.0017 vs 0.0031)."""
+    m = distill(
+        shared_output, "margin", *SCORE_RUN, "--loss", "margin_mse:1.0", "--score_corpus", str(DATA / "cranfield")
+    )
+    assert np.isfinite(m["train_loss"])
+    teacher, docs, sets = cranfield_scoring
+    student = SentenceTransformer(m["final_path"], device="cpu")
     before = students.layer_reduced_student(teacher, [0, 5])
-    assert margin_error(SentenceTransformer(m["final_path"], device="cpu")) < margin_error(before)
+    for name, (texts, t) in sets.items():
+        ranked = (t @ docs.T).argsort(dim=1, descending=True)
+        top, fifth = docs[ranked[:, 0]], docs[ranked[:, 4]]
+
+        def margin_error(model):
+            q = model.encode_query(texts, convert_to_tensor=True)
+            return float(((((q - t) * top).sum(-1) - ((q - t) * fifth).sum(-1)) ** 2).mean())
+
+        assert margin_error(student) < 0.75 * margin_error(before), (name, margin_error(student), margin_error(before))
 
 
 @pytest.mark.slow

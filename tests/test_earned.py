@@ -232,3 +232,17 @@ def test_push_to_hub_without_the_hub_fails_before_training(pair, tmp_path, capsy
     argv = distill_argv(pair[0], tmp_path / "out", q, "--push_to_hub", "--hub_model_id", "me/s", "--run_name", "r")
     exit_2(distillation.main, argv, capsys, "--push_to_hub me/s")
     assert not (tmp_path / "out" / "r").exists() and not (tmp_path / "out" / "labels").exists()
+
+
+def test_repairing_a_damaged_fp32_export_keeps_the_int8_one(pair, tmp_path):
+    from pathlib import Path
+
+    import serving
+
+    texts = ["a query about cats", "rocket engines", "bread"]
+    first = serving.cached_export("tiny", Path(pair[1]), tmp_path, texts, int8=True, num_threads=1)
+    folder = first["fp32"].folder
+    (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes()[:1000])
+    serving.cached_export("tiny", Path(pair[1]), tmp_path, texts, int8=False, num_threads=1)  # fp32 only wanted
+    assert serving.is_export(folder.parent / "int8"), "was: the intact int8 export was deleted as a stale variant"
+    assert serving.check_export(folder.parent / "int8") and serving.check_export(folder)

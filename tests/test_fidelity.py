@@ -255,3 +255,26 @@ def test_report_prints_intervals_and_the_agreement_correlation(tmp_path):
         ]
     )
     assert "| **mean retention, zero-shot** | | | | **" in example and " [" in example.split("mean retention")[1]
+
+
+def test_the_stratified_interval_of_the_mean_retention_equals_a_hand_written_one():
+    """Each dataset's queries resampled within it, by hand with numpy: the same 95% interval to two decimals."""
+    rng = np.random.default_rng(3)
+    pairs, arrays = [], []
+    for n, scale in ((30, 0.9), (200, 0.7), (60, 1.0)):
+        t = rng.uniform(0.1, 1.0, n)
+        s = np.clip(scale * t + rng.normal(0, 0.15, n), 0, 1)
+        pairs.append(({f"q{i}": v for i, v in enumerate(s)}, {f"q{i}": v for i, v in enumerate(t)}))
+        arrays.append((s, t))
+    ci = stats.mean_retention_ci(pairs, seed=0)
+    draws = []
+    for _ in range(4000):
+        ratios = []
+        for s, t in arrays:
+            i = rng.integers(0, len(s), len(s))
+            ratios.append(s[i].mean() / t[i].mean())
+        draws.append(np.mean(ratios))
+    low, high = np.percentile(draws, [2.5, 97.5])
+    assert ci["value"] == pytest.approx(np.mean([s.mean() / t.mean() for s, t in arrays]))
+    assert ci["low"] == pytest.approx(low, abs=0.01) and ci["high"] == pytest.approx(high, abs=0.01), (ci, low, high)
+    assert high - low > 0.03, "a real interval, not a point"
