@@ -36,19 +36,23 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import cache
-import common
-import data
-import doc_index
-import loading
-import losses
-import query_log
-import recipes
-import runs
-import students
-import trainer
-import training_text
-from common import UsageError, positive, positive_int, share
+from qdistill import (
+    cli,
+    data,
+    encoders,
+    given_index,
+    losses,
+    query_log,
+    recipes,
+    run_files,
+    runs,
+    students,
+    teacher_outputs,
+    torchrun,
+    trainer,
+    training_text,
+)
+from qdistill.cli import UsageError, positive, positive_int, share
 
 logger = logging.getLogger("qdistill.distillation")
 
@@ -65,7 +69,7 @@ def parse_args(argv=None):
 
 def _model_flags(p) -> None:
     add = p.add_argument_group("teacher and student").add_argument
-    add("--teacher_model", default=common.PAPER_TEACHER, help="HF id or local SentenceTransformer folder")
+    add("--teacher_model", default=cli.PAPER_TEACHER, help="HF id or local SentenceTransformer folder")
     add("--student_model_init", default="layer_reduction", choices=["layer_reduction", "pretrained", "static"])
     add("--layers", type=int, nargs="+", help="teacher layer ids to keep, e.g. 0 11")
     add("--num_layers", type=positive_int, default=2, help="layers to keep when --layers is not given")
@@ -95,7 +99,7 @@ def _data_flags(p) -> None:
     add("--title_share", type=share, default=0.3, help="share of document texts that are titles")
     add("--dev_queries", default=None, help="validation queries (default: a held-out training slice)")
     add("--num_dev_queries", type=positive_int, default=1000, help="size of the held-out slice")
-    add("--data_dir", default=common.DATA_DIR, help="downloads and assembled offline models go here")
+    add("--data_dir", default=cli.DATA_DIR, help="downloads and assembled offline models go here")
     add("--max_seq_length", type=positive_int, default=128, help="query max length (labels and student)")
     add("--augment", type=int, default=0, choices=range(11), metavar="0..10", help="perturbed variants per query")
     add(
@@ -149,7 +153,7 @@ def _training_flags(p) -> None:
     add("--warmup_steps", type=int, default=None, help="capped at 10%% of the run's steps")
     add("--num_train_epochs", type=positive, default=None)
     add("--adam_epsilon", type=positive, default=1e-6)
-    add("--weight_decay", type=common.non_negative, default=0.01)
+    add("--weight_decay", type=cli.non_negative, default=0.01)
     add(
         "--group_by_length",
         action=argparse.BooleanOptionalAction,
@@ -159,7 +163,7 @@ def _training_flags(p) -> None:
     add("--eval_steps", type=positive_int, default=500)
     add("--logging_steps", type=positive_int, default=50)
     add("--save_total_limit", type=positive_int, default=2)
-    add("--seed", type=common.non_negative_int, default=42)
+    add("--seed", type=cli.non_negative_int, default=42)
     add("--fp16", action="store_true", help="CUDA only")
     add("--bf16", action="store_true", help="CUDA only")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
@@ -251,7 +255,7 @@ class Inputs(NamedTuple):
     score_corpus: tuple | None
     teacher_path: Path
     plans: list[dict]
-    doc_index: doc_index.DocIndex | None  # the user's index for the score terms
+    doc_index: given_index.DocIndex | None  # the user's index for the score terms
     query_log: query_log.QueryLog | None  # the user's logged teacher query vectors
 
 
@@ -261,12 +265,12 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
         trainer.check_hub(args.hub_model_id)
     if (args.fp16 or args.bf16) and not device.startswith("cuda"):
         raise UsageError(f"--fp16/--bf16 need a CUDA GPU, but the device is {device}")
-    if device.startswith("cuda:") and device != "cuda:0" and common.rank_world()[1] == 1:
+    if device.startswith("cuda:") and device != "cuda:0" and torchrun.rank_world()[1] == 1:
         # the trainer places the model on the process's default GPU, whatever --device says: the teacher (and
         # the token loss) would sit on one GPU and the student on another
         raise UsageError(f"--device {device}: select the GPU with CUDA_VISIBLE_DEVICES={device[5:]} and --device cuda")
     sources, train, dev, triples, score_corpus = training_text.read_sources(training_text.TextSettings.from_args(args))
-    index = doc_index.open_index(args.doc_index, args.doc_ids) if args.doc_index else None
+    index = given_index.open_index(args.doc_index, args.doc_ids) if args.doc_index else None
     if index is not None:  # its documents train the student: collections evaluated on this index are in-domain
         sources["corpora"].append({"spec": args.doc_index, "index_digest": index.digest(), "role": "score index"})
     logged = None
@@ -275,9 +279,9 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
         if args.teacher_query_ids and args.dev_queries:  # the log may hold the validation queries too
             files.append(Path(args.dev_queries))
         logged = query_log.QueryLog(args.teacher_query_embeddings, args.teacher_query_ids, files)
-    teacher_path = loading.resolve_model_path(args.teacher_model, args.data_dir)
+    teacher_path = encoders.resolve_model_path(args.teacher_model, args.data_dir)
     for name in args.student_model_init_list:
-        loading.resolve_model_path(name, args.data_dir)
+        encoders.resolve_model_path(name, args.data_dir)
     total = students.config_depth(teacher_path)  # the default run name holds the layer ids
     keep = (
         sorted(args.layers)
@@ -300,9 +304,9 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.start_run(args.log_level, args.seed, args.output_path)
-    rank, world, device = common.distributed(common.pick_device(args.device))
-    with common.main_first(rank):  # one download of the training queries, however many ranks
+    cli.start_run(args.log_level, args.seed, args.output_path)
+    rank, world, device = torchrun.distributed(cli.pick_device(args.device))
+    with torchrun.main_first(rank):  # one download of the training queries, however many ranks
         inputs = check_inputs(args, device, world)
     done = [p for p in inputs.plans if p["done"]]
     for plan in done:
@@ -311,7 +315,7 @@ def main(argv=None) -> dict:
     results = [{**json.loads((p["run_dir"] / "metrics.json").read_text()), "reused": True} for p in done]
     if not plans:
         return {"runs": results}
-    teacher, _ = loading.load_model(args.teacher_model, device, path=inputs.teacher_path)
+    teacher, _ = encoders.load_model(args.teacher_model, device, path=inputs.teacher_path)
     check_given(args, inputs, teacher)  # the user's index and logged vectors belong to this teacher, or exit 2
     freeze = args.freeze_embeddings and ("freeze_embeddings" in args.explicit_flags or "if_any")
     student_settings = {
@@ -328,7 +332,7 @@ def main(argv=None) -> dict:
     built = [students.build_student(plan["init"], teacher, device, **student_settings) for plan in plans]
     logger.info("%d training texts (%s), %d validation texts", len(inputs.train), inputs.sources, len(inputs.dev))
     targets, loss_settings, score = prepare_targets(args, inputs, teacher, world)
-    config = common.run_info(vars(args), device, argv, __file__)
+    config = run_files.run_info(vars(args), device, argv, __file__)
     config.update(
         teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device, world_size=world
     )
@@ -356,27 +360,27 @@ def main(argv=None) -> dict:
                 multi=len(plans) > 1,
             )
         )
-    common.barrier()  # no rank leaves before rank 0 has written everything
+    torchrun.barrier()  # no rank leaves before rank 0 has written everything
     return {"runs": results}
 
 
 def check_given(args, inputs: Inputs, teacher) -> None:
     """A given --doc_index and --teacher_query_embeddings checked against the teacher on seeded samples, before
     any labelling or training: one error line when they were made by another model, prompt or length."""
-    sim, name = loading.similarity_name(teacher), args.teacher_model
+    sim, name = encoders.similarity_name(teacher), args.teacher_model
     if inputs.doc_index is not None:
-        doc_index.check_shape(inputs.doc_index, teacher.get_embedding_dimension(), sim, name)
+        given_index.check_shape(inputs.doc_index, teacher.get_embedding_dimension(), sim, name)
         corpus = inputs.score_corpus[0] if inputs.score_corpus else None
 
         def encode_documents(ids):
-            return teacher.encode_document([cache.doc_text(corpus[i]) for i in ids], convert_to_numpy=True)
+            return teacher.encode_document([teacher_outputs.doc_text(corpus[i]) for i in ids], convert_to_numpy=True)
 
         index = inputs.doc_index
-        index.verification = doc_index.verify(index, encode_documents, corpus, sim, name, args.seed)
+        index.verification = given_index.verify(index, encode_documents, corpus, sim, name, args.seed)
     if inputs.query_log is not None:
 
         def encode_queries(texts):
-            with loading.max_length(teacher, args.max_seq_length):
+            with encoders.max_length(teacher, args.max_seq_length):
                 return teacher.encode_query(texts, convert_to_numpy=True)
 
         inputs.query_log.verify(encode_queries, sim, name, args.seed)
@@ -388,7 +392,7 @@ def prepare_targets(args, inputs: Inputs, teacher, world: int):
     score terms' targets (against the user's index, or one built from --score_corpus)."""
 
     def teacher_label(texts):
-        return cache.teacher_labels(
+        return teacher_outputs.teacher_labels(
             teacher,
             inputs.teacher_path,
             texts,
@@ -418,7 +422,7 @@ def prepare_targets(args, inputs: Inputs, teacher, world: int):
         corpus, file = inputs.score_corpus
         if (file.parent / "qrels").is_dir():
             logger.warning("--score_corpus %s is an evaluation dataset: results on it are in-domain", file.parent)
-        docs, _, _ = cache.teacher_index(
+        docs, _, _ = teacher_outputs.teacher_index(
             teacher, args.teacher_model, inputs.teacher_path, corpus, file, args.output_path
         )
         targets = targets._replace(docs=docs)
@@ -428,7 +432,7 @@ def prepare_targets(args, inputs: Inputs, teacher, world: int):
         args.loss,
         args.kl_top_k,
         args.kl_negatives,
-        loading.similarity_name(teacher),
+        encoders.similarity_name(teacher),
         args.kl_temperature,
         args.seed,
         args.margin_scale,
@@ -440,13 +444,13 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
     nothing that blocks the corrected rerun."""
     run_dir, info = run["run_dir"], run["info"]
     # the prompt the labels were made with (every student carries the teacher's prompts: students.build_student)
-    prompt = cache.encoder_settings(teacher, "query")["prompt"]
+    prompt = teacher_outputs.encoder_settings(teacher, "query")["prompt"]
     if rank == 0 and args.overwrite_output_dir and not run["resume"] and run_dir.exists():
         shutil.rmtree(run_dir)
     created = not run_dir.exists()
     try:
         if rank == 0:  # one writer; first, so a crashed run still says what it was
-            common.write_json(run_dir / "config.json", run["config"])
+            run_files.write_json(run_dir / "config.json", run["config"])
         dim = teacher.get_embedding_dimension()
         loss = losses.make_loss(
             student,
@@ -489,9 +493,9 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
                 run_dir / "final", f"{args.hub_model_id}-{run_dir.name}" if multi else args.hub_model_id
             )
         # last: metrics.json with the recipe marks the run finished (--skip_finished reads it)
-        common.write_json(run_dir / "metrics.json", {**metrics, "config": run["config"]})
+        run_files.write_json(run_dir / "metrics.json", {**metrics, "config": run["config"]})
     return metrics
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.cli(main)

@@ -35,20 +35,23 @@ from typing import NamedTuple
 
 import numpy as np
 
-import cache
-import common
-import data
-import doc_index
-import loading
-import metrics
-import results
-import search
 import serving
-import stats
-import training_text
-from common import UsageError, positive_int
-from metrics import evaluate  # noqa: F401 - part of this script's interface (tests, notebooks)
-from search import cached_faiss, check_index_size, unit
+from qdistill import (
+    cli,
+    data,
+    encoders,
+    given_index,
+    metrics,
+    results,
+    run_files,
+    search,
+    stats,
+    teacher_outputs,
+    training_text,
+)
+from qdistill.cli import UsageError, positive_int
+from qdistill.metrics import evaluate  # noqa: F401 - part of this script's interface (tests, notebooks)
+from qdistill.search import cached_faiss, check_index_size, unit
 
 logger = logging.getLogger("qdistill.retrieval")
 # 3: what made the result (made_alike), leaked queries and own ids in every result file; older ones are recomputed
@@ -59,10 +62,10 @@ SELF_RETRIEVAL = {"arguana", "quora"}  # BEIR collections whose queries are docu
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
-    add("--teacher_model", default=common.PAPER_TEACHER, help="HF id or folder; its document index is searched")
+    add("--teacher_model", default=cli.PAPER_TEACHER, help="HF id or folder; its document index is searched")
     add("--models", nargs="*", default=[], help="student models (HF ids or folders such as output/RUN/final)")
     add("--datasets", nargs="+", required=True, help="BEIR names or folders; without qrels also a collection tsv")
-    add("--data_dir", default=common.DATA_DIR, help="where BEIR names are looked for / downloaded to")
+    add("--data_dir", default=cli.DATA_DIR, help="where BEIR names are looked for / downloaded to")
     add("--split", default=None, help="qrels split (default: test; dev for msmarco)")
     add("--label_free", action="store_true", help="ignore qrels: agreement with the teacher only")
     add("--queries", default=None, help="queries of label-free datasets: a file or log (id<TAB>text or one a line)")
@@ -103,8 +106,8 @@ def parse_args(argv=None):
         "results (elsewhere only where the document of that id has the query's text)",
     )
     add("--device", default="auto")
-    add("--seed", type=common.non_negative_int, default=0, help="bootstrap intervals and pseudo-query sampling")
-    add("--index_seed", type=common.non_negative_int, default=42, help="hnsw/ivfpq index builds")
+    add("--seed", type=cli.non_negative_int, default=0, help="bootstrap intervals and pseudo-query sampling")
+    add("--index_seed", type=cli.non_negative_int, default=42, help="hnsw/ivfpq index builds")
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if 10 not in args.k_values:
@@ -132,17 +135,19 @@ class Dataset(NamedTuple):
     digest: str  # corpus, queries and qrels content
     corpus_sha256: str | None  # None: no corpus text (the documents are in a given --doc_index)
     queries_sha256: str
-    doc_index: doc_index.DocIndex | None = None  # the user's index, searched instead of one built here
+    doc_index: given_index.DocIndex | None = None  # the user's index, searched instead of one built here
 
 
 def labelled_dataset(name, folder: Path, group, split, index=None) -> tuple[Dataset, int]:
     """(dataset, documents) of a BEIR folder with qrels, every file read and checked (malformed files fail here,
     not after indexing); with a given index the corpus is optional and the qrels' documents must be in it."""
     corpus, _, qrels, _ = data.load_beir(folder, split, corpus_optional=index is not None)
-    hashes = [cache.sha256_file(f) if f.is_file() else None for f in data.check_beir(folder, split, corpus=False)]
+    hashes = [
+        teacher_outputs.sha256_file(f) if f.is_file() else None for f in data.check_beir(folder, split, corpus=False)
+    ]
     if index is not None:
-        doc_index.check_qrels(index, qrels)
-    digest = cache.sha256_texts(h or "-" for h in hashes)[:16]
+        given_index.check_qrels(index, qrels)
+    digest = teacher_outputs.sha256_texts(h or "-" for h in hashes)[:16]
     return Dataset(name, folder, group, split, digest, hashes[0], hashes[1], index), len(index or corpus)
 
 
@@ -157,7 +162,7 @@ def label_free_queries(args, folder: Path, corpus: dict) -> dict[str, str]:
     a function of (collection, N, seed) alone; a student that trained on some of them has those left out of its
     agreement and counted (leaked queries), as on any query set."""
     if args.queries:
-        return data.read_queries(common.check_file(args.queries, "--queries", "pass a query log (id<TAB>text)"))
+        return data.read_queries(cli.check_file(args.queries, "--queries", "pass a query log (id<TAB>text)"))
     if folder.is_dir() and (folder / "queries.jsonl").is_file() and not args.pseudo_queries:
         return data.read_queries(folder / "queries.jsonl")
     if not args.pseudo_queries:
@@ -185,11 +190,11 @@ def label_free_dataset(args, name, path: Path, group, index=None) -> tuple[Datas
         given = args.queries or (path / "queries.jsonl" if path.is_dir() and not args.pseudo_queries else None)
         fix = f"{given} holds no non-empty query" if given else "no pseudo-query could be sampled from its documents"
         raise UsageError(f"no queries for {name}: {fix}; pass a query log with --queries FILE or --pseudo_queries N")
-    q_sha = cache.sha256_texts(x for q in sorted(queries) for x in (q, queries[q]))
-    corpus_sha = cache.sha256_file(file) if file else None
+    q_sha = teacher_outputs.sha256_texts(x for q in sorted(queries) for x in (q, queries[q]))
+    corpus_sha = teacher_outputs.sha256_file(file) if file else None
     # its own result name: never the labelled results of the same folder, nor another query source's
     name = f"{name}-label-free" if not args.pseudo_queries else pseudo_name(name, args.pseudo_queries, args.seed)
-    digest = cache.sha256_texts([corpus_sha or "-", q_sha])[:16]
+    digest = teacher_outputs.sha256_texts([corpus_sha or "-", q_sha])[:16]
     return Dataset(name, path, group, None, digest, corpus_sha, q_sha, index), queries, len(index or corpus)
 
 
@@ -221,7 +226,10 @@ def own_ids(ds: Dataset, queries: dict, corpus: dict | None, declared: bool) -> 
         return frozenset()
 
     def same(text: str, doc: dict) -> bool:
-        return data.normalise(text) in (data.normalise(doc.get("text", "")), data.normalise(cache.doc_text(doc)))
+        return data.normalise(text) in (
+            data.normalise(doc.get("text", "")),
+            data.normalise(teacher_outputs.doc_text(doc)),
+        )
 
     return frozenset(q for q, t in queries.items() if q in corpus and same(t, corpus[q]))
 
@@ -235,7 +243,7 @@ def given_indexes(args, count: int) -> list:
             f"--doc_index lists {len(args.doc_index)} indexes for {count} datasets; give one per dataset, in order"
         )
     ids = [None if i in (None, "-") else i for i in (args.doc_ids or [None] * count)]
-    opened = [doc_index.open_index(spec, i) for spec, i in zip(args.doc_index, ids)]
+    opened = [given_index.open_index(spec, i) for spec, i in zip(args.doc_index, ids)]
     for spec, index in zip(args.doc_index, opened):
         if index.searched_as_built and args.index != "flat":
             raise UsageError(f"--index {args.index}: the faiss index {spec} is searched as it was built; drop --index")
@@ -432,13 +440,13 @@ def load_models(args, names, paths, device, datasets):
     for name in names[1:]:  # a damaged export fails here, before the teacher loads
         if serving.is_export(paths[name]):
             serving.check_export(paths[name])
-    teacher, _ = loading.load_model(args.teacher_model, device, path=paths[args.teacher_model])
+    teacher, _ = encoders.load_model(args.teacher_model, device, path=paths[args.teacher_model])
     checked = [(ds._replace(doc_index=check_index(args, ds, teacher)), q) for ds, q in datasets]
     models = {args.teacher_model: teacher}
     for name in names[1:]:
         exported = serving.is_export(paths[name])
         models[name] = (
-            serving.LeanEncoder(paths[name]) if exported else loading.load_model(name, device, path=paths[name])[0]
+            serving.LeanEncoder(paths[name]) if exported else encoders.load_model(name, device, path=paths[name])[0]
         )
         dim = models[name].get_embedding_dimension()
         if dim != teacher.get_embedding_dimension():
@@ -450,40 +458,40 @@ def load_models(args, names, paths, device, datasets):
 
 
 def check_index(args, ds: Dataset, teacher):
-    """The dataset's given index, checked to belong to the teacher (doc_index.verify on a seeded sample of its
+    """The dataset's given index, checked to belong to the teacher (given_index.verify on a seeded sample of its
     documents, encoded as the teacher's own index would be); its record is kept on the index."""
     index = ds.doc_index
     if index is None:
         return None
-    sim = loading.similarity_name(teacher)
-    doc_index.check_shape(index, teacher.get_embedding_dimension(), sim, args.teacher_model)
+    sim = encoders.similarity_name(teacher)
+    given_index.check_shape(index, teacher.get_embedding_dimension(), sim, args.teacher_model)
     corpus, _ = corpus_text(ds.folder, index)
 
     def encode(ids):
-        with loading.max_length(teacher, args.corpus_max_seq_length):
-            texts = [cache.doc_text(corpus[i]) for i in ids]
+        with encoders.max_length(teacher, args.corpus_max_seq_length):
+            texts = [teacher_outputs.doc_text(corpus[i]) for i in ids]
             return teacher.encode_document(texts, batch_size=args.corpus_batch_size, convert_to_numpy=True)
 
-    index.verification = doc_index.verify(index, encode, corpus, sim, args.teacher_model, args.seed)
+    index.verification = given_index.verify(index, encode, corpus, sim, args.teacher_model, args.seed)
     return index
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.start_run(args.log_level, args.seed, args.output_path)
-    device = common.pick_device(args.device)
-    config = common.run_info(vars(args), device, argv, __file__)
+    cli.start_run(args.log_level, args.seed, args.output_path)
+    device = cli.pick_device(args.device)
+    config = run_files.run_info(vars(args), device, argv, __file__)
     names = list(dict.fromkeys([args.teacher_model, *args.models]))
     paths = {}
 
     def resolve(name):
-        paths[name] = paths.get(name) or loading.resolve_model_path(name, args.data_dir)
+        paths[name] = paths.get(name) or encoders.resolve_model_path(name, args.data_dir)
         return paths[name]
 
     datasets = check_datasets(args)  # first: a bad dataset is named before any model is looked up
-    sources = {name: common.text_sources(resolve(name)) for name in names}
+    sources = {name: run_files.text_sources(resolve(name)) for name in names}
     models, datasets = load_models(args, names, paths, device, datasets)
-    out_root = Path(args.output_path) / "retrieval" / common.slug(args.teacher_model)
+    out_root = Path(args.output_path) / "retrieval" / run_files.slug(args.teacher_model)
     rows = []
     for ds, label_free_queries_ in datasets:
         rows += evaluate_dataset(args, ds, label_free_queries_, names, paths, models, sources, out_root, config)
@@ -494,7 +502,7 @@ def main(argv=None) -> dict:
     if any("metrics" not in r for r in rows):
         tables.append(label_free_table(rows, args.teacher_model))
     table = "\n".join(tables)
-    common.write_text(out_root / "results.md", table)
+    run_files.write_text(out_root / "results.md", table)
     print(table)
     return {"rows": rows, "table": table}
 
@@ -506,7 +514,7 @@ def document_side(args, ds: Dataset, teacher, teacher_path, corpus, corpus_file)
         record = {"given": True, "digest": index.digest(), "documents_encoded": 0, **index.verification}
         record.update(kind=index.kind, faiss_type=index.faiss_type, num_docs=len(index))
         return index, {**record, "folder": Path(args.output_path) / "index" / "given" / index.digest()}
-    doc_emb, doc_ids, meta = cache.teacher_index(
+    doc_emb, doc_ids, meta = teacher_outputs.teacher_index(
         teacher,
         args.teacher_model,
         teacher_path,
@@ -518,11 +526,11 @@ def document_side(args, ds: Dataset, teacher, teacher_path, corpus, corpus_file)
         devices=args.encode_devices,
     )
     if args.export_index:
-        cosine = loading.similarity_name(teacher) == "cosine"
-        folder = doc_index.write_pyserini(Path(args.export_index) / ds.name, doc_emb, doc_ids, cosine)
+        cosine = encoders.similarity_name(teacher) == "cosine"
+        folder = given_index.write_pyserini(Path(args.export_index) / ds.name, doc_emb, doc_ids, cosine)
         logger.info("wrote the teacher index of %s in pyserini's layout: %s", ds.name, folder)
-    index = doc_index.open_npy(Path(meta["folder"]) / "embeddings.npy", doc_ids)
-    digest = cache.sha256_texts([json.dumps(meta["key"], sort_keys=True)])[:16]
+    index = given_index.open_npy(Path(meta["folder"]) / "embeddings.npy", doc_ids)
+    digest = teacher_outputs.sha256_texts([json.dumps(meta["key"], sort_keys=True)])[:16]
     record = {"given": False, "digest": digest, "documents_encoded": meta["num_docs"], "index_verified": True}
     return index, {**record, "folder": meta["folder"], "encode_seconds": meta.get("encode_seconds")}
 
@@ -533,7 +541,7 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
     own = own_ids(ds, queries, corpus, args.self_retrieval)
     teacher = models[args.teacher_model]
     index, index_meta = document_side(args, ds, teacher, paths[args.teacher_model], corpus, corpus_file)
-    sim = loading.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
+    sim = encoders.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
     settings = {
         "dataset": ds.digest,
         "split": ds.split,
@@ -543,7 +551,7 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
         "index_verified": index_meta["index_verified"],
         "k_values": args.k_values,
         "similarity": sim,
-        "own_ids": cache.sha256_texts(sorted(own))[:16],
+        "own_ids": teacher_outputs.sha256_texts(sorted(own))[:16],
         "faiss": __import__("faiss").__version__,
         "schema": RESULT_SCHEMA,
         # hnsw/ivfpq: built with the seed and these settings
@@ -552,8 +560,8 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
     records, pending = {}, []
     for name in names:
         runtime = {"onnxruntime": __import__("onnxruntime").__version__} if serving.is_export(paths[name]) else {}
-        key, key_digest = cache.cache_key("retrieval", paths[name], {**settings, **runtime})
-        path = out_root / common.slug(name) / results.result_file(ds.name, args.index)
+        key, key_digest = teacher_outputs.cache_key("retrieval", paths[name], {**settings, **runtime})
+        path = out_root / run_files.slug(name) / results.result_file(ds.name, args.index)
         old = json.loads(path.read_text()) if path.exists() and not args.overwrite else {}
         if old.get("result_key") == key_digest and (not args.save_run or path.with_suffix(".trec").is_file()):
             logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name)
@@ -571,7 +579,7 @@ def evaluate_dataset(args, ds: Dataset, queries, names, paths, models, sources, 
             mark_training_text(record, teacher_record, sources[name], ds, queries, collection, args.seed)
         record["data_stats"] = data_stats
         if name in fresh:  # fresh results are written; reused ones stay as they are
-            common.write_json(out_root / common.slug(name) / results.result_file(ds.name, args.index), record)
+            run_files.write_json(out_root / run_files.slug(name) / results.result_file(ds.name, args.index), record)
         rows.append({**record, "group": ds.group, "reused": name not in fresh})
     return rows
 
@@ -642,7 +650,7 @@ def score(qrels, found, k_values, own) -> dict:
     }
 
 
-def searchers(index: doc_index.DocIndex, kind: str, folder, seed: int, cosine: bool):
+def searchers(index: given_index.DocIndex, kind: str, folder, seed: int, cosine: bool):
     """(search, exact search or None): a given faiss file searched as built; else exact search over the vectors
     (chunk by chunk), or an hnsw/ivfpq index built from them once, with exact search beside it for its recall."""
 
@@ -724,12 +732,12 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, arg
 
 def write_trec(path: Path, name: str, q_ids, found) -> None:
     lines = [
-        f"{qid} Q0 {did} {rank} {score:.6f} {common.slug(name)}"
+        f"{qid} Q0 {did} {rank} {score:.6f} {run_files.slug(name)}"
         for qid in q_ids
         for rank, (did, score) in enumerate(sorted(found[qid].items(), key=lambda x: -x[1]), 1)
     ]
-    common.write_text(path, "\n".join(lines) + "\n")
+    run_files.write_text(path, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.cli(main)

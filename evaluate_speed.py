@@ -25,13 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-import common
-import data
-import loading
 import serving
-import students
-from common import UsageError, positive_int
-from search import cosine_rows
+from qdistill import cli, data, encoders, run_files, students
+from qdistill.cli import UsageError, positive_int
+from qdistill.search import cosine_rows
 
 logger = logging.getLogger("qdistill.speed")
 # torch.ao's dynamic int8 is deprecated in torch 2.13, but torchao's replacement (Int8DynamicActivationInt8Weight)
@@ -44,7 +41,7 @@ def parse_args(argv=None):
     add = p.add_argument
     add("--models", nargs="+", required=True, help="the reference (teacher) first, then students")
     add("--queries", required=True, help="BEIR name/folder (its queries) or a query file")
-    add("--data_dir", default=common.DATA_DIR)
+    add("--data_dir", default=cli.DATA_DIR)
     add("--num_queries", type=positive_int, default=300, help="queries timed per round (seeded sample)")
     add(
         "--device",
@@ -131,7 +128,7 @@ def callable_for(model, batches, mode: str):
         return (lambda b: model.encode_query(b, batch_size=len(b))), batches
     if isinstance(model, serving.LeanEncoder):
         return model.forward, [model.features(b) for b in batches]
-    prompt = loading.input_prompt(model, "query") or None  # the same prompt encode_query prepends
+    prompt = encoders.input_prompt(model, "query") or None  # the same prompt encode_query prepends
     return model, [batch_to_device(model.preprocess(b, prompt=prompt), model.device) for b in batches]
 
 
@@ -306,7 +303,7 @@ def device_variants(args, device, plan, base, exports, paths, texts) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.start_run(args.log_level, args.seed, args.output_path)
+    cli.start_run(args.log_level, args.seed, args.output_path)
     import torch
 
     torch.set_num_threads(args.num_threads)  # recorded; torch.utils.benchmark would silently use 1
@@ -320,7 +317,7 @@ def main(argv=None) -> dict:
         texts[i]
         for i in sorted(np.random.default_rng(args.seed).choice(len(texts), min(args.num_queries, len(texts)), False))
     ]
-    paths = {name: loading.resolve_model_path(name, args.data_dir) for name in args.models}  # all checked first
+    paths = {name: encoders.resolve_model_path(name, args.data_dir) for name in args.models}  # all checked first
     exports = {
         name: serving.LeanEncoder(p, num_threads=args.num_threads)
         for name, p in paths.items()
@@ -328,7 +325,7 @@ def main(argv=None) -> dict:
     }
     if args.models[0] in exports:
         raise UsageError(f"the reference {args.models[0]} is an export; give the teacher's torch model first")
-    base = {name: loading.load_model(name, "cpu", path=paths[name])[0] for name in args.models if name not in exports}
+    base = {name: encoders.load_model(name, "cpu", path=paths[name])[0] for name in args.models if name not in exports}
     token_stats = token_lengths(base[args.models[0]].tokenizer, texts)
     if any(v == "int8" for _, v in plan):
         notes.append(INT8_NOTE)
@@ -340,19 +337,19 @@ def main(argv=None) -> dict:
             variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats, max(args.warmup, 1)
         )
     result = {
-        "config": common.run_info(vars(args), argv=argv, script=__file__),
+        "config": run_files.run_info(vars(args), argv=argv, script=__file__),
         "num_threads": args.num_threads,
         "token_lengths": token_stats,
         "notes": notes,
         "results": rows,
     }
     out = Path(args.output_path) / "speed"
-    common.write_json(out / f"{args.run_name}.json", result)
+    run_files.write_json(out / f"{args.run_name}.json", result)
     table = markdown(rows, notes)
-    common.write_text(out / f"{args.run_name}.md", table)
+    run_files.write_text(out / f"{args.run_name}.md", table)
     print(table)
     return result
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.cli(main)

@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-import common
-import data
-import results
-import stats
-from common import UsageError
+from qdistill import cli, data, results, run_files, stats
+from qdistill.cli import UsageError
 
 
 def parse_args(argv=None):
@@ -31,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--datasets", nargs="+", required=True, help="names or folders, as given to evaluate_retrieval.py")
     p.add_argument("--speed", help="evaluate_speed.py JSON (example, paper)")
     p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"], help="the results of this index kind")
-    p.add_argument("--seed", type=common.non_negative_int, default=0, help="bootstrap seed (as evaluate_retrieval.py)")
+    p.add_argument("--seed", type=cli.non_negative_int, default=0, help="bootstrap seed (as evaluate_retrieval.py)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--output_path", default="output")
     return p.parse_args(argv)
@@ -47,7 +44,7 @@ def result_names(datasets: list[str]) -> dict[str, str]:
 def load_retrieval(output_path, teacher, model, dataset, name=None, index="flat") -> dict:
     """The labelled result of model on dataset (of that very folder when a folder is given)."""
     name = name or Path(dataset).name
-    folder = Path(output_path) / "retrieval" / common.slug(teacher) / common.slug(model)
+    folder = Path(output_path) / "retrieval" / run_files.slug(teacher) / run_files.slug(model)
     path = folder / results.result_file(name, index)
     if not path.exists():
         if (folder / results.result_file(f"{name}-label-free", index)).exists():
@@ -306,7 +303,7 @@ def plot_agreement(points, path, title="") -> None:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    common.setup_logging(args.log_level)
+    cli.setup_logging(args.log_level)
     if args.kind != "agreement" and not args.speed:
         raise UsageError(f"report.py {args.kind} needs --speed (an evaluate_speed.py JSON)")
     if args.kind == "example":
@@ -319,10 +316,10 @@ def main(argv=None) -> str:
         table = agreement_table(args)
     else:
         table = paper_table(args)
-    common.write_text(Path(args.output_path) / f"{args.kind}_results.md", table)
+    run_files.write_text(Path(args.output_path) / f"{args.kind}_results.md", table)
     print(table)
     return table
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.cli(main)

@@ -25,12 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common
-import data
-import loading
-import students
-from common import UsageError
-from search import cosine_rows
+from qdistill import cli, data, encoders, run_files, students, teacher_outputs
+from qdistill.cli import UsageError
+from qdistill.search import cosine_rows
 
 logger = logging.getLogger("qdistill.serving")
 EXPORT_FILE = "export.json"
@@ -90,10 +87,12 @@ def backend_name(meta: dict) -> str:
 def export_folder(model_name: str, model_path, output_root) -> Path:
     """The one place exports live: <output_root>/onnx/<model>-<content fingerprint>-<export recipe tag>/, written
     by serving.py and read by evaluate_speed.py (and evaluate_retrieval.py takes its variant folders)."""
-    import cache
+    from qdistill import teacher_outputs
 
     return (
-        Path(output_root) / "onnx" / f"{common.slug(model_name)}-{cache.model_fingerprint(model_path)}-{export_tag()}"
+        Path(output_root)
+        / "onnx"
+        / f"{run_files.slug(model_name)}-{teacher_outputs.model_fingerprint(model_path)}-{export_tag()}"
     )
 
 
@@ -141,9 +140,9 @@ def _finish(tmp: Path, source: Path, meta: dict, reference, queries, num_threads
             meta["cosine_to_torch"],
             floor,
         )
-    if (source / common.TRAINING_TEXT).is_file():  # in-domain marking follows the model into its exports
-        shutil.copy(source / common.TRAINING_TEXT, tmp / common.TRAINING_TEXT)
-    common.write_json(tmp / EXPORT_FILE, meta)
+    if (source / run_files.TRAINING_TEXT).is_file():  # in-domain marking follows the model into its exports
+        shutil.copy(source / run_files.TRAINING_TEXT, tmp / run_files.TRAINING_TEXT)
+    run_files.write_json(tmp / EXPORT_FILE, meta)
     return meta
 
 
@@ -175,7 +174,7 @@ def export(model_path, out, queries: list[str], int8: bool = True, num_threads=N
 def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
     from sentence_transformers.models import Router, StaticEmbedding
 
-    model, path = loading.load_model(str(model_path), "cpu")
+    model, path = encoders.load_model(str(model_path), "cpu")
     if any(isinstance(m, Router) for m in model):
         raise UsageError(f"{model_path} is a Router (asymmetric) folder; export its student folder (final/) instead")
     tok = model.tokenizer
@@ -184,10 +183,10 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
     reference = model.encode_query(queries, batch_size=64)
     settings = {
         "source": str(model_path),
-        "source_fingerprint": __import__("cache").model_fingerprint(path),
-        "max_seq_length": loading.length_limit(model),
-        "prompt": loading.input_prompt(model, "query"),
-        "similarity": loading.similarity_name(model),
+        "source_fingerprint": teacher_outputs.model_fingerprint(path),
+        "max_seq_length": encoders.length_limit(model),
+        "prompt": encoders.input_prompt(model, "query"),
+        "similarity": encoders.similarity_name(model),
         "dim": model.get_embedding_dimension(),
         "onnxruntime": __import__("onnxruntime").__version__,
         "torch": torch.__version__,
@@ -197,13 +196,13 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
     }
     out, written = Path(out), {}
     if isinstance(model[0], StaticEmbedding):
-        with common.atomic_dir(out / "static") as tmp:
+        with run_files.atomic_dir(out / "static") as tmp:
             np.save(tmp / "table.npy", model[0].embedding.weight.detach().float().numpy())
             model[0].tokenizer.save(str(tmp / "tokenizer.json"))
             meta = _finish(
                 tmp,
                 path,
-                {**settings, "variant": "static", "normalize": loading.normalizes(model)},
+                {**settings, "variant": "static", "normalize": encoders.normalizes(model)},
                 reference,
                 queries,
                 num_threads,
@@ -218,14 +217,14 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
             auto.set_attn_implementation("eager")
         except (ValueError, NotImplementedError):
             pass
-    with common.atomic_dir(out / "fp32") as tmp:
+    with run_files.atomic_dir(out / "fp32") as tmp:
         _trace(model, names, sample, tmp / "traced.onnx", model_path)
         fused = _fuse(tmp / "traced.onnx", tmp / "model.onnx", getattr(auto, "config", None))
         tok.save_pretrained(str(tmp))
         meta = {**settings, "variant": "fp32", "inputs": names, "fused_ops": fused}
         written["fp32"] = _finish(tmp, path, meta, reference, queries, num_threads, accept)
     if int8:
-        with common.atomic_dir(out / "int8") as tmp:
+        with run_files.atomic_dir(out / "int8") as tmp:
             _quantize(out / "fp32" / "model.onnx", tmp / "model.onnx")
             tok.save_pretrained(str(tmp))
             how = f"dynamic, {'+'.join(INT8_OPS)}, per-channel"
@@ -374,9 +373,9 @@ def parse_args(argv=None):
         action="store_true",
         help="accepted for symmetry: an export always replaces its folder",
     )
-    add("--num_threads", type=common.positive_int, default=None, help="CPU threads (default: ONNX Runtime's)")
+    add("--num_threads", type=cli.positive_int, default=None, help="CPU threads (default: ONNX Runtime's)")
     add("--accept_low_fidelity", action="store_true", help=f"keep an export below cosine {MIN_COSINE['fp32']}")
-    add("--data_dir", default=common.DATA_DIR)
+    add("--data_dir", default=cli.DATA_DIR)
     add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
@@ -385,11 +384,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if is_export(args.model):
         raise UsageError(f"{args.model} is already an ONNX export; pass the torch model it came from (a final/)")
-    path = loading.resolve_model_path(args.model, args.data_dir)  # a bad path fails before anything is written
+    path = encoders.resolve_model_path(args.model, args.data_dir)  # a bad path fails before anything is written
     out = Path(args.output_path or export_folder(args.model, path, "output"))
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_path {out} is a file; pass a folder (the export writes fp32/ and int8/ in it)")
-    common.start_run(args.log_level, 42, out.parent)
+    cli.start_run(args.log_level, 42, out.parent)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     texts = data.query_texts(args.queries, args.data_dir)[:500]
@@ -400,4 +399,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.cli(main)

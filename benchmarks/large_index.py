@@ -27,12 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-import cache
-import common
-import data
-import doc_index
-import loading
-from common import positive_int
+from qdistill import cli, data, encoders, given_index, run_files, teacher_outputs
+from qdistill.cli import positive_int
 
 logger = logging.getLogger("qdistill.bench_index")
 # runs a script and writes its peak resident memory (VmHWM: this process since exec) to $PEAK_FILE. The rusage of a
@@ -56,7 +52,7 @@ def parse_args(argv=None):
     add("--teacher_model", default="sentence-transformers/all-MiniLM-L6-v2")
     add("--model", required=True, help="the student evaluated")
     add("--datasets", nargs="+", default=["scifact", "nfcorpus", "cranfield", "cacm"], help="the real part")
-    add("--data_dir", default=common.DATA_DIR)
+    add("--data_dir", default=cli.DATA_DIR)
     add("--num_docs", type=positive_int, default=MSMARCO_PASSAGES)
     add("--num_queries", type=positive_int, default=1000)
     add("--modes", nargs="+", default=["exact"], choices=["exact", "build_hnsw", "hnsw"])
@@ -75,7 +71,7 @@ def real_part(args, teacher, teacher_path):
     vectors, ids, corpus, queries, qrels, spare = [], [], {}, {}, {}, {}
     for name, folder, _ in data.expand_datasets(args.datasets, args.data_dir):
         docs, qs, rel, _ = data.load_beir(folder, "test")
-        emb, doc_ids, _ = cache.teacher_index(
+        emb, doc_ids, _ = teacher_outputs.teacher_index(
             teacher, args.teacher_model, teacher_path, docs, folder / "corpus.jsonl", args.index_cache
         )
         vectors.append(np.asarray(emb, np.float32))
@@ -98,15 +94,15 @@ def assemble(args, folder: Path) -> dict:
     """folder/{embeddings.npy, docid, corpus.jsonl, queries.jsonl, qrels/test.tsv}, written once."""
     if (folder / "meta.json").is_file():
         return json.loads((folder / "meta.json").read_text())
-    teacher, teacher_path = loading.load_model(args.teacher_model, "cpu", args.data_dir)
+    teacher, teacher_path = encoders.load_model(args.teacher_model, "cpu", args.data_dir)
     real, ids, corpus, queries, qrels = real_part(args, teacher, teacher_path)
     if args.num_docs < len(real):
-        raise common.UsageError(f"--num_docs {args.num_docs} is below the {len(real)} real documents")
+        raise cli.UsageError(f"--num_docs {args.num_docs} is below the {len(real)} real documents")
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
     mean, cov = real.mean(0), np.cov(real, rowvar=False)
     chol = np.linalg.cholesky(cov + 1e-6 * np.eye(len(cov)))
-    with common.atomic_dir(folder) as tmp:
+    with run_files.atomic_dir(folder) as tmp:
         out = np.lib.format.open_memmap(tmp / "embeddings.npy", "w+", np.float32, (args.num_docs, real.shape[1]))
         out[: len(real)] = real
         from tqdm.auto import tqdm
@@ -136,7 +132,7 @@ def assemble(args, folder: Path) -> dict:
             "datasets": args.datasets,
             "assemble_seconds": round(time.perf_counter() - t0, 1),
         }
-        common.write_json(tmp / "meta.json", meta)
+        run_files.write_json(tmp / "meta.json", meta)
     return meta
 
 
@@ -149,7 +145,7 @@ def build_hnsw(args, folder: Path) -> dict:
     meta_file = folder / "hnsw-sq8.json"
     if index_file.is_file() and meta_file.is_file():
         return json.loads(meta_file.read_text())
-    vectors = doc_index.open_npy(folder / "embeddings.npy", doc_index.read_ids(folder / "docid"))
+    vectors = given_index.open_npy(folder / "embeddings.npy", given_index.read_ids(folder / "docid"))
     t0 = time.perf_counter()
     index = faiss.IndexHNSWSQ(vectors.dim, faiss.ScalarQuantizer.QT_8bit, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = args.hnsw_ef_construction
@@ -157,14 +153,16 @@ def build_hnsw(args, folder: Path) -> dict:
     index.train(vectors.vectors(sample))
     from tqdm.auto import tqdm
 
-    for _, block in tqdm(vectors.chunks(), total=-(-len(vectors) // doc_index.CHUNK_ROWS), desc="hnsw", unit="chunk"):
+    for _, block in tqdm(
+        vectors.chunks(), total=-(-len(vectors) // given_index.CHUNK_ROWS), desc="hnsw", unit="chunk"
+    ):
         index.add(block)
     index.hnsw.efSearch = args.hnsw_ef_search  # saved in the file: searched as built
-    with common.atomic_file(index_file) as tmp:
+    with run_files.atomic_file(index_file) as tmp:
         faiss.write_index(index, str(tmp))
     meta = {"m": args.hnsw_m, "ef_construction": args.hnsw_ef_construction, "ef_search": args.hnsw_ef_search}
     meta.update(build_seconds=round(time.perf_counter() - t0, 1), file_bytes=index_file.stat().st_size)
-    common.write_json(meta_file, meta)
+    run_files.write_json(meta_file, meta)
     return meta
 
 
@@ -204,10 +202,10 @@ def evaluate(args, folder: Path, mode: str) -> dict:
 
 def reencode_rate(args, folder: Path, n: int = 512) -> float:
     """The teacher's documents per second here, encoding a seeded sample of the real documents as its index is."""
-    teacher, _ = loading.load_model(args.teacher_model, "cpu", args.data_dir)
+    teacher, _ = encoders.load_model(args.teacher_model, "cpu", args.data_dir)
     docs = [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
     pick = np.random.default_rng(args.seed).choice(len(docs), min(n, len(docs)), replace=False)
-    texts = [cache.doc_text(docs[i]) for i in pick]
+    texts = [teacher_outputs.doc_text(docs[i]) for i in pick]
     t0 = time.perf_counter()
     teacher.encode_document(texts, batch_size=32)
     return len(texts) / (time.perf_counter() - t0)
@@ -215,9 +213,9 @@ def reencode_rate(args, folder: Path, n: int = 512) -> float:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    common.start_run(args.log_level, args.seed, args.output_path)
+    cli.start_run(args.log_level, args.seed, args.output_path)
     folder = Path(args.output_path) / f"collection-{args.num_docs}"
-    report = {"config": common.run_info(vars(args), "cpu", argv, __file__), "collection": assemble(args, folder)}
+    report = {"config": run_files.run_info(vars(args), "cpu", argv, __file__), "collection": assemble(args, folder)}
     results_file = Path(args.output_path) / "results.json"
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}
     for mode in args.modes:
@@ -225,7 +223,7 @@ def main(argv=None) -> dict:
         print(mode, json.dumps(report[mode]), flush=True)
     rate = reencode_rate(args, folder)
     report["teacher_reencode"] = {"docs_per_second": round(rate, 2), "hours": round(args.num_docs / rate / 3600, 1)}
-    common.write_json(results_file, {**previous, **report})
+    run_files.write_json(results_file, {**previous, **report})
     print(table({**previous, **report}))
     return report
 
@@ -248,4 +246,4 @@ def table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    common.cli(main)
+    cli.cli(main)

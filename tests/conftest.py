@@ -31,10 +31,9 @@ BUILDS = {"index": 0, "approximate": 0}
 
 @pytest.fixture(autouse=True, scope="session")
 def count_builds():
-    import cache
-    import search
+    from qdistill import search, teacher_outputs
 
-    real_index, real_faiss = cache.build_index, search.build_faiss
+    real_index, real_faiss = teacher_outputs.build_index, search.build_faiss
 
     def index(*args, **kwargs):
         BUILDS["index"] += 1
@@ -44,9 +43,9 @@ def count_builds():
         BUILDS["approximate"] += kind != "flat"
         return real_faiss(doc_emb, kind, *args, **kwargs)
 
-    cache.build_index, search.build_faiss = index, faiss
+    teacher_outputs.build_index, search.build_faiss = index, faiss
     yield
-    cache.build_index, search.build_faiss = real_index, real_faiss
+    teacher_outputs.build_index, search.build_faiss = real_index, real_faiss
 
 
 needs_data = pytest.mark.skipif(not (DATA / "scifact").is_dir(), reason=f"real data not found at {DATA}")
@@ -66,13 +65,13 @@ def hermetic_fast_tier(request, monkeypatch):
     import beir.util
     import huggingface_hub
 
-    import loading
+    from qdistill import encoders
 
     def refuse(*args, **kwargs):
         raise ConnectionError("the fast test tier is hermetic: no hub, no downloads")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
-    monkeypatch.setattr(loading, "OFFLINE_COPIES", dict.fromkeys(loading.OFFLINE_COPIES, lambda models_dir: None))
+    monkeypatch.setattr(encoders, "OFFLINE_COPIES", dict.fromkeys(encoders.OFFLINE_COPIES, lambda models_dir: None))
     monkeypatch.setattr(beir.util, "download_and_unzip", refuse)
     monkeypatch.setattr(beir.util, "download_url", refuse)
 

@@ -8,15 +8,9 @@ from conftest import DATA, MINILM, TRAIN_TSV, needs_data
 from sentence_transformers import SentenceTransformer
 from test_retrieval import DOCS, make_beir
 
-import cache
-import common
-import data
 import distillation
 import evaluate_retrieval as er
-import loading
-import losses
-import students
-import training_text
+from qdistill import cli, data, encoders, losses, students, teacher_outputs, training_text
 
 
 def distill(out, run, *extra):
@@ -69,9 +63,9 @@ def cranfield_scoring(shared_output):
     the score-term runs' training queries (the same seeded sample) and 200 unseen ones."""
     import torch
 
-    teacher, path = loading.load_model(MINILM)
+    teacher, path = encoders.load_model(MINILM)
     corpus, file = data.load_corpus(DATA / "cranfield")
-    docs, _, _ = cache.teacher_index(teacher, MINILM, path, corpus, file, shared_output)
+    docs, _, _ = teacher_outputs.teacher_index(teacher, MINILM, path, corpus, file, shared_output)
     train, _, _ = training_text.training_texts([TRAIN_TSV], [], None, 200, 1000, 0.6, 42)
     # the last 200 queries of the file: the seeded 1000-query sample of 92k almost surely misses them
     unseen = [line.split("\t")[1] for line in TRAIN_TSV.read_text().splitlines()[-200:]]
@@ -169,7 +163,7 @@ def test_static_student_and_asymmetric_folder(shared_output, tmp_path):
     assert type(static[0]).__name__ == "StaticEmbedding" and static.get_embedding_dimension() == 384
 
     asym = SentenceTransformer(str(shared_output / "static" / "asymmetric"), device="cpu")
-    teacher, _ = loading.load_model(MINILM)
+    teacher, _ = encoders.load_model(MINILM)
     q, d = ["what causes tides", "cats and dogs"], ["The moon's gravity causes tides.", "A dog barks."]
     assert np.allclose(asym.encode_query(q), static.encode_query(q), atol=1e-5)
     assert np.allclose(asym.encode_document(d), teacher.encode_document(d), atol=1e-5)
@@ -209,7 +203,7 @@ def test_margin_triples_file(shared_output, tmp_path, capsys):
     qids = [line.split("\t")[0] for line in TRAIN_TSV.read_text().splitlines()[:600]]
     corpus, _ = data.load_corpus(DATA / "cranfield")
     pids = sorted(corpus)[:200]
-    (tmp_path / "coll.tsv").write_text("".join(f"{p}\t{cache.doc_text(corpus[p])}\n" for p in pids))
+    (tmp_path / "coll.tsv").write_text("".join(f"{p}\t{teacher_outputs.doc_text(corpus[p])}\n" for p in pids))
     # targets: the passage with the smaller id is always preferred by 4 logits
     lines = []
     for q in qids:
@@ -233,10 +227,10 @@ def test_margin_triples_file(shared_output, tmp_path, capsys):
         "5e-4",
     )
     assert m["train_texts"] <= 600 and np.isfinite(m["train_loss"])
-    teacher, _ = loading.load_model(MINILM)
+    teacher, _ = encoders.load_model(MINILM)
     before = students.layer_reduced_student(teacher, [0, 5])
     after = SentenceTransformer(m["final_path"], device="cpu")
-    docs = teacher.encode_document([cache.doc_text(corpus[p]) for p in pids], convert_to_tensor=True)
+    docs = teacher.encode_document([teacher_outputs.doc_text(corpus[p]) for p in pids], convert_to_tensor=True)
     row = {p: i for i, p in enumerate(pids)}
     id2q = data.read_queries(TRAIN_TSV)
     trip = [line.split("\t") for line in lines[:200]]
@@ -268,5 +262,5 @@ def test_margin_triples_file(shared_output, tmp_path, capsys):
             "--log_level",
             "error",
         ]
-        common.cli(distillation.main, argv)
+        cli.cli(distillation.main, argv)
     assert e.value.code == 2 and "scores must be numbers" in capsys.readouterr().err

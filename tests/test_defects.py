@@ -11,16 +11,11 @@ from conftest import BUILDS, MPNET, make_tiny
 from sentence_transformers import SentenceTransformer
 from test_retrieval import DOCS, make_beir
 
-import common
-import data
 import distillation
 import evaluate_retrieval as er
 import evaluate_speed as es
-import loading
-import losses
-import runs
-import search
-from common import UsageError
+from qdistill import cli, data, encoders, losses, run_files, runs, search
+from qdistill.cli import UsageError
 
 QUERIES = {"q1": "purring small mammal", "q2": "rocket engine thrust"}
 QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1}}
@@ -35,7 +30,7 @@ def write(path, text):
 def exit_2(main, argv, capsys, match):
     """main(argv) exits 2 with one `error:` line containing match."""
     with pytest.raises(SystemExit) as e:
-        common.cli(main, argv)
+        cli.cli(main, argv)
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and match in err[0], err
@@ -266,7 +261,7 @@ def test_messages_name_the_real_problem(tiny_bert, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(tiny_bert, run / "final")
     with pytest.raises(UsageError, match=f"did you mean {run / 'final'}"):
-        loading.resolve_model_path(str(run))
+        encoders.resolve_model_path(str(run))
 
 
 # ----------------------------------------------------------------------------- 10, 11. atomic writes
@@ -278,7 +273,7 @@ def test_stale_temp_folders_are_cleaned_and_live_ones_kept(tmp_path):
     live = tmp_path / f".index.{os.getpid()}.xyz.tmp"  # a running writer's: kept
     dead.mkdir()
     live.mkdir()
-    with common.atomic_dir(target) as tmp:
+    with run_files.atomic_dir(target) as tmp:
         (tmp / "a").write_text("1")
     assert (target / "a").read_text() == "1" and not dead.exists() and live.exists()
 
@@ -286,8 +281,8 @@ def test_stale_temp_folders_are_cleaned_and_live_ones_kept(tmp_path):
 def test_atomic_writes_respect_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        common.write_json(tmp_path / "a.json", {"x": 1})
-        with common.atomic_dir(tmp_path / "d") as tmp:
+        run_files.write_json(tmp_path / "a.json", {"x": 1})
+        with run_files.atomic_dir(tmp_path / "d") as tmp:
             (tmp / "f").write_text("x")
     finally:
         os.umask(old)
@@ -301,7 +296,7 @@ def test_atomic_writes_respect_the_umask(tmp_path):
 def test_data_dir_holds_the_assembled_offline_models(tiny_bert, tmp_path):
     copy = tmp_path / "data" / "models" / "all-mpnet-base-v2"
     shutil.copytree(tiny_bert, copy)  # stands in for the assembled all-mpnet-base-v2
-    assert loading.resolve_model_path(MPNET, tmp_path / "data") == copy
+    assert encoders.resolve_model_path(MPNET, tmp_path / "data") == copy
     q = queries_file(tmp_path)
     run = distillation.main(distill_argv(MPNET, tmp_path / "out", q, "--data_dir", str(tmp_path / "data")))
     config = json.loads((tmp_path / "out" / "all-mpnet-base-v2-L0-3" / "config.json").read_text())

@@ -9,12 +9,9 @@ import torch
 from conftest import MINILM, MPNET, TRAIN_TSV, distill_real, make_tiny, needs_data
 from sentence_transformers import SentenceTransformer
 
-import common
-import data
 import distillation
-import students
-import training_text
-from common import UsageError
+from qdistill import cli, data, students, training_text
+from qdistill.cli import UsageError
 
 
 def write(path, text):
@@ -134,7 +131,7 @@ def test_cli_errors_exit_2_with_one_line(tiny_bert, tmp_path, capsys):
     for extra, match in cases:
         argv = _args(tiny_bert, tmp_path / "out", queries, *extra)
         with pytest.raises(SystemExit) as e:
-            common.cli(distillation.main, argv)
+            cli.cli(distillation.main, argv)
         assert e.value.code == 2
         err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
         assert len(err) == 1 and match in err[0], err
@@ -247,7 +244,7 @@ def test_set_dropout_reaches_modules_and_saved_config(tiny_bert, tmp_path):
 def test_length_grouped_batches_cover_every_text_once_per_epoch_with_little_padding():
     import random
 
-    import batching
+    from qdistill import batching
 
     class Tok:  # token ids = words; what the sampler needs from a tokenizer
         def __call__(self, texts, add_special_tokens=True):
@@ -277,8 +274,7 @@ def test_length_grouping_reads_a_static_students_tokenizer():
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    import batching
-    import loading
+    from qdistill import batching, encoders
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -286,8 +282,8 @@ def test_length_grouping_reads_a_static_students_tokenizer():
     sampler = batching.length_grouped(tok, texts, None)(texts, batch_size=2, drop_last=False)
     assert sampler.lengths == [3, 1, 6] and sorted(i for b in sampler for i in b) == [0, 1, 2]
     # a static student's max_seq_length is inf: no limit, as for the sampler above
-    assert loading.length_limit(SimpleNamespace(max_seq_length=float("inf"))) is None
-    assert loading.length_limit(SimpleNamespace(max_seq_length=128)) == 128
+    assert encoders.length_limit(SimpleNamespace(max_seq_length=float("inf"))) is None
+    assert encoders.length_limit(SimpleNamespace(max_seq_length=128)) == 128
 
 
 def test_freeze_embeddings_holds_for_a_pretrained_student_and_is_refused_for_static(tiny_bert, tmp_path, capsys):
@@ -365,7 +361,7 @@ def test_a_static_table_trains_as_a_pretrained_student(tiny_bert, tmp_path):
 def test_alignment_matches_each_student_layer_to_the_teacher_state_entering_the_next_kept_layer(tmp_path, keep, pairs):
     """The term is the masked MSE between the student's state after its layer j and the full teacher's
     hidden_states[keep[j + 1]], computed here independently; the hooks it uses are gone after each step."""
-    import losses
+    from qdistill import losses
 
     teacher = SentenceTransformer(make_tiny(tmp_path, "mpnet", layers=4, seed=3), device="cpu")
     student = students.layer_reduced_student(teacher, keep)

@@ -8,10 +8,9 @@ from conftest import DATA, needs_data
 from test_defects import QRELS, QUERIES, distill_argv, queries_file
 from test_retrieval import DOCS, make_beir
 
-import data
 import distillation
 import evaluate_retrieval as er
-import training_text
+from qdistill import data, training_text
 
 
 @needs_data

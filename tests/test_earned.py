@@ -14,11 +14,10 @@ from test_fidelity import MANY_QRELS, MANY_QUERIES, MORE_DOCS
 from test_retrieval import make_beir
 from test_trust import evaluate, run_evaluation
 
-import common
 import distillation
 import evaluate_retrieval as er
-import metrics
 import report
+from qdistill import cli, metrics, run_files
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +180,7 @@ def test_save_run_on_a_finished_result_writes_the_run_file(pair, tmp_path):
     folder = make_beir(tmp_path / "c", MORE_DOCS, MANY_QUERIES, MANY_QRELS)
     run_evaluation(teacher, [], [folder], tmp_path / "out")
     run_evaluation(teacher, [], [folder], tmp_path / "out", "--save_run")
-    trec = tmp_path / "out" / "retrieval" / common.slug(teacher) / common.slug(teacher) / "c.trec"
+    trec = tmp_path / "out" / "retrieval" / run_files.slug(teacher) / run_files.slug(teacher) / "c.trec"
     assert trec.is_file() and len(trec.read_text().splitlines()) == 24 * len(MORE_DOCS)
 
 
@@ -206,7 +205,7 @@ def test_bad_training_flags_exit_2_before_anything_runs(pair, tmp_path, capsys, 
 
 
 def test_recipe_keys_count_what_makes_the_student_and_nothing_else(pair, tmp_path):
-    import recipes
+    from qdistill import recipes
 
     q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery number {i} about topic {i % 7}\n" for i in range(80)))
     argv = distill_argv(pair[0], tmp_path / "out", q, "--run_name", "r", "--skip_finished", "--layers", "0", "3")
@@ -219,7 +218,7 @@ def test_recipe_keys_count_what_makes_the_student_and_nothing_else(pair, tmp_pat
     assert recipes.fingerprint(args, {}, tmp_path, "layer_reduction", 4) != one, "4 GPUs: 4x the batch per step"
     # a damaged metrics.json or a final/ without its weights is not a finished run: trained again
     (tmp_path / "out" / "r" / "final" / "model.safetensors").unlink()
-    with pytest.raises(common.UsageError, match="no finished run of this recipe"):  # was: kept without weights
+    with pytest.raises(cli.UsageError, match="no finished run of this recipe"):  # was: kept without weights
         distillation.main(argv)
     assert not distillation.main([*argv, "--overwrite_output_dir"])["runs"][0].get("reused")
     (tmp_path / "out" / "r" / "metrics.json").write_text("{broken")

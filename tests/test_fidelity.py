@@ -12,16 +12,11 @@ from test_defects import QRELS, QUERIES, distill_argv, exit_2, queries_file, wri
 from test_retrieval import DOCS, make_beir
 from test_trust import run_evaluation
 
-import common
-import data
 import distillation
 import evaluate_retrieval as er
-import metrics
-import recipes
 import report
 import serving
-import stats
-import training_text
+from qdistill import data, metrics, recipes, run_files, stats, training_text
 
 MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}") for i in range(40)}}
 MANY_QUERIES = {f"q{i}": f"{w} question {i}" for i, w in enumerate(["cat", "rocket", "bread", "lava"] * 6)}
@@ -83,7 +78,7 @@ def test_a_prompted_teachers_student_trains_serves_and_exports_with_the_prompt(t
 
 
 def test_one_prompt_resolver_follows_sentence_transformers(tiny_bert):
-    import loading
+    from qdistill import encoders
 
     model = SentenceTransformer(tiny_bert, device="cpu")
     texts = ["cats", "rocket engines"]
@@ -96,7 +91,7 @@ def test_one_prompt_resolver_follows_sentence_transformers(tiny_bert):
     for prompts, default in layouts:
         model.prompts, model.default_prompt_name = prompts, default
         for side, encode in (("query", model.encode_query), ("document", model.encode_document)):
-            prompt = loading.input_prompt(model, side)
+            prompt = encoders.input_prompt(model, side)
             expected = model.encode([prompt + t for t in texts], prompt="")
             assert np.allclose(encode(texts), expected, atol=1e-6), (prompts, side, prompt)
 
@@ -196,7 +191,7 @@ def test_pseudo_queries_depend_on_the_collection_n_and_seed_only_and_trained_one
     run = distillation.main(
         distill_argv(tiny_bert, tmp_path / "out", qfile, "--num_dev_queries", "1", "--run_name", "r")
     )["runs"][0]
-    trained = set(common.text_sources(run["final_path"])["text_hashes"])
+    trained = set(run_files.text_sources(run["final_path"])["text_hashes"])
     leaked = len(trained & set(data.text_hashes(spans)))
     assert leaked >= 7, "the student trained on the first spans"
     argv = ["--label_free", "--pseudo_queries", "15"]
@@ -213,7 +208,7 @@ def test_pseudo_queries_depend_on_the_collection_n_and_seed_only_and_trained_one
     other = run_evaluation(tiny_bert, [], [folder], tmp_path / "e1", *argv[:-1], "5")
     assert {r["dataset"] for r in other["rows"]} == {"c-pseudo5"}, "another N is another result, never overwritten"
     assert (
-        tmp_path / "e1" / "retrieval" / common.slug(tiny_bert) / common.slug(tiny_bert) / "c-pseudo15.json"
+        tmp_path / "e1" / "retrieval" / run_files.slug(tiny_bert) / run_files.slug(tiny_bert) / "c-pseudo15.json"
     ).exists()
 
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from conftest import DATA, MINILM, MINILM_LOCAL, TRAIN_TSV, make_tiny, needs_data
 
-import common
-import doc_index
 import evaluate_retrieval
+from qdistill import cli, given_index
 
 pytestmark = [pytest.mark.slow, needs_data]
 
@@ -46,7 +45,7 @@ def row(result, model=MINILM_LOCAL):
 def refused(capsys, argv) -> str:
     """The one error line of a run that must exit 2."""
     with pytest.raises(SystemExit) as e:
-        common.cli(evaluate_retrieval.main, [*argv, "--log_level", "error"])
+        cli.cli(evaluate_retrieval.main, [*argv, "--log_level", "error"])
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -105,9 +104,9 @@ def test_given_index_same_numbers_nothing_encoded(small, built, tmp_path, monkey
             str(npy_ids),
         ),
     }
-    assert seen == [doc_index.SAMPLE] * 3  # the check's sample, nothing else
+    assert seen == [given_index.SAMPLE] * 3  # the check's sample, nothing else
     unchecked = run(tmp_path / "d", "--datasets", str(no_text), "--doc_index", str(pyserini))
-    assert seen == [doc_index.SAMPLE] * 3  # no text: nothing to check, nothing encoded
+    assert seen == [given_index.SAMPLE] * 3  # no text: nothing to check, nothing encoded
     for name, result in given.items():
         for model in (MINILM, MINILM_LOCAL):
             assert row(result, model)["metrics"] == row(own, model)["metrics"], name
@@ -280,7 +279,7 @@ def test_logged_query_vectors_train_the_same_student(log_files, tmp_path, monkey
     logged = distill(
         tmp_path / "logged", "r", log_files / "q.tsv", "--teacher_query_embeddings", str(log_files / "vectors.npy")
     )
-    assert calls[0] == doc_index.SAMPLE  # the teacher's only pass: the check's sample (the rest: the student's)
+    assert calls[0] == given_index.SAMPLE  # the teacher's only pass: the check's sample (the rest: the student's)
     assert made["teacher_label_runs"] == 2 and logged["teacher_label_runs"] == 0  # every label from the log
     config = json.loads((tmp_path / "logged" / "r" / "metrics.json").read_text())["config"]
     assert config["teacher_query_embeddings"]["median_cosine"] > 0.999
@@ -302,7 +301,7 @@ def test_logged_query_vectors_train_the_same_student(log_files, tmp_path, monkey
         str(tmp_path / "s"),
     ]
     with pytest.raises(SystemExit) as e:
-        common.cli(distillation.main, [*argv, "--teacher_query_embeddings", str(shuffled), "--log_level", "error"])
+        cli.cli(distillation.main, [*argv, "--teacher_query_embeddings", str(shuffled), "--log_level", "error"])
     assert e.value.code == 2
     assert "do not match teacher" in capsys.readouterr().err and not (tmp_path / "s" / "labels").exists()
 
@@ -322,7 +321,7 @@ def test_score_terms_against_given_index(small, built, log_files, tmp_path, monk
         str(small),
     )
     # the check's sample, then only the saved student's model-card examples: no teacher index is built
-    assert seen[0] == doc_index.SAMPLE and sum(seen[1:]) < 10 and not (tmp_path / "kl" / "index").exists()
+    assert seen[0] == given_index.SAMPLE and sum(seen[1:]) < 10 and not (tmp_path / "kl" / "index").exists()
     assert run["dev_kl"] < run["initial_dev_kl"]
     record = json.loads((tmp_path / "kl" / "kl" / "final" / "training_text.json").read_text())
     assert any(c.get("role") == "score index" for c in record["corpora"])
@@ -339,13 +338,13 @@ def test_milvus_collection_searched_where_it_lives(small, built, tmp_path, capsy
     label-free evaluation by search requests to the collection, checked like any index."""
     import faiss
 
-    import vector_db
+    from qdistill import milvus
 
     _, own, pyserini = built
     flat = faiss.read_index(str(pyserini / "index"))
     ids = (pyserini / "docid").read_text().split()
     db = str(tmp_path / "milvus.db")
-    vector_db.write_collection(db, "cran", flat.reconstruct_n(0, flat.ntotal), ids, normalize=False)
+    milvus.write_collection(db, "cran", flat.reconstruct_n(0, flat.ntotal), ids, normalize=False)
     given = row(run(tmp_path / "o", "--datasets", str(small), "--doc_index", f"milvus:{db}#cran"))
     assert given["doc_index"]["kind"] == "milvus" and given["index_verified"]
     assert given["doc_index"]["median_cosine"] > 0.999 and given["doc_index"]["num_docs"] == 400

@@ -5,21 +5,19 @@ import json
 import numpy as np
 import pytest
 
-import common
 import distillation
-import doc_index
 import evaluate_retrieval
-import search
+from qdistill import cli, given_index, search
 
 
 def test_ids_read_compactly_and_checked(tmp_path):
     f = tmp_path / "docid"
     f.write_bytes("a1\r\nβ-2\nc3\n".encode())
-    ids = doc_index.read_ids(f)
+    ids = given_index.read_ids(f)
     assert len(ids) == 3 and ids[1] == "β-2" and list(ids) == ["a1", "β-2", "c3"] and ids[-1] == "c3"
     j = tmp_path / "ids.json"
     j.write_text(json.dumps(["a1", "β-2", "c3"]))
-    assert list(doc_index.read_ids(j)) == list(ids) and doc_index.read_ids(j).sha256 == ids.sha256
+    assert list(given_index.read_ids(j)) == list(ids) and given_index.read_ids(j).sha256 == ids.sha256
     for name, content, message in (
         ("dup", b"x\ny\nx\n", "'x' appears more than once"),
         ("blank", b"x\n\ny\n", "line 2 is empty"),
@@ -28,26 +26,26 @@ def test_ids_read_compactly_and_checked(tmp_path):
         ("bad.json", b"[1, 2", "not valid JSON"),
     ):
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(common.UsageError, match=message):
-            doc_index.read_ids(tmp_path / name)
+        with pytest.raises(cli.UsageError, match=message):
+            given_index.read_ids(tmp_path / name)
 
 
 def test_npy_header_checked(tmp_path):
-    ids = doc_index.IdList.from_list(["a", "b"])
+    ids = given_index.IdList.from_list(["a", "b"])
     np.save(tmp_path / "int.npy", np.zeros((2, 4), np.int32))
     np.save(tmp_path / "3d.npy", np.zeros((2, 4, 1), np.float32))
     np.save(tmp_path / "ok.npy", np.zeros((2, 4), np.float16))
-    with pytest.raises(common.UsageError, match="float32/float16"):
-        doc_index.open_npy(tmp_path / "int.npy", ids)
-    with pytest.raises(common.UsageError, match="float32/float16"):
-        doc_index.open_npy(tmp_path / "3d.npy", ids)
+    with pytest.raises(cli.UsageError, match="float32/float16"):
+        given_index.open_npy(tmp_path / "int.npy", ids)
+    with pytest.raises(cli.UsageError, match="float32/float16"):
+        given_index.open_npy(tmp_path / "3d.npy", ids)
     (tmp_path / "cut.npy").write_bytes((tmp_path / "ok.npy").read_bytes()[:-3])
-    with pytest.raises(common.UsageError, match="truncated"):
-        doc_index.open_npy(tmp_path / "cut.npy", ids)
+    with pytest.raises(cli.UsageError, match="truncated"):
+        given_index.open_npy(tmp_path / "cut.npy", ids)
     (tmp_path / "text.npy").write_text("not an array")
-    with pytest.raises(common.UsageError, match="not a readable .npy"):
-        doc_index.open_npy(tmp_path / "text.npy", ids)
-    assert doc_index.open_npy(tmp_path / "ok.npy", ids).dtype == "float16"
+    with pytest.raises(cli.UsageError, match="not a readable .npy"):
+        given_index.open_npy(tmp_path / "text.npy", ids)
+    assert given_index.open_npy(tmp_path / "ok.npy", ids).dtype == "float16"
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -59,7 +57,7 @@ def test_chunked_exact_search_is_one_flat_index(tmp_path, normalize):
     docs = rng.standard_normal((5000, 24)).astype(np.float32)
     q = rng.standard_normal((30, 24)).astype(np.float32)
     np.save(tmp_path / "d.npy", docs)
-    index = doc_index.open_npy(tmp_path / "d.npy", doc_index.IdList.from_list(map(str, range(5000))))
+    index = given_index.open_npy(tmp_path / "d.npy", given_index.IdList.from_list(map(str, range(5000))))
     flat = faiss.IndexFlatIP(24)
     flat.add(search.unit(docs) if normalize else docs)
     want_s, want_i = flat.search(search.unit(q) if normalize else q, 50)
@@ -69,7 +67,7 @@ def test_chunked_exact_search_is_one_flat_index(tmp_path, normalize):
     assert index.rows_of(["4999", "7", "nope"]) == [4999, 7, None]
     np.testing.assert_array_equal(index.vectors([3, 1]), docs[[3, 1]])
     np.save(tmp_path / "h.npy", docs.astype(np.float16))
-    half = doc_index.open_npy(tmp_path / "h.npy", index.ids)
+    half = given_index.open_npy(tmp_path / "h.npy", index.ids)
     assert half.search(q, 10, normalize)[1].shape == (30, 10)
 
 
@@ -104,15 +102,15 @@ def test_distillation_flags_refused(argv, message, capsys):
 def test_given_index_count_and_folder_checked(tmp_path):
     np.save(tmp_path / "v.npy", np.zeros((3, 4), np.float32))
     (tmp_path / "ids").write_text("a\nb\n")
-    with pytest.raises(common.UsageError, match="holds 3 vectors but its id file lists 2 ids"):
-        doc_index.open_index(tmp_path / "v.npy", tmp_path / "ids")
-    with pytest.raises(common.UsageError, match="pass its document ids with --doc_ids"):
-        doc_index.open_index(tmp_path / "v.npy")
+    with pytest.raises(cli.UsageError, match="holds 3 vectors but its id file lists 2 ids"):
+        given_index.open_index(tmp_path / "v.npy", tmp_path / "ids")
+    with pytest.raises(cli.UsageError, match="pass its document ids with --doc_ids"):
+        given_index.open_index(tmp_path / "v.npy")
     (tmp_path / "folder").mkdir()
-    with pytest.raises(common.UsageError, match="not in pyserini's layout"):
-        doc_index.open_index(tmp_path / "folder")
-    with pytest.raises(common.UsageError, match="milvus:<uri>#<collection>"):
-        doc_index.open_index("milvus:nocollection")
+    with pytest.raises(cli.UsageError, match="not in pyserini's layout"):
+        given_index.open_index(tmp_path / "folder")
+    with pytest.raises(cli.UsageError, match="milvus:<uri>#<collection>"):
+        given_index.open_index("milvus:nocollection")
 
 
 @pytest.mark.parametrize("kind", ["IVFFlat", "IVFPQ", "PQ"])
@@ -134,15 +132,15 @@ def test_ivf_and_pq_files_checked_as_built(tmp_path, kind):
     index.add(docs)
     faiss.write_index(index, str(tmp_path / "index"))
     (tmp_path / "docid").write_text("\n".join(ids) + "\n")
-    given = doc_index.open_index(tmp_path)
+    given = given_index.open_index(tmp_path)
     corpus = {d: {"title": "", "text": d} for d in ids}
     by_id = dict(zip(ids, docs))
-    record = doc_index.verify(given, lambda sample: np.stack([by_id[d] for d in sample]), corpus, "cosine", "T", 0)
+    record = given_index.verify(given, lambda sample: np.stack([by_id[d] for d in sample]), corpus, "cosine", "T", 0)
     assert record["index_verified"] and record["median_cosine"] > 0.999
     assert ("codes" in record["method"]) == (kind != "IVFFlat")
     shifted = dict(zip(ids, np.roll(docs, 1, axis=0)))  # ids one row off
-    with pytest.raises(common.UsageError, match="does not match teacher T"):
-        doc_index.verify(given, lambda sample: np.stack([shifted[d] for d in sample]), corpus, "cosine", "T", 0)
-    with pytest.raises(common.UsageError, match="scores by dot"):
-        l2 = doc_index.DocIndex(tmp_path / "index", ids, 32, "faiss", metric="l2")
-        doc_index.check_shape(l2, 32, "dot", "T")
+    with pytest.raises(cli.UsageError, match="does not match teacher T"):
+        given_index.verify(given, lambda sample: np.stack([shifted[d] for d in sample]), corpus, "cosine", "T", 0)
+    with pytest.raises(cli.UsageError, match="scores by dot"):
+        l2 = given_index.DocIndex(tmp_path / "index", ids, 32, "faiss", metric="l2")
+        given_index.check_shape(l2, 32, "dot", "T")

@@ -8,10 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import BUILDS, DATA, MINILM, MINILM_LOCAL, needs_data
 
-import cache
-import common
-import data
 import evaluate_retrieval as er
+from qdistill import cli, data, run_files, teacher_outputs
 
 
 def make_beir(folder, docs, queries, qrels, split="test"):
@@ -87,7 +85,11 @@ def test_tiny_end_to_end_and_index_cache(tiny_beir, tmp_path):
     row = out["rows"][0]
     assert row["metrics"]["NDCG@10"] == 1.0 and row["metrics"]["MRR@10"] == 1.0
     assert row["num_docs"] == 4 and row["similarity"] == "cosine"
-    trec = (tmp_path / "retrieval" / common.slug(MINILM) / common.slug(MINILM) / "tiny.trec").read_text().split("\n")
+    trec = (
+        (tmp_path / "retrieval" / run_files.slug(MINILM) / run_files.slug(MINILM) / "tiny.trec")
+        .read_text()
+        .split("\n")
+    )
     assert len([x for x in trec if x]) == 8, "k=100 > 4 docs: faiss -1 padding must be dropped"
     assert BUILDS["index"] == builds + 1
     run(["--teacher_model", MINILM, "--models", MINILM_LOCAL, "--datasets", str(tiny_beir)], tmp_path)
@@ -98,7 +100,7 @@ def test_tiny_end_to_end_and_index_cache(tiny_beir, tmp_path):
 
 def bad_case(tmp_path, capsys, argv, match):
     with pytest.raises(SystemExit) as e:
-        common.cli(er.main, [*argv, "--output_path", str(tmp_path / "out"), "--log_level", "error"])
+        cli.cli(er.main, [*argv, "--output_path", str(tmp_path / "out"), "--log_level", "error"])
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and match in err[0], err
@@ -148,7 +150,7 @@ def test_qrels_that_are_not_utf8_are_one_line(tmp_path):
 def test_dimension_mismatch(tmp_path, capsys, tiny_beir, tiny_bert):
     argv = ["--teacher_model", MINILM, "--models", tiny_bert, "--datasets", str(tiny_beir)]
     with pytest.raises(SystemExit) as e:
-        common.cli(er.main, [*argv, "--output_path", str(tmp_path / "out"), "--log_level", "error"])
+        cli.cli(er.main, [*argv, "--output_path", str(tmp_path / "out"), "--log_level", "error"])
     assert e.value.code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert "32-d embeddings but the teacher index is 384-d" in err[0]
@@ -214,7 +216,7 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
     dres = DenseRetrievalExactSearch(Pair(), batch_size=64, corpus_chunk_size=10_000)
     beir_res = dres.search(sub_corpus, sub_queries, top_k=10, score_function="cos_sim")
 
-    _, ids, meta = cache.teacher_index(
+    _, ids, meta = teacher_outputs.teacher_index(
         teacher, "teacher-sub", MINILM_LOCAL, sub_corpus, sub / "corpus.jsonl", shared_output
     )
     q_ids = sorted(sub_queries)

@@ -8,10 +8,8 @@ import numpy as np
 import pytest
 from conftest import DATA, MINILM, ROOT, TRAIN_TSV, needs_data
 
-import cache
-import data
 import distillation
-import loading
+from qdistill import data, encoders, teacher_outputs
 
 
 def cosine_rows(a, b):
@@ -25,7 +23,7 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
     queries.write_text("".join(TRAIN_TSV.read_text().splitlines(keepends=True)[:600]))
     corpus, _ = data.load_corpus(DATA / "cranfield")
     coll = tmp_path / "coll.tsv"  # a small score corpus: its teacher index is built sharded across the 2 ranks
-    coll.write_text("".join(f"{d}\t{cache.doc_text(corpus[d])}\n" for d in sorted(corpus)[:300]))
+    coll.write_text("".join(f"{d}\t{teacher_outputs.doc_text(corpus[d])}\n" for d in sorted(corpus)[:300]))
     common = [
         "--teacher_model",
         MINILM,
@@ -126,13 +124,15 @@ def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
 @pytest.mark.slow
 @needs_data
 def test_multi_process_labelling_and_indexing_equal_single_process(tmp_path):
-    teacher, path = loading.load_model(MINILM)
+    teacher, path = encoders.load_model(MINILM)
     texts = list(data.read_queries(TRAIN_TSV).values())[:300]
-    one, _ = cache.teacher_labels(teacher, path, texts, tmp_path / "a", 128)
-    two, _ = cache.teacher_labels(teacher, path, texts, tmp_path / "b", 128, devices=["cpu", "cpu"])
+    one, _ = teacher_outputs.teacher_labels(teacher, path, texts, tmp_path / "a", 128)
+    two, _ = teacher_outputs.teacher_labels(teacher, path, texts, tmp_path / "b", 128, devices=["cpu", "cpu"])
     assert cosine_rows(one, two).min() >= 0.9999
     corpus, file = data.load_corpus(DATA / "cranfield")
     corpus = {k: corpus[k] for k in sorted(corpus)[:300]}
-    e1, ids1, _ = cache.teacher_index(teacher, MINILM, path, corpus, file, tmp_path / "a")
-    e2, ids2, _ = cache.teacher_index(teacher, MINILM, path, corpus, file, tmp_path / "b", devices=["cpu", "cpu"])
+    e1, ids1, _ = teacher_outputs.teacher_index(teacher, MINILM, path, corpus, file, tmp_path / "a")
+    e2, ids2, _ = teacher_outputs.teacher_index(
+        teacher, MINILM, path, corpus, file, tmp_path / "b", devices=["cpu", "cpu"]
+    )
     assert ids1 == ids2 and cosine_rows(np.asarray(e1), np.asarray(e2)).min() >= 0.9999

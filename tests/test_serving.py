@@ -7,12 +7,10 @@ import pytest
 from conftest import DATA, MINILM, make_tiny, needs_data
 from sentence_transformers import SentenceTransformer
 
-import common
-import data
 import evaluate_retrieval as er
 import evaluate_speed as es
 import serving
-import students
+from qdistill import cli, data, run_files, students
 
 
 def cosine(a, b):
@@ -62,7 +60,7 @@ def test_export_lean_path_and_exported_retention(minilm_student, scifact_eval, s
     )
     rows = {r["model"]: r for r in res["rows"]}
     saved = json.loads(
-        (shared_output / "retrieval" / common.slug(MINILM) / common.slug(int8_path) / "scifact.json").read_text()
+        (shared_output / "retrieval" / run_files.slug(MINILM) / run_files.slug(int8_path) / "scifact.json").read_text()
     )
     assert saved["backend"] == "onnxruntime int8" and saved["agreement"]["overlap@10"]["value"] > 0.5
     assert abs(rows[int8_path]["metrics"]["NDCG@10"] - rows[final]["metrics"]["NDCG@10"]) <= 0.01
@@ -117,7 +115,7 @@ def test_a_model_that_cannot_be_exported_fails_cleanly(tiny_bert, tmp_path, caps
         str(tmp_path / "onnx"),
     ]
     with pytest.raises(SystemExit) as e:
-        common.cli(serving.main, argv)
+        cli.cli(serving.main, argv)
     assert e.value.code == 2 and "Router" in capsys.readouterr().err
     assert not (tmp_path / "onnx").exists() or not any((tmp_path / "onnx").iterdir()), "no half-written export"
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import DATA, MINILM, needs_data
 
-import common
 import evaluate_speed as es
+from qdistill import cli
 
 
 @pytest.mark.slow
@@ -79,13 +79,11 @@ def test_speed_rows_follow_the_plan_real_models(minilm_student, tmp_path):
 
 def test_speed_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        common.cli(
-            es.main, ["--models", MINILM, "--queries", str(tmp_path / "none.tsv"), "--output_path", str(tmp_path)]
-        )
+        cli.cli(es.main, ["--models", MINILM, "--queries", str(tmp_path / "none.tsv"), "--output_path", str(tmp_path)])
     assert e.value.code == 2
     (tmp_path / "empty.tsv").write_text("1\t \n")
     with pytest.raises(SystemExit) as e:
-        common.cli(
+        cli.cli(
             es.main, ["--models", MINILM, "--queries", str(tmp_path / "empty.tsv"), "--output_path", str(tmp_path)]
         )
     assert e.value.code == 2

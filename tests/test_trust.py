@@ -15,15 +15,12 @@ from sentence_transformers import SentenceTransformer
 from test_defects import QRELS, QUERIES, distill_argv, exit_2, queries_file, write
 from test_retrieval import DOCS, make_beir
 
-import cache
-import common
-import data
 import distillation
 import evaluate_retrieval as er
 import evaluate_speed as es
 import report
-import search
 import serving
+from qdistill import cli, data, run_files, search, teacher_outputs
 
 MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}") for i in range(40)}}
 
@@ -78,10 +75,10 @@ def test_fingerprint_changes_with_any_byte_of_a_large_weight_file(tmp_path):
     folder.mkdir()
     blob = bytearray(np.random.default_rng(0).bytes(6 << 20))  # 6 MiB: over the old 4 MiB sampling threshold
     (folder / "model.safetensors").write_bytes(bytes(blob))
-    before = cache.model_fingerprint(folder)
+    before = teacher_outputs.model_fingerprint(folder)
     blob[3 << 20] ^= 1  # one bit in the middle: neither the head nor the tail
     (folder / "model.safetensors").write_bytes(bytes(blob))
-    assert cache.model_fingerprint(folder) != before
+    assert teacher_outputs.model_fingerprint(folder) != before
 
 
 def test_a_student_with_noisy_encoder_weights_is_evaluated_again(tmp_path):
@@ -202,7 +199,7 @@ def test_score_corpus_marks_in_domain_and_a_corpus_source_without_text_is_refuse
     argv = distill_argv(tiny_bert, tmp_path / "out", qfile, "--train_queries", qfile, f"corpus:{blank}")
     exit_2(distillation.main, [*argv, "--max_train_queries", "60", "--run_name", "blank"], capsys, "no text")
     assert not (tmp_path / "out" / "blank").exists()
-    record = common.text_sources(scored["final_path"])
+    record = run_files.text_sources(scored["final_path"])
     assert [c["role"] for c in record["corpora"]] == ["score corpus"]
     rows = evaluate(tiny_bert, [scored["final_path"]], [a, b], tmp_path / "out")
     assert (
@@ -231,8 +228,8 @@ def test_asymmetric_folder_and_hub_push_carry_the_training_text_record(tiny_bert
         tiny_bert, tmp_path, a, "asym", "--save_asymmetric", "--push_to_hub", "--hub_model_id", "me/student"
     )
     asym = tmp_path / "out" / "asym" / "asymmetric"
-    assert common.text_sources(asym) == common.text_sources(run["final_path"])
-    assert pushed["repo"] == "me/student" and common.TRAINING_TEXT in pushed["files"]
+    assert run_files.text_sources(asym) == run_files.text_sources(run["final_path"])
+    assert pushed["repo"] == "me/student" and run_files.TRAINING_TEXT in pushed["files"]
     rows = evaluate(tiny_bert, [run["final_path"], asym], [a], tmp_path / "out")
     assert rows[(run["final_path"], "a")]["in_domain_text"] and rows[(str(asym), "a")]["in_domain_text"]
 
@@ -246,7 +243,7 @@ def test_skip_finished_reuses_only_a_run_of_the_same_recipe(tiny_bert, tmp_path)
     first = distillation.main(argv)["runs"][0]
     again = distillation.main(argv)["runs"][0]
     assert again.get("reused") and again["dev_mse"] == first["dev_mse"]
-    with pytest.raises(common.UsageError, match="no finished run of this recipe"):  # never silently replaced
+    with pytest.raises(cli.UsageError, match="no finished run of this recipe"):  # never silently replaced
         distillation.main([*argv, "--learning_rate", "5e-3"])
     other = distillation.main([*argv, "--learning_rate", "5e-3", "--overwrite_output_dir"])["runs"][0]
     assert not other.get("reused")
@@ -269,7 +266,7 @@ def test_evaluation_queries_among_the_training_texts_are_counted_and_left_out(ti
     rows = evaluate(tiny_bert, [run["final_path"]], [a], tmp_path / "out")
     row, teacher = rows[(run["final_path"], "a")], rows[(tiny_bert, "a")]
     # unless the held-out dev slice took it, the student trained on one of a's two queries
-    trained = data.text_hashes(["purring small mammal"])[0] in common.text_sources(run["final_path"])["text_hashes"]
+    trained = data.text_hashes(["purring small mammal"])[0] in run_files.text_sources(run["final_path"])["text_hashes"]
     assert trained and row["leaked_queries"] == 1 and row["leaked_query_ids"] == ["q1"]
     # one leaked query no longer flips the collection to in-domain: it is left out of the retention instead
     assert not row["in_domain_text"] and row["training_text"] == "zero-shot"
@@ -284,16 +281,16 @@ def test_evaluation_queries_among_the_training_texts_are_counted_and_left_out(ti
 def test_labels_rerun_equals_fresh_and_supersets_serve_subsets(tiny_bert, tmp_path):
     teacher = SentenceTransformer(tiny_bert, device="cpu")
     texts = [f"query {i} about things" for i in range(30)]
-    fresh, cached = cache.teacher_labels(teacher, tiny_bert, texts, tmp_path, 32)
-    again, cached_again = cache.teacher_labels(teacher, tiny_bert, texts, tmp_path, 32)
+    fresh, cached = teacher_outputs.teacher_labels(teacher, tiny_bert, texts, tmp_path, 32)
+    again, cached_again = teacher_outputs.teacher_labels(teacher, tiny_bert, texts, tmp_path, 32)
     assert not cached and cached_again and np.array_equal(fresh, again), "no fp16 rounding on the rerun"
-    sub, from_superset = cache.teacher_labels(teacher, tiny_bert, texts[5:12], tmp_path, 32)
+    sub, from_superset = teacher_outputs.teacher_labels(teacher, tiny_bert, texts[5:12], tmp_path, 32)
     assert from_superset and np.array_equal(sub, fresh[5:12])
     # a killed save of the old order: texts written, no .npy. Later runs skip it instead of crashing
     (next(tmp_path.glob("labels/*")) / "dead.texts.json").write_text(json.dumps(texts[:3] + ["other"]))
-    other, hit = cache.teacher_labels(teacher, tiny_bert, texts[:3], tmp_path, 32)
+    other, hit = teacher_outputs.teacher_labels(teacher, tiny_bert, texts[:3], tmp_path, 32)
     assert hit and np.array_equal(other, fresh[:3])
-    new, hit = cache.teacher_labels(teacher, tiny_bert, ["a text never labelled"], tmp_path, 32)
+    new, hit = teacher_outputs.teacher_labels(teacher, tiny_bert, ["a text never labelled"], tmp_path, 32)
     assert not hit and new.shape == (1, 32)
 
 
@@ -301,9 +298,9 @@ def test_part_of_a_corpus_gets_its_own_index(tiny_bert, tmp_path):
     teacher = SentenceTransformer(tiny_bert, device="cpu")
     folder = make_beir(tmp_path / "c", MORE_DOCS, QUERIES, QRELS)
     corpus, file = data.load_corpus(folder)
-    _, ids_all, meta_all = cache.teacher_index(teacher, "t", tiny_bert, corpus, file, tmp_path)
+    _, ids_all, meta_all = teacher_outputs.teacher_index(teacher, "t", tiny_bert, corpus, file, tmp_path)
     part = {k: corpus[k] for k in sorted(corpus)[:10]}
-    _, ids_part, meta_part = cache.teacher_index(teacher, "t", tiny_bert, part, file, tmp_path)
+    _, ids_part, meta_part = teacher_outputs.teacher_index(teacher, "t", tiny_bert, part, file, tmp_path)
     assert len(ids_part) == 10 and len(ids_all) == 44 and meta_part["folder"] != meta_all["folder"]
 
 
@@ -315,7 +312,7 @@ def test_approximate_results_are_keyed_by_index_seed_and_not_by_the_bootstrap_se
     again = evaluate(tiny_bert, [], [ds], tmp_path / "out", "--index", "hnsw", "--index_seed", "2", "--seed", "7")
     assert again[(tiny_bert, "tiny")]["reused"], "a bootstrap seed changes no index and no search"
     assert (
-        tmp_path / "out" / "retrieval" / common.slug(tiny_bert) / common.slug(tiny_bert) / "tiny.hnsw.json"
+        tmp_path / "out" / "retrieval" / run_files.slug(tiny_bert) / run_files.slug(tiny_bert) / "tiny.hnsw.json"
     ).exists()
 
 
@@ -482,7 +479,7 @@ def test_margin_triples_compute_no_training_top_k(tiny_bert, tmp_path, monkeypat
 
 def test_a_second_gpu_is_selected_with_cuda_visible_devices(tiny_bert, tmp_path):
     args = distillation.parse_args(distill_argv(tiny_bert, tmp_path, queries_file(tmp_path), "--device", "cuda:1"))
-    with pytest.raises(common.UsageError, match="CUDA_VISIBLE_DEVICES=1"):
+    with pytest.raises(cli.UsageError, match="CUDA_VISIBLE_DEVICES=1"):
         distillation.check_inputs(args, "cuda:1")
 
 
@@ -505,7 +502,7 @@ def test_a_dot_product_teacher_is_searched_by_dot_product(tmp_path):
     model = SentenceTransformer(teacher, device="cpu")
     corpus, queries, qrels, _ = data.load_beir(ds)
     ids = sorted(corpus)
-    docs = model.encode_document([cache.doc_text(corpus[i]) for i in ids])
+    docs = model.encode_document([teacher_outputs.doc_text(corpus[i]) for i in ids])
     assert np.linalg.norm(docs, axis=1).std() > 1e-3, "unnormalised: cosine and dot rank differently"
     results = {}
     for qid in sorted(queries):
@@ -520,7 +517,7 @@ def test_cqadupstack_is_the_mean_of_its_forums_and_msmarco_uses_dev(tiny_bert, t
     for i, forum in enumerate(data.CQADUPSTACK_FORUMS):  # forum i quotes document i % 4; another may be judged
         make_beir(root / forum, DOCS, {"q": list(DOCS.values())[i % 4][1]}, {"q": {f"d{1 + (i + i // 4) % 4}": 1}})
     rows = evaluate(tiny_bert, [], [root], tmp_path / "out")
-    saved = tmp_path / "out" / "retrieval" / common.slug(tiny_bert) / common.slug(tiny_bert)
+    saved = tmp_path / "out" / "retrieval" / run_files.slug(tiny_bert) / run_files.slug(tiny_bert)
     forums = [
         json.loads((saved / f"cqadupstack-{f}.json").read_text())["metrics"]["NDCG@10"]
         for f in data.CQADUPSTACK_FORUMS
@@ -581,7 +578,7 @@ def test_speed_times_an_exported_folder_and_records_the_command_given(tiny_bert,
 
 
 def test_the_dev_set_is_encoded_once_per_evaluation(tiny_bert):
-    import losses
+    from qdistill import losses
 
     student = SentenceTransformer(tiny_bert, device="cpu")
     calls = []

@@ -9,9 +9,10 @@ import shutil
 import zipfile
 from pathlib import Path
 
-from common import DATA_DIR, UsageError, atomic_dir
+from qdistill.cli import DATA_DIR, UsageError
+from qdistill.run_files import atomic_dir
 
-logger = logging.getLogger("qdistill.loading")
+logger = logging.getLogger(__name__)
 
 
 def _minilm_from_pip(models_dir: Path) -> Path | None:

@@ -15,13 +15,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-import common
-import loading
-import losses
-import training_text
-from common import UsageError
+from qdistill import encoders, losses, run_files, training_text
+from qdistill.cli import UsageError
 
-logger = logging.getLogger("qdistill.trainer")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,9 +188,9 @@ def train(
     steps = max(1, int(-(-len(texts) // per_step) * settings.num_train_epochs))
     sampler = None
     if settings.group_by_length:
-        import batching
+        from qdistill import batching
 
-        sampler = batching.length_grouped(student.tokenizer, texts, loading.length_limit(student))
+        sampler = batching.length_grouped(student.tokenizer, texts, encoders.length_limit(student))
     targs = training_arguments(run_dir, settings, steps, best_metric, device, prompt, sampler)
     logger.info(
         "training %s: %d texts, %d steps (warmup %d), lr %g, query prompt %r",
@@ -241,10 +238,10 @@ def train_one(
     trained = train(student, run_dir, texts, labels, evaluator, loss, settings, best, device, resume, world, prompt)
     final = evaluator(student)
     if rank == 0:
-        with common.atomic_dir(run_dir / "final") as tmp:
+        with run_files.atomic_dir(run_dir / "final") as tmp:
             student.save(str(tmp), model_name=run_dir.name)
             # travels with the model: evaluate_retrieval.py marks collections whose text it trained on as in-domain
-            common.write_json(tmp / common.TRAINING_TEXT, sources)
+            run_files.write_json(tmp / run_files.TRAINING_TEXT, sources)
     metrics = {
         "num_dev_queries": len(evaluator.target_sentences),
         "initial_dev_mse": -initial["dev_negative_mse"] / 100,

@@ -8,7 +8,7 @@ out of both sides and counted; every table and report takes its pairs from here.
 
 from __future__ import annotations
 
-from common import UsageError
+from qdistill.cli import UsageError
 
 # the settings a result records in `made_alike`; two results pair only when all of them are equal
 ALIKE = ("dataset", "split", "index", "teacher_index", "k_values", "similarity", "own_ids", "index_seed")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import common
-import recipes
-from common import UsageError
+from qdistill import recipes, run_files
+from qdistill.cli import UsageError
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -28,11 +27,11 @@ def resume_point(run_dir: Path, resume: str | None) -> str | None:
 
 def run_names(init: str, inits: list[str], run_name: str | None, teacher: str, layers: list[int] | None) -> list:
     """(student init, run folder name) per student: <run_name>/<student> for pretrained ones, unique names."""
-    teacher = common.slug(Path(teacher).name)
+    teacher = run_files.slug(Path(teacher).name)
     if init != "pretrained":
         default = f"{teacher}-static" if init == "static" else f"{teacher}-L{'-'.join(map(str, layers or []))}"
         return [(init, run_name or default)]
-    names = [common.slug(Path(m).name) for m in inits]
+    names = [run_files.slug(Path(m).name) for m in inits]
     names = [n if names[:i].count(n) == 0 else f"{n}~{names[:i].count(n) + 1}" for i, n in enumerate(names)]
     return [(m, f"{run_name or teacher + '-pretrained'}/{n}") for m, n in zip(inits, names)]
 

@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import common
-import loading
-from common import UsageError
+from qdistill import encoders, run_files
+from qdistill.cli import UsageError
 
-logger = logging.getLogger("qdistill.students")
+logger = logging.getLogger(__name__)
 
 # where each architecture keeps its transformer blocks (attribute path on the HF model) and its depth field
 LAYER_LAYOUTS = [("encoder.layer", "num_hidden_layers"), ("transformer.layer", "n_layers")]
@@ -120,12 +119,12 @@ def pretrained_student(name: str, teacher, device: str, data_dir: str):
     """A small pretrained model as student, with a trainable Dense projection to the teacher's dimension."""
     from sentence_transformers import models
 
-    student, _ = loading.load_model(name, device=device, data_dir=data_dir)
+    student, _ = encoders.load_model(name, device=device, data_dir=data_dir)
     s_dim, t_dim = student.get_embedding_dimension(), teacher.get_embedding_dimension()
     if s_dim != t_dim:
         logger.info("student %s is %d-d, teacher %d-d: adding a Dense projection", name, s_dim, t_dim)
         student.append(models.Dense(s_dim, t_dim, bias=True, activation_function=torch.nn.Identity()).to(device))
-        if loading.normalizes(teacher):
+        if encoders.normalizes(teacher):
             student.append(models.Normalize())
     student.similarity_fn_name = teacher.similarity_fn_name
     return student
@@ -165,7 +164,7 @@ def static_student(teacher, device: str, batch_size: int = 512):
 
     static = StaticEmbedding(Tokenizer.from_str(tok.backend_tokenizer.to_str()), embedding_weights=table)
     modules = [static]
-    if loading.normalizes(teacher):
+    if encoders.normalizes(teacher):
         modules.append(models.Normalize())
     student = SentenceTransformer(modules=modules, device=device, similarity_fn_name=teacher.similarity_fn_name)
     return student
@@ -188,10 +187,10 @@ def save_asymmetric(student, teacher, path, final=None):
         prompts=dict(teacher.prompts),
         similarity_fn_name=teacher.similarity_fn_name,
     )
-    with common.atomic_dir(path) as tmp:
+    with run_files.atomic_dir(path) as tmp:
         model.save(str(tmp))
-        if final is not None and (Path(final) / common.TRAINING_TEXT).is_file():
-            shutil.copy(Path(final) / common.TRAINING_TEXT, tmp / common.TRAINING_TEXT)
+        if final is not None and (Path(final) / run_files.TRAINING_TEXT).is_file():
+            shutil.copy(Path(final) / run_files.TRAINING_TEXT, tmp / run_files.TRAINING_TEXT)
 
 
 def build_student(
@@ -227,7 +226,7 @@ def build_student(
     info["freeze_embeddings"] = bool(freeze_embeddings)  # what was done (a table student has nothing to freeze)
     if dropout is not None:
         set_dropout(student, dropout)
-    loading.carry_prompts(student, teacher)
+    encoders.carry_prompts(student, teacher)
     if hasattr(student[0], "auto_model"):  # a transformer; a static table (ours or model2vec's) has no length limit
         student.max_seq_length = max_seq_length  # the student is a query encoder
     return student, info

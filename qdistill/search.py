@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-import common
+from qdistill import cli, run_files
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -35,7 +35,7 @@ BUILD = {
 
 def check_index_size(kind: str, num_docs: int, name: str) -> None:
     if kind == "ivfpq" and num_docs < IVFPQ_MIN_DOCS:
-        raise common.UsageError(
+        raise cli.UsageError(
             f"--index ivfpq needs at least {IVFPQ_MIN_DOCS} documents to train, {name} has {num_docs}; "
             "use --index flat (exact) or hnsw"
         )
@@ -84,7 +84,7 @@ def cached_faiss(doc_emb, kind: str, folder, seed: int = 42, normalize=False):
         index = faiss.read_index(str(path))
     else:
         index = build_faiss(doc_emb, kind, seed, normalize=normalize)
-        with common.atomic_file(path) as tmp:
+        with run_files.atomic_file(path) as tmp:
             faiss.write_index(index, str(tmp))
     if kind == "hnsw":  # search-time settings, set again after reading
         index.hnsw.efSearch = BUILD["hnsw"]["efSearch"]

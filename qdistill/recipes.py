@@ -15,10 +15,9 @@ import json
 import logging
 from pathlib import Path
 
-import cache
-import loading
+from qdistill import encoders, teacher_outputs
 
-logger = logging.getLogger("qdistill.recipes")
+logger = logging.getLogger(__name__)
 
 RECIPES = {
     "best": {
@@ -113,10 +112,10 @@ def fingerprint(args, sources: dict, teacher_path: Path, init: str, batches_per_
                 "flags": flags,
                 "student_init": init
                 if init in ("layer_reduction", "static")
-                else cache.model_fingerprint(loading.resolve_model_path(init, args.data_dir)),
-                "teacher_fingerprint": cache.model_fingerprint(teacher_path),
+                else teacher_outputs.model_fingerprint(encoders.resolve_model_path(init, args.data_dir)),
+                "teacher_fingerprint": teacher_outputs.model_fingerprint(teacher_path),
                 "sources": sources,
-                **{k: cache.sha256_file(v) if v else None for k, v in files.items()},
+                **{k: teacher_outputs.sha256_file(v) if v else None for k, v in files.items()},
             },
             sort_keys=True,
             default=str,

@@ -4,7 +4,7 @@
 file, which pymilvus opens with Milvus Lite (the Milvus engine embedded in the process; no server). The teacher's
 and each student's query vectors are sent as search requests to that collection, so the ranking compared is the
 one the user serves and the database does the searching, whatever its size; stored vectors are read back only for
-the check (doc_index.verify), by id. Results are keyed by the collection's name, its row count and the checked
+the check (given_index.verify), by id. Results are keyed by the collection's name, its row count and the checked
 sample (ids and stored vectors), never by the uri.
 """
 
@@ -16,9 +16,9 @@ import logging
 
 import numpy as np
 
-from common import UsageError
+from qdistill.cli import UsageError
 
-logger = logging.getLogger("qdistill.vector_db")
+logger = logging.getLogger(__name__)
 PREFIX = "milvus:"
 BATCH = 64  # queries per search request; ids per get request are BATCH * 16
 
@@ -159,7 +159,7 @@ def write_collection(uri: str, collection: str, embeddings, ids: list[str], norm
     teacher), replacing one of the same name: how the tests, and a user without one, put an index there."""
     from pymilvus import DataType, MilvusClient
 
-    from search import unit
+    from qdistill.search import unit
 
     c = MilvusClient(uri=uri)
     if c.has_collection(collection):

@@ -14,12 +14,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-import common
-from cache import sha256_file
-from common import UsageError
-from data import clean_queries, dataset_path, load_corpus, normalise, read_queries
+from qdistill import cli, run_files
+from qdistill.cli import UsageError
+from qdistill.data import clean_queries, dataset_path, load_corpus, normalise, read_queries
+from qdistill.teacher_outputs import sha256_file
 
-logger = logging.getLogger("qdistill.training_text")
+logger = logging.getLogger(__name__)
 
 MSMARCO_QUERIES_URL = "https://msmarco.z22.web.core.windows.net/msmarcoranking/queries.tar.gz"
 
@@ -101,10 +101,10 @@ def read_triples(path, query_files, collection_file, train_texts, max_n=None, se
     Ids resolve through the query files and the collection (pid<TAB>text); triples whose query is not a
     training query (a validation query), or whose ids are unknown, are dropped and counted.
     """
-    path = common.check_file(path, "--margin_triples", "pass pos<TAB>neg<TAB>qid<TAB>pid_pos<TAB>pid_neg triples")
+    path = cli.check_file(path, "--margin_triples", "pass pos<TAB>neg<TAB>qid<TAB>pid_pos<TAB>pid_neg triples")
     id2q = {k: v for f in query_files for k, v in read_queries(f).items()}
     allowed = {t.lower() for t in train_texts}
-    collection = read_queries(common.check_file(collection_file, "--triples_collection", "pass pid<TAB>text"))
+    collection = read_queries(cli.check_file(collection_file, "--triples_collection", "pass pid<TAB>text"))
     rows, queries, pids, dropped = [], [], {}, 0
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -325,7 +325,7 @@ def inherited_sources(sources: dict, init: str) -> dict:
 
     A collection whose text trained any stage stays in-domain for the final student.
     """
-    before = common.text_sources(init)
+    before = run_files.text_sources(init)
     if before is None:
         return sources
     return {

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import common
-import loading
+from qdistill import encoders, run_files, torchrun
 
-logger = logging.getLogger("qdistill.cache")
+logger = logging.getLogger(__name__)
 _FINGERPRINTS: dict = {}
 
 
@@ -60,13 +59,13 @@ def model_fingerprint(path: str | Path) -> str:
 
 def encoder_settings(model, side: str, max_seq_length: int | None = None) -> dict:
     """The settings that change a model's embeddings on one side (query/document)."""
-    prompt = loading.input_prompt(model, side)
+    prompt = encoders.input_prompt(model, side)
     return {
         "side": side,
         "max_seq_length": max_seq_length or model.max_seq_length,
         "prompt": prompt,
-        "normalize": loading.normalizes(model),
-        "similarity": loading.similarity_name(model),
+        "normalize": encoders.normalizes(model),
+        "similarity": encoders.similarity_name(model),
     }
 
 
@@ -89,7 +88,7 @@ def encode_sharded(encode, texts: list[str]) -> np.ndarray:
     """encode(texts), split across the ranks of a torchrun job: each encodes every world-th text, and all
     gather the rows back in order as tensors (all_gather_object would pickle the whole matrix on every rank).
     A plain call in a single process."""
-    rank, world = common.rank_world()
+    rank, world = torchrun.rank_world()
     if world == 1:
         return np.asarray(encode(texts), dtype=np.float32)
     import torch.distributed as dist
@@ -140,7 +139,7 @@ def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, ba
     t0 = time.perf_counter()
     pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
     try:
-        with loading.max_length(teacher, max_seq_length), torch.inference_mode():
+        with encoders.max_length(teacher, max_seq_length), torch.inference_mode():
             emb = encode_sharded(
                 lambda t: teacher.encode_query(t, batch_size=batch_size, pool=pool, show_progress_bar=True), texts
             )
@@ -148,16 +147,16 @@ def teacher_labels(teacher, teacher_path, texts, output_path, max_seq_length, ba
         if pool is not None:
             teacher.stop_multi_process_pool(pool)
     secs = time.perf_counter() - t0
-    rank, world = common.rank_world()
+    rank, world = torchrun.rank_world()
     if rank == 0:  # one writer: meta and the .npy first, the texts last (their presence means complete)
         logger.info("labelled %d texts in %.1fs (%.0f/s, %d process(es))", len(texts), secs, len(texts) / secs, world)
-        common.write_json(folder / "key.json", key)
-        common.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
+        run_files.write_json(folder / "key.json", key)
+        run_files.write_json(folder / f"{name}.json", {"num_texts": len(texts), "seconds": round(secs, 2)})
         # fp32, as the fresh run trains on: a rerun from the cache trains on the very same targets
-        with common.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+        with run_files.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
             np.save(f, emb.astype(np.float32))
-        common.write_json(folder / f"{name}.texts.json", texts)
-    common.barrier()
+        run_files.write_json(folder / f"{name}.texts.json", texts)
+    torchrun.barrier()
     return emb.astype(np.float32), False
 
 
@@ -199,7 +198,7 @@ def teacher_index(
         **encoder_settings(teacher, "document", max_seq_length),
     }
     key, digest = cache_key("document_index", teacher_path, settings)
-    folder = Path(output_path) / "index" / common.slug(teacher_name) / f"{common.slug(name)}-{digest}"
+    folder = Path(output_path) / "index" / run_files.slug(teacher_name) / f"{run_files.slug(name)}-{digest}"
     if (folder / "meta.json").exists():
         meta = json.loads((folder / "meta.json").read_text())
         logger.info("reusing teacher index %s (%d docs)", folder, meta["num_docs"])
@@ -221,16 +220,16 @@ def build_index(teacher, ids, texts, folder, key, name, max_seq_length, batch_si
     t0 = time.perf_counter()
     dim = teacher.get_embedding_dimension()
     pool = teacher.start_multi_process_pool(devices) if devices and len(devices) > 1 else None
-    main = common.rank_world()[0] == 0  # under torchrun every rank encodes a share of each chunk; rank 0 writes
+    main = torchrun.rank_world()[0] == 0  # under torchrun every rank encodes a share of each chunk; rank 0 writes
     try:
-        with common.atomic_dir(folder) if main else contextlib.nullcontext() as tmp:
+        with run_files.atomic_dir(folder) if main else contextlib.nullcontext() as tmp:
             emb = (
                 np.lib.format.open_memmap(tmp / "embeddings.npy", "w+", np.float32, (len(ids), dim)) if main else None
             )
             with tqdm(total=len(ids), desc=f"teacher index {name}", unit="doc", disable=not main) as bar:
                 for start in range(0, len(ids), chunk_size):
                     rows = order[start : start + chunk_size]
-                    with torch.inference_mode(), loading.max_length(teacher, max_seq_length):
+                    with torch.inference_mode(), encoders.max_length(teacher, max_seq_length):
                         out = encode_sharded(
                             lambda t: teacher.encode_document(
                                 t, batch_size=batch_size, pool=pool, show_progress_bar=False
@@ -251,9 +250,9 @@ def build_index(teacher, ids, texts, folder, key, name, max_seq_length, batch_si
                     "encode_seconds": round(secs, 2),
                     "docs_per_second": round(len(ids) / secs, 2),
                 }
-                common.write_json(tmp / "ids.json", ids)
-                common.write_json(tmp / "meta.json", meta)
+                run_files.write_json(tmp / "ids.json", ids)
+                run_files.write_json(tmp / "meta.json", meta)
     finally:
         if pool is not None:
             teacher.stop_multi_process_pool(pool)
-    common.barrier()  # the other ranks read what rank 0 wrote
+    torchrun.barrier()  # the other ranks read what rank 0 wrote

@@ -12,10 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-import common
-from common import UsageError
+from qdistill import cli
+from qdistill.cli import UsageError
 
-logger = logging.getLogger("qdistill.data")
+logger = logging.getLogger(__name__)
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{}.zip"
 CQADUPSTACK_FORUMS = [
@@ -69,7 +69,7 @@ def _rows(path: Path):
 
 def read_records(path: str | Path, what: str = "query file") -> dict[str, dict]:
     """{id: record} of a tsv/jsonl/txt file; a duplicate id or a record without text is an error."""
-    path = common.check_file(path, what, "pass an existing tsv/jsonl/txt file")
+    path = cli.check_file(path, what, "pass an existing tsv/jsonl/txt file")
     out: dict[str, dict] = {}
     for lineno, rid, obj in _rows(path):
         if not isinstance(obj.get("text"), str):
@@ -197,7 +197,7 @@ def check_beir(folder: Path, split: str, corpus: bool = True) -> list[Path]:
     files = [folder / "corpus.jsonl", folder / "queries.jsonl", folder / "qrels" / f"{split}.tsv"]
     needs = f"a BEIR folder needs {'corpus.jsonl, ' if corpus else ''}queries.jsonl, qrels/{split}.tsv"
     for f in files[0 if corpus else 1 :]:
-        common.check_file(f, "BEIR file", needs)
+        cli.check_file(f, "BEIR file", needs)
     return files
 
 
@@ -274,7 +274,7 @@ def load_corpus(path: str | Path) -> tuple[dict, Path]:
     """A corpus alone: a BEIR folder (its corpus.jsonl) or an MS MARCO-style collection tsv (pid<TAB>text)."""
     path = Path(path)
     file = path / "corpus.jsonl" if path.is_dir() else path
-    common.check_file(file, "corpus", "pass a BEIR folder or a collection tsv (pid<TAB>text)")
+    cli.check_file(file, "corpus", "pass a BEIR folder or a collection tsv (pid<TAB>text)")
     records = read_records(file, "corpus")  # malformed lines and duplicate ids: one line naming them
     if file.name == "corpus.jsonl":
         del records

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import search
-import students
+from qdistill import search, students
 
 EMBED_TERMS, SCORE_TERMS = ("mse", "cosine"), ("kl", "margin_mse")
 

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-import common
-import search
-from common import UsageError
+from qdistill import cli, run_files, search
+from qdistill.cli import UsageError
 
-logger = logging.getLogger("qdistill.doc_index")
+logger = logging.getLogger(__name__)
 
 PYSERINI_INDEX, PYSERINI_DOCID = "index", "docid"  # pyserini's dense index folder: the faiss file, one id a line
 CHUNK_ROWS = 131_072  # rows per read in exact search (a multiple of faiss's 1,024-row blocks)
@@ -188,7 +187,7 @@ class IdList(Sequence):
 
 def read_ids(path: Path) -> IdList:
     """Document ids: a JSON list (.json) or one id a line, each checked (UTF-8, non-empty, unique)."""
-    path = common.check_file(path, "document id file", "pass the index's docid list (one id a line, or .json)")
+    path = cli.check_file(path, "document id file", "pass the index's docid list (one id a line, or .json)")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -229,7 +228,7 @@ def resolve(spec: str | Path, ids_path: str | Path | None = None) -> tuple[Path,
                 "pass that folder, or a faiss/.npy file with --doc_ids"
             )
         return vectors, Path(ids_path) if ids_path else ids
-    common.check_file(spec, "--doc_index", "pass a pyserini index folder, or a faiss/.npy file with --doc_ids")
+    cli.check_file(spec, "--doc_index", "pass a pyserini index folder, or a faiss/.npy file with --doc_ids")
     if not ids_path:
         raise UsageError(f"--doc_index {spec} is a file: pass its document ids with --doc_ids (one id a line)")
     return spec, Path(ids_path)
@@ -237,13 +236,13 @@ def resolve(spec: str | Path, ids_path: str | Path | None = None) -> tuple[Path,
 
 def open_index(spec: str | Path, ids_path: str | Path | None = None) -> DocIndex:
     """A DocIndex read and checked for shape: the vectors' count equals the ids', the file is whole; or a Milvus
-    collection (`milvus:<uri>#<collection>`, vector_db.py), searched where it lives."""
-    import vector_db
+    collection (`milvus:<uri>#<collection>`, milvus.py), searched where it lives."""
+    from qdistill import milvus
 
-    if vector_db.is_milvus(spec):
+    if milvus.is_milvus(spec):
         if ids_path:
             raise UsageError(f"--doc_index {spec}: a Milvus collection holds its own ids; drop --doc_ids for it")
-        return vector_db.MilvusIndex(str(spec))
+        return milvus.MilvusIndex(str(spec))
     vectors, ids_file = resolve(spec, ids_path)
     ids = read_ids(ids_file)
     index = open_npy(vectors, ids) if vectors.suffix == ".npy" else _open_faiss(vectors, ids)
@@ -265,8 +264,8 @@ def open_index(spec: str | Path, ids_path: str | Path | None = None) -> DocIndex
 
 def open_npy(path: Path, ids: list[str]) -> DocIndex:
     """Rows of a .npy with their ids, checked (2-d float32/float16, whole); nothing is read but the header. The
-    index this toolkit builds (cache.teacher_index) is opened this way too, and searched like a given one."""
-    common.check_file(path, "embeddings", "pass an existing .npy file")
+    index this toolkit builds (teacher_outputs.teacher_index) is opened this way too, and searched like a given one."""
+    cli.check_file(path, "embeddings", "pass an existing .npy file")
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
@@ -451,7 +450,7 @@ def write_pyserini(folder: Path, embeddings: np.ndarray, ids: list[str], normali
     atomically, chunk by chunk; unit vectors for a cosine teacher, as they are searched."""
     import faiss
 
-    with common.atomic_dir(folder) as tmp:
+    with run_files.atomic_dir(folder) as tmp:
         index = search.build_faiss(embeddings, "flat", normalize=normalize, gpu=False)
         faiss.write_index(index, str(tmp / PYSERINI_INDEX))
         (tmp / PYSERINI_DOCID).write_text("".join(f"{d}\n" for d in ids), encoding="utf-8")

@@ -10,8 +10,8 @@ import copy
 
 import numpy as np
 
-import stats
-from search import cosine_rows
+from qdistill import stats
+from qdistill.search import cosine_rows
 
 AGREEMENT = ("overlap@10", "top1_in_top10", "query_cosine")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-import doc_index
-from common import UsageError
-from data import read_queries
+from qdistill import given_index
+from qdistill.cli import UsageError
+from qdistill.data import read_queries
 
-logger = logging.getLogger("qdistill.query_log")
+logger = logging.getLogger(__name__)
 
 
 class QueryLog:
@@ -35,9 +35,9 @@ class QueryLog:
                     f"file, but --train_queries names {len(query_files)}; pass --teacher_query_ids"
                 )
             ids = list(texts)
-            self.rows = doc_index.open_npy(Path(vectors), ids)
+            self.rows = given_index.open_npy(Path(vectors), ids)
         else:
-            self.rows = doc_index.open_npy(Path(vectors), doc_index.read_ids(Path(ids_file)))
+            self.rows = given_index.open_npy(Path(vectors), given_index.read_ids(Path(ids_file)))
         unknown = [i for i in self.rows.ids if i not in texts]
         if len(unknown) == len(self.rows.ids):
             raise UsageError(f"none of the ids of {vectors} is a query id of {[str(f) for f in query_files]}")
@@ -53,7 +53,7 @@ class QueryLog:
         """Re-encode a seeded sample of logged queries with the teacher; refuse the log when they disagree."""
         texts = sorted(self.at)
         rng = np.random.default_rng(seed)
-        sample = [texts[i] for i in sorted(rng.choice(len(texts), min(doc_index.SAMPLE, len(texts)), replace=False))]
+        sample = [texts[i] for i in sorted(rng.choice(len(texts), min(given_index.SAMPLE, len(texts)), replace=False))]
         stored = self.rows.vectors([self.at[t] for t in sample])
         fresh = np.asarray(encode_queries(sample), np.float32)
         if stored.shape[1] != fresh.shape[1]:
@@ -63,9 +63,9 @@ class QueryLog:
             )
         subject = f"logged query vectors {self.path} do not match teacher {teacher_name}"
         hint = "were they logged with another model, query prompt or max length, or in another row order?"
-        median, low = doc_index.check_cosines(stored, fresh, subject, f"over {len(sample)} queries", hint)
+        median, low = given_index.check_cosines(stored, fresh, subject, f"over {len(sample)} queries", hint)
         if similarity == "dot":
-            doc_index.check_dot_norms(stored, fresh, f"logged query vectors {self.path}:", teacher_name)
+            given_index.check_dot_norms(stored, fresh, f"logged query vectors {self.path}:", teacher_name)
         self.verification = {"sample": len(sample), "median_cosine": median, "min_cosine": low}
         logger.info("logged query vectors %s match %s (median cosine %.4f)", self.path, teacher_name, median)
         return self.verification
