@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-import serving
-from qdistill import cli, data, encoders, run_files, students
+from qdistill import cli, data, encoders, lean, onnx_export, run_files, students
 from qdistill.cli import UsageError, positive_int
 from qdistill.search import cosine_rows
 
@@ -126,7 +125,7 @@ def callable_for(model, batches, mode: str):
         return model.encoder.tokenize, batches
     if mode == "end_to_end":  # a SentenceTransformer and an export alike
         return (lambda b: model.encode_query(b, batch_size=len(b))), batches
-    if isinstance(model, serving.LeanEncoder):
+    if isinstance(model, lean.LeanEncoder):
         return model.forward, [model.features(b) for b in batches]
     prompt = encoders.input_prompt(model, "query") or None  # the same prompt encode_query prepends
     return model, [batch_to_device(model.preprocess(b, prompt=prompt), model.device) for b in batches]
@@ -204,7 +203,7 @@ def markdown(rows: list[dict], notes: list[str]) -> str:
 
 
 def model_facts(model) -> dict:
-    if isinstance(model, serving.LeanEncoder):  # an exported folder given as a model: the graph's own facts
+    if isinstance(model, lean.LeanEncoder):  # an exported folder given as a model: the graph's own facts
         return {"layers": model.meta.get("layers"), "params": model.meta.get("params"), "dim": model.meta["dim"]}
     return {
         "layers": students.depth(model),
@@ -291,7 +290,7 @@ def device_variants(args, device, plan, base, exports, paths, texts) -> dict:
             variants[(name, "torch", variant)] = (make_variant(model, device, variant), ref_emb)
         if "onnx" in args.backend and device == "cpu":
             int8 = "int8" in args.quantize
-            for enc in serving.cached_export(
+            for enc in onnx_export.cached_export(
                 name, paths[name], args.output_path, texts, int8, args.num_threads
             ).values():
                 add_export(variants, name, enc, ref_emb)
@@ -319,9 +318,9 @@ def main(argv=None) -> dict:
     ]
     paths = {name: encoders.resolve_model_path(name, args.data_dir) for name in args.models}  # all checked first
     exports = {
-        name: serving.LeanEncoder(p, num_threads=args.num_threads)
+        name: lean.LeanEncoder(p, num_threads=args.num_threads)
         for name, p in paths.items()
-        if serving.is_export(p) and serving.check_export(p)
+        if onnx_export.is_export(p) and onnx_export.check_export(p)
     }
     if args.models[0] in exports:
         raise UsageError(f"the reference {args.models[0]} is an export; give the teacher's torch model first")

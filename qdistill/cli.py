@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -147,3 +148,8 @@ def pick_device(device: str = "auto") -> str:
     if kind not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {device}: only cpu, cuda and mps devices are supported")
     return device
+
+
+def settings_from(cls, args):
+    """A settings dataclass filled from parsed flags: the one hand-over from argparse to the helpers."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

@@ -14,7 +14,7 @@ from test_retrieval import DOCS, make_beir
 import distillation
 import evaluate_retrieval as er
 import evaluate_speed as es
-from qdistill import cli, data, encoders, losses, run_files, runs, search
+from qdistill import cli, data, encoders, evaluation, losses, metrics, run_files, runs, search
 from qdistill.cli import UsageError
 
 QUERIES = {"q1": "purring small mammal", "q2": "rocket engine thrust"}
@@ -120,8 +120,8 @@ def test_search_keeps_k_hits_after_dropping_the_querys_own_id():
     assert ranked[0] == 0  # the query is document x0 itself
     relevant = doc_ids[ranked[10]]  # 10th hit once x0 is dropped
     flat = search.build_faiss(docs, "flat")
-    results = er.retrieve(lambda q, k: search.search(flat, q, k), docs[[0]], ["x0"], doc_ids, 10)
-    assert er.evaluate({"x0": {relevant: 1}}, results, [10], own={"x0"})[0]["Recall@10"] == 1.0
+    results = evaluation.retrieve(lambda q, k: search.search(flat, q, k), docs[[0]], ["x0"], doc_ids, 10)
+    assert metrics.evaluate({"x0": {relevant: 1}}, results, [10], own={"x0"})[0]["Recall@10"] == 1.0
 
 
 # ----------------------------------------------------------------------------- 3. numeric flags

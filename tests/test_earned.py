@@ -17,7 +17,7 @@ from test_trust import evaluate, run_evaluation
 import distillation
 import evaluate_retrieval as er
 import report
-from qdistill import cli, metrics, run_files
+from qdistill import cli, in_domain, metrics, onnx_export, run_files
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_in_domain_by_content_never_by_where_the_query_file_lies(pair, tmp_path)
     assert rows[(runs["inside"], "c")]["training_text"] == "zero-shot"
     out = rows[(runs["outside"], "c")]
     assert out["training_text"] == "in-domain" and out["in_domain_by"] == "queries"
-    assert out["collection_queries_trained"] >= er.MIN_SHARED_QUERIES and out["leaked_queries"] == 0
+    assert out["collection_queries_trained"] >= in_domain.MIN_SHARED_QUERIES and out["leaked_queries"] == 0
 
 
 @pytest.mark.parametrize(
@@ -236,12 +236,10 @@ def test_push_to_hub_without_the_hub_fails_before_training(pair, tmp_path, capsy
 def test_repairing_a_damaged_fp32_export_keeps_the_int8_one(pair, tmp_path):
     from pathlib import Path
 
-    import serving
-
     texts = ["a query about cats", "rocket engines", "bread"]
-    first = serving.cached_export("tiny", Path(pair[1]), tmp_path, texts, int8=True, num_threads=1)
+    first = onnx_export.cached_export("tiny", Path(pair[1]), tmp_path, texts, int8=True, num_threads=1)
     folder = first["fp32"].folder
     (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes()[:1000])
-    serving.cached_export("tiny", Path(pair[1]), tmp_path, texts, int8=False, num_threads=1)  # fp32 only wanted
-    assert serving.is_export(folder.parent / "int8"), "was: the intact int8 export was deleted as a stale variant"
-    assert serving.check_export(folder.parent / "int8") and serving.check_export(folder)
+    onnx_export.cached_export("tiny", Path(pair[1]), tmp_path, texts, int8=False, num_threads=1)  # fp32 only wanted
+    assert onnx_export.is_export(folder.parent / "int8"), "was: the intact int8 export was deleted as a stale variant"
+    assert onnx_export.check_export(folder.parent / "int8") and onnx_export.check_export(folder)

@@ -15,8 +15,7 @@ from test_trust import run_evaluation
 import distillation
 import evaluate_retrieval as er
 import report
-import serving
-from qdistill import data, metrics, recipes, run_files, stats, training_text
+from qdistill import data, lean, metrics, onnx_export, recipes, run_files, stats, training_text
 
 MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}") for i in range(40)}}
 MANY_QUERIES = {f"q{i}": f"{w} question {i}" for i, w in enumerate(["cat", "rocket", "bread", "lava"] * 6)}
@@ -71,9 +70,9 @@ def test_a_prompted_teachers_student_trains_serves_and_exports_with_the_prompt(t
     assert not np.allclose(bare, with_prompt, atol=1e-3), "the prompt changes the embedding"
     assert np.allclose(student.encode_query(texts), with_prompt, atol=1e-5)
     assert np.allclose(student.encode(texts), with_prompt, atol=1e-5), "a plain encode() is the query side"
-    out = serving.export(run["final_path"], tmp_path / "onnx", texts, int8=False)
-    lean = serving.LeanEncoder(tmp_path / "onnx" / "fp32")
-    assert np.allclose(lean.encode_query(texts), with_prompt, atol=1e-4), "the lean path equals encode_query"
+    out = onnx_export.export(run["final_path"], tmp_path / "onnx", texts, int8=False)
+    encoder = lean.LeanEncoder(tmp_path / "onnx" / "fp32")
+    assert np.allclose(encoder.encode_query(texts), with_prompt, atol=1e-4), "the lean path equals encode_query"
     assert out["fp32"]["prompt"] == "query: "
 
 

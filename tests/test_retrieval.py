@@ -9,7 +9,7 @@ import pytest
 from conftest import BUILDS, DATA, MINILM, MINILM_LOCAL, needs_data
 
 import evaluate_retrieval as er
-from qdistill import cli, data, run_files, teacher_outputs
+from qdistill import cli, data, evaluation, given_index, metrics, run_files, teacher_outputs
 
 
 def make_beir(folder, docs, queries, qrels, split="test"):
@@ -53,7 +53,7 @@ def run(args, out):
 def test_metrics_by_hand():
     qrels = {"q1": {"d1": 2, "d3": 1}, "q2": {"d2": 1}}
     results = {"q1": {"d3": 0.9, "d1": 0.8, "d2": 0.1}, "q2": {"d1": 0.5, "d2": 0.4, "d3": 0.3}}
-    m, dropped = er.evaluate(qrels, results, [1, 3])
+    m, dropped = metrics.evaluate(qrels, results, [1, 3])
     assert dropped == 0
     # pytrec_eval (trec_eval) uses the graded label itself as gain: q1 has gains (1, 2, 0) at ranks 1..3
     dcg1 = 1 / math.log2(2) + 2 / math.log2(3)
@@ -68,13 +68,15 @@ def test_metrics_by_hand():
 
 
 def test_identical_ids_are_ignored_unless_judged_relevant_and_before_every_metric():
-    m, dropped = er.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1], own={"x"})
+    m, dropped = metrics.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1], own={"x"})
     assert m["NDCG@1"] == 1.0 and dropped == 1
     assert m["MRR@10"] == 1.0, "MRR@10 is computed after the query's own id is dropped too (was 0.5)"
-    m, dropped = er.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1])
+    m, dropped = metrics.evaluate({"x": {"d1": 1}}, {"x": {"x": 0.99, "d1": 0.5}}, [1])
     assert m["NDCG@1"] == 0.0 and dropped == 0, "an equal id alone is a coincidence: the document stays"
     # Cranfield's query 225 has document 225 judged relevant: that hit counts (beir's flag dropped it)
-    m, dropped = er.evaluate({"225": {"225": 2, "7": 1}}, {"225": {"225": 0.9, "7": 0.5, "8": 0.1}}, [1, 3], {"225"})
+    m, dropped = metrics.evaluate(
+        {"225": {"225": 2, "7": 1}}, {"225": {"225": 0.9, "7": 0.5, "8": 0.1}}, [1, 3], {"225"}
+    )
     assert dropped == 0 and m["NDCG@1"] == 1.0 and m["Recall@3"] == 1.0 and m["MRR@10"] == 1.0
 
 
@@ -223,11 +225,11 @@ def test_faiss_matches_beir_exact_search(scifact_eval, minilm_student, shared_ou
     q = student.encode_query([sub_queries[x] for x in q_ids])
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     # the production search: the cached index opened as any given .npy, exact search chunk by chunk
-    searcher, _ = er.searchers(
-        er.doc_index.open_npy(Path(meta["folder"]) / "embeddings.npy", ids), "flat", None, 0, True
+    searcher, _ = evaluation.searchers(
+        given_index.open_npy(Path(meta["folder"]) / "embeddings.npy", ids), "flat", None, 0, True
     )
     scores, rows = searcher(q, 10)
-    ours = er.to_results(q_ids, ids, scores, rows)
+    ours = evaluation.to_results(q_ids, ids, scores, rows)
     same = [set(ours[x]) == set(beir_res[x]) for x in q_ids]
     assert sum(same) == len(q_ids), f"{len(q_ids) - sum(same)} queries differ"
     for x in q_ids:

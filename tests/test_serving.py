@@ -10,7 +10,7 @@ from sentence_transformers import SentenceTransformer
 import evaluate_retrieval as er
 import evaluate_speed as es
 import serving
-from qdistill import cli, data, run_files, students
+from qdistill import cli, data, lean, onnx_export, run_files, students
 
 
 def cosine(a, b):
@@ -35,8 +35,8 @@ def test_export_lean_path_and_exported_retention(minilm_student, scifact_eval, s
     )
     assert out["fp32"]["cosine_to_torch"] >= 0.999 and out["int8"]["cosine_to_torch"] >= 0.98
     torch_emb = SentenceTransformer(minilm_student["final_path"], device="cpu").encode_query(queries[300:500])
-    fp32 = serving.LeanEncoder(tmp_path / "onnx" / "fp32").encode(queries[300:500])
-    int8 = serving.LeanEncoder(tmp_path / "onnx" / "int8").encode(queries[300:500])
+    fp32 = lean.LeanEncoder(tmp_path / "onnx" / "fp32").encode(queries[300:500])
+    int8 = lean.LeanEncoder(tmp_path / "onnx" / "int8").encode(queries[300:500])
     assert cosine(fp32, torch_emb).min() >= 0.999 and cosine(int8, torch_emb).mean() >= 0.98
     assert cosine(int8, torch_emb).mean() < 0.99999, "int8 really is quantized"
 
@@ -94,8 +94,8 @@ def test_export_lean_path_and_exported_retention(minilm_student, scifact_eval, s
     )
     backends = {(r["model"], r["backend"], r["variant"]) for r in speed["results"]}
     assert (minilm_student["final_path"], "onnx", "int8") in backends and (MINILM, "tokenizer only", "-") in backends
-    lean = next(r for r in speed["results"] if r["backend"] == "onnx" and r["model"] != MINILM)
-    assert "speedup" in lean and "speedup_same_backend" in lean and lean["cosine_vs_fp32"] >= 0.98
+    onnx_row = next(r for r in speed["results"] if r["backend"] == "onnx" and r["model"] != MINILM)
+    assert "speedup" in onnx_row and "speedup_same_backend" in onnx_row and onnx_row["cosine_vs_fp32"] >= 0.98
 
 
 def test_a_model_that_cannot_be_exported_fails_cleanly(tiny_bert, tmp_path, capsys):
@@ -123,9 +123,9 @@ def test_a_model_that_cannot_be_exported_fails_cleanly(tiny_bert, tmp_path, caps
 def test_tiny_export_round_trip(tiny_bert, tmp_path):
     """fp32 export of a tiny BERT equals the torch model through the lean path (no real model: fast tier)."""
     texts = ["a query about cats", "rocket engines", "x"]
-    out = serving.export(tiny_bert, tmp_path / "onnx", texts, int8=False)
+    out = onnx_export.export(tiny_bert, tmp_path / "onnx", texts, int8=False)
     assert out["fp32"]["cosine_to_torch"] >= 0.9999
     assert out["fp32"]["fused_ops"].get("Attention") == 4, "ONNX Runtime's optimizer fused every attention block"
-    lean = serving.LeanEncoder(tmp_path / "onnx" / "fp32")
+    encoder = lean.LeanEncoder(tmp_path / "onnx" / "fp32")
     ref = SentenceTransformer(tiny_bert, device="cpu").encode_query(texts)
-    assert np.allclose(lean.encode(texts), ref, atol=1e-4)
+    assert np.allclose(encoder.encode(texts), ref, atol=1e-4)

@@ -20,7 +20,7 @@ import evaluate_retrieval as er
 import evaluate_speed as es
 import report
 import serving
-from qdistill import cli, data, run_files, search, teacher_outputs
+from qdistill import cli, data, lean, metrics, onnx_export, run_files, search, teacher_outputs
 
 MORE_DOCS = {**DOCS, **{f"x{i}": ("", f"filler text number {i} on topic {i % 5}") for i in range(40)}}
 
@@ -381,7 +381,7 @@ def test_run_and_export_folders_are_named_for_what_they_are(tiny_bert, tmp_path,
         capsys,
         "did you mean",
     )
-    serving.export(run_dir / "final", tmp_path / "onnx", ["a query", "another"], int8=False)
+    onnx_export.export(run_dir / "final", tmp_path / "onnx", ["a query", "another"], int8=False)
     exit_2(
         er.main,
         ["--teacher_model", tiny_bert, "--models", str(tmp_path / "onnx"), "--datasets", str(ds)],
@@ -401,9 +401,9 @@ def test_run_and_export_folders_are_named_for_what_they_are(tiny_bert, tmp_path,
 
 def test_export_folder_holds_one_model_and_damaged_exports_are_caught(tiny_bert, tmp_path, capsys):
     texts = ["a query about cats", "rocket engines"]
-    serving.export(tiny_bert, tmp_path / "onnx", texts, int8=True)
+    onnx_export.export(tiny_bert, tmp_path / "onnx", texts, int8=True)
     other = make_tiny(tmp_path / "s", "bert", seed=5)
-    serving.export(other, tmp_path / "onnx", texts, int8=False)
+    onnx_export.export(other, tmp_path / "onnx", texts, int8=False)
     assert not (tmp_path / "onnx" / "int8").exists(), "the first model's int8/ is not left beside the second's fp32/"
     ds = make_beir(tmp_path / "tiny", DOCS, QUERIES, QRELS)
     fp32 = tmp_path / "onnx" / "fp32"
@@ -421,24 +421,24 @@ def test_export_folder_holds_one_model_and_damaged_exports_are_caught(tiny_bert,
     (fp32 / "model.onnx").write_bytes(graph[: len(graph) // 2])
     exit_2(er.main, argv, capsys, "damaged export")
     (fp32 / "model.onnx").write_bytes(graph)
-    (fp32 / serving.EXPORT_FILE).write_text("{not json")
+    (fp32 / lean.EXPORT_FILE).write_text("{not json")
     exit_2(er.main, argv, capsys, "malformed")
     assert not (tmp_path / "o" / "index").exists(), "checked before the teacher's index"
 
 
 def test_damaged_cached_export_is_rebuilt_and_sessions_use_the_thread_count(tiny_bert, tmp_path):
     texts = ["a query about cats", "rocket engines", "bread"]
-    first = serving.cached_export("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
+    first = onnx_export.cached_export("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
     assert first["fp32"].session.get_session_options().intra_op_num_threads == 1
     folder = first["fp32"].folder
     (folder / "model.onnx").write_bytes((folder / "model.onnx").read_bytes()[:1000])
-    again = serving.cached_export("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
+    again = onnx_export.cached_export("tiny", Path(tiny_bert), tmp_path, texts, int8=False, num_threads=1)
     ref = SentenceTransformer(tiny_bert, device="cpu").encode_query(texts)
     assert np.allclose(again["fp32"].encode(texts), ref, atol=1e-4)
 
 
 def test_an_export_below_the_fidelity_floor_is_refused_unless_accepted(tiny_bert, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(serving, "cosine_rows", lambda a, b: np.full(len(a), 0.95))
+    monkeypatch.setattr(onnx_export, "cosine_rows", lambda a, b: np.full(len(a), 0.95))
     q = write(tmp_path / "q.tsv", "1\ta query\n2\tanother query\n")
     argv = ["--model", tiny_bert, "--queries", q, "--output_path", str(tmp_path / "onnx"), "--no_int8"]
     exit_2(serving.main, argv, capsys, "not the same model")
@@ -508,7 +508,7 @@ def test_a_dot_product_teacher_is_searched_by_dot_product(tmp_path):
     for qid in sorted(queries):
         scores = docs @ model.encode_query([queries[qid]])[0]
         results[qid] = {ids[j]: float(scores[j]) for j in np.argsort(-scores)[:101]}
-    by_hand, _ = er.evaluate(qrels, results, [1, 3, 5, 10, 100])
+    by_hand, _ = metrics.evaluate(qrels, results, [1, 3, 5, 10, 100])
     assert row["similarity"] == "dot" and row["metrics"]["NDCG@10"] == pytest.approx(by_hand["NDCG@10"], abs=1e-6)
 
 
@@ -533,7 +533,7 @@ def test_export_into_a_copy_keeps_the_record(tiny_bert, tmp_path):
     """serving.py's copy of training_text.json: an export scores in-domain where its source does."""
     a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
     run = distill_with_corpus(tiny_bert, tmp_path, a, "e")
-    serving.export(run["final_path"], tmp_path / "onnx", ["a query", "another"], int8=False)
+    onnx_export.export(run["final_path"], tmp_path / "onnx", ["a query", "another"], int8=False)
     shutil.copytree(tmp_path / "onnx" / "fp32", tmp_path / "copy")
     rows = evaluate(tiny_bert, [tmp_path / "copy"], [a], tmp_path / "o")
     assert rows[(str(tmp_path / "copy"), "a")]["in_domain_text"]
@@ -572,9 +572,9 @@ def test_speed_times_an_exported_folder_and_records_the_command_given(tiny_bert,
     assert rows[0]["layers"] == 4 and "speedup" in rows[0]
     assert out["config"]["command"] == "evaluate_speed.py " + " ".join(argv)
     assert out["config"]["git_dirty"] in (True, False)
-    # the one export location: serving.cached_export finds what an earlier call wrote, keyed by content
-    first = serving.cached_export("tiny", tiny_bert, tmp_path, ["a", "b"], int8=False)
-    assert serving.export_folder("tiny", tiny_bert, tmp_path) == first["fp32"].folder.parent
+    # the one export location: onnx_export.cached_export finds what an earlier call wrote, keyed by content
+    first = onnx_export.cached_export("tiny", tiny_bert, tmp_path, ["a", "b"], int8=False)
+    assert onnx_export.export_folder("tiny", tiny_bert, tmp_path) == first["fp32"].folder.parent
 
 
 def test_the_dev_set_is_encoded_once_per_evaluation(tiny_bert):
