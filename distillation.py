@@ -41,6 +41,7 @@ from qdistill import (
     data,
     encoders,
     given_index,
+    index_check,
     losses,
     query_log,
     recipes,
@@ -369,14 +370,14 @@ def check_given(args, inputs: Inputs, teacher) -> None:
     any labelling or training: one error line when they were made by another model, prompt or length."""
     sim, name = encoders.similarity_name(teacher), args.teacher_model
     if inputs.doc_index is not None:
-        given_index.check_shape(inputs.doc_index, teacher.get_embedding_dimension(), sim, name)
+        index_check.check_shape(inputs.doc_index, teacher.get_embedding_dimension(), sim, name)
         corpus = inputs.score_corpus[0] if inputs.score_corpus else None
 
         def encode_documents(ids):
             return teacher.encode_document([teacher_outputs.doc_text(corpus[i]) for i in ids], convert_to_numpy=True)
 
         index = inputs.doc_index
-        index.verification = given_index.verify(index, encode_documents, corpus, sim, name, args.seed)
+        index.verification = index_check.verify(index, encode_documents, corpus, sim, name, args.seed)
     if inputs.query_log is not None:
 
         def encode_queries(texts):

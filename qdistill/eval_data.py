@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-from qdistill import cli, data, given_index, teacher_outputs, training_text
+from qdistill import cli, data, given_index, index_check, teacher_outputs, training_text
 from qdistill.cli import UsageError
 from qdistill.search import check_index_size
 
@@ -67,7 +67,7 @@ def labelled_dataset(name, folder: Path, group, split, index=None) -> tuple[Data
         teacher_outputs.sha256_file(f) if f.is_file() else None for f in data.check_beir(folder, split, corpus=False)
     ]
     if index is not None:
-        given_index.check_qrels(index, qrels)
+        index_check.check_qrels(index, qrels)
     digest = teacher_outputs.sha256_texts(h or "-" for h in hashes)[:16]
     return Dataset(name, folder, group, split, digest, hashes[0], hashes[1], index), len(index or corpus)
 

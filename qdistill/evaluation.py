@@ -14,6 +14,7 @@ import numpy as np
 from qdistill import (
     encoders,
     given_index,
+    index_check,
     lean,
     metrics,
     onnx_export,
@@ -69,13 +70,13 @@ def load_models(cfg: EvalSettings, paths: dict, device: str, datasets):
 
 
 def check_index(cfg: EvalSettings, ds: Dataset, teacher):
-    """The dataset's given index, checked to belong to the teacher (given_index.verify on a seeded sample of its
+    """The dataset's given index, checked to belong to the teacher (index_check.verify on a seeded sample of its
     documents, encoded as the teacher's own index would be); its record is kept on the index."""
     index = ds.doc_index
     if index is None:
         return None
     sim = encoders.similarity_name(teacher)
-    given_index.check_shape(index, teacher.get_embedding_dimension(), sim, cfg.teacher_model)
+    index_check.check_shape(index, teacher.get_embedding_dimension(), sim, cfg.teacher_model)
     corpus, _ = corpus_text(ds.folder, index)
 
     def encode(ids):
@@ -83,7 +84,7 @@ def check_index(cfg: EvalSettings, ds: Dataset, teacher):
             texts = [teacher_outputs.doc_text(corpus[i]) for i in ids]
             return teacher.encode_document(texts, batch_size=cfg.corpus_batch_size, convert_to_numpy=True)
 
-    index.verification = given_index.verify(index, encode, corpus, sim, cfg.teacher_model, cfg.seed)
+    index.verification = index_check.verify(index, encode, corpus, sim, cfg.teacher_model, cfg.seed)
     return index
 
 

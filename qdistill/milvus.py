@@ -4,7 +4,7 @@
 file, which pymilvus opens with Milvus Lite (the Milvus engine embedded in the process; no server). The teacher's
 and each student's query vectors are sent as search requests to that collection, so the ranking compared is the
 one the user serves and the database does the searching, whatever its size; stored vectors are read back only for
-the check (given_index.verify), by id. Results are keyed by the collection's name, its row count and the checked
+the check (index_check.verify), by id. Results are keyed by the collection's name, its row count and the checked
 sample (ids and stored vectors), never by the uri.
 """
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdistill import given_index
+from qdistill import given_index, index_check
 from qdistill.cli import UsageError
 from qdistill.data import read_queries
 
@@ -53,7 +53,7 @@ class QueryLog:
         """Re-encode a seeded sample of logged queries with the teacher; refuse the log when they disagree."""
         texts = sorted(self.at)
         rng = np.random.default_rng(seed)
-        sample = [texts[i] for i in sorted(rng.choice(len(texts), min(given_index.SAMPLE, len(texts)), replace=False))]
+        sample = [texts[i] for i in sorted(rng.choice(len(texts), min(index_check.SAMPLE, len(texts)), replace=False))]
         stored = self.rows.vectors([self.at[t] for t in sample])
         fresh = np.asarray(encode_queries(sample), np.float32)
         if stored.shape[1] != fresh.shape[1]:
@@ -63,9 +63,9 @@ class QueryLog:
             )
         subject = f"logged query vectors {self.path} do not match teacher {teacher_name}"
         hint = "were they logged with another model, query prompt or max length, or in another row order?"
-        median, low = given_index.check_cosines(stored, fresh, subject, f"over {len(sample)} queries", hint)
+        median, low = index_check.check_cosines(stored, fresh, subject, f"over {len(sample)} queries", hint)
         if similarity == "dot":
-            given_index.check_dot_norms(stored, fresh, f"logged query vectors {self.path}:", teacher_name)
+            index_check.check_dot_norms(stored, fresh, f"logged query vectors {self.path}:", teacher_name)
         self.verification = {"sample": len(sample), "median_cosine": median, "min_cosine": low}
         logger.info("logged query vectors %s match %s (median cosine %.4f)", self.path, teacher_name, median)
         return self.verification

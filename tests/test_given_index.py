@@ -9,7 +9,7 @@ import pytest
 from conftest import DATA, MINILM, MINILM_LOCAL, TRAIN_TSV, make_tiny, needs_data
 
 import evaluate_retrieval
-from qdistill import cli, given_index
+from qdistill import cli, index_check
 
 pytestmark = [pytest.mark.slow, needs_data]
 
@@ -104,9 +104,9 @@ def test_given_index_same_numbers_nothing_encoded(small, built, tmp_path, monkey
             str(npy_ids),
         ),
     }
-    assert seen == [given_index.SAMPLE] * 3  # the check's sample, nothing else
+    assert seen == [index_check.SAMPLE] * 3  # the check's sample, nothing else
     unchecked = run(tmp_path / "d", "--datasets", str(no_text), "--doc_index", str(pyserini))
-    assert seen == [given_index.SAMPLE] * 3  # no text: nothing to check, nothing encoded
+    assert seen == [index_check.SAMPLE] * 3  # no text: nothing to check, nothing encoded
     for name, result in given.items():
         for model in (MINILM, MINILM_LOCAL):
             assert row(result, model)["metrics"] == row(own, model)["metrics"], name
@@ -279,7 +279,7 @@ def test_logged_query_vectors_train_the_same_student(log_files, tmp_path, monkey
     logged = distill(
         tmp_path / "logged", "r", log_files / "q.tsv", "--teacher_query_embeddings", str(log_files / "vectors.npy")
     )
-    assert calls[0] == given_index.SAMPLE  # the teacher's only pass: the check's sample (the rest: the student's)
+    assert calls[0] == index_check.SAMPLE  # the teacher's only pass: the check's sample (the rest: the student's)
     assert made["teacher_label_runs"] == 2 and logged["teacher_label_runs"] == 0  # every label from the log
     config = json.loads((tmp_path / "logged" / "r" / "metrics.json").read_text())["config"]
     assert config["teacher_query_embeddings"]["median_cosine"] > 0.999
@@ -321,7 +321,7 @@ def test_score_terms_against_given_index(small, built, log_files, tmp_path, monk
         str(small),
     )
     # the check's sample, then only the saved student's model-card examples: no teacher index is built
-    assert seen[0] == given_index.SAMPLE and sum(seen[1:]) < 10 and not (tmp_path / "kl" / "index").exists()
+    assert seen[0] == index_check.SAMPLE and sum(seen[1:]) < 10 and not (tmp_path / "kl" / "index").exists()
     assert run["dev_kl"] < run["initial_dev_kl"]
     record = json.loads((tmp_path / "kl" / "kl" / "final" / "training_text.json").read_text())
     assert any(c.get("role") == "score index" for c in record["corpora"])

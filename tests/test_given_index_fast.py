@@ -7,7 +7,7 @@ import pytest
 
 import distillation
 import evaluate_retrieval
-from qdistill import cli, given_index, search
+from qdistill import cli, given_index, index_check, search
 
 
 def test_ids_read_compactly_and_checked(tmp_path):
@@ -135,12 +135,12 @@ def test_ivf_and_pq_files_checked_as_built(tmp_path, kind):
     given = given_index.open_index(tmp_path)
     corpus = {d: {"title": "", "text": d} for d in ids}
     by_id = dict(zip(ids, docs))
-    record = given_index.verify(given, lambda sample: np.stack([by_id[d] for d in sample]), corpus, "cosine", "T", 0)
+    record = index_check.verify(given, lambda sample: np.stack([by_id[d] for d in sample]), corpus, "cosine", "T", 0)
     assert record["index_verified"] and record["median_cosine"] > 0.999
     assert ("codes" in record["method"]) == (kind != "IVFFlat")
     shifted = dict(zip(ids, np.roll(docs, 1, axis=0)))  # ids one row off
     with pytest.raises(cli.UsageError, match="does not match teacher T"):
-        given_index.verify(given, lambda sample: np.stack([shifted[d] for d in sample]), corpus, "cosine", "T", 0)
+        index_check.verify(given, lambda sample: np.stack([shifted[d] for d in sample]), corpus, "cosine", "T", 0)
     with pytest.raises(cli.UsageError, match="scores by dot"):
         l2 = given_index.DocIndex(tmp_path / "index", ids, 32, "faiss", metric="l2")
-        given_index.check_shape(l2, 32, "dot", "T")
+        index_check.check_shape(l2, 32, "dot", "T")
