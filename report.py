@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qdistill import cli, data, results, run_files, stats
+from qdistill import cli, data, plots, results, run_files, stats
 from qdistill.cli import UsageError
 
 
@@ -77,44 +77,6 @@ def speed_rows(speed_file, device="cpu", batch=1, mode="end_to_end", variant="fp
         raise UsageError(f"{path} is not an evaluate_speed.py result (JSON with 'results'); pass its output") from None
     want = {"device": device, "batch_size": batch, "mode": mode, "variant": variant, "backend": backend}
     return {r["model"]: r for r in rows if all(r.get(k) == v for k, v in want.items())}
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of (latency, quality) points no other point beats on both (lower latency, higher quality)."""
-    front = []
-    for i, (lat, q) in enumerate(points):
-        dominated = any(
-            (lat2 <= lat and q2 >= q) and (lat2 < lat or q2 > q) for j, (lat2, q2) in enumerate(points) if j != i
-        )
-        if not dominated:
-            front.append(i)
-    return sorted(front, key=lambda i: points[i][0])
-
-
-def plot_quality_latency(labels, points, path, title="") -> list[int]:
-    """Scatter of mean retention vs batch-1 latency with the Pareto front drawn; returns the front's indices."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    front = pareto_front(points)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs, ys = zip(*points)
-    ax.scatter(xs, ys, color="tab:blue", zorder=3)
-    for label, (x, y) in zip(labels, points):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="tab:red", label="Pareto front")
-    ax.set_xlabel("batch-1 query latency, ms (p50)")
-    ax.set_ylabel("mean nDCG@10 retention")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return front
 
 
 def pair(args, model: str, dataset: str, name: str) -> tuple[dict, dict]:
@@ -216,7 +178,7 @@ def paper_table(args) -> str:
             labels.append(label)
             points.append((cpu[model]["p50_ms"], float(ret)))
     plot = Path(args.output_path) / "paper_quality_latency.png"
-    front = plot_quality_latency(labels, points, plot, f"{args.teacher_model}: retention vs CPU batch-1 latency")
+    front = plots.plot_quality_latency(labels, points, plot, f"{args.teacher_model}: retention vs CPU batch-1 latency")
     lines += ["", f"Pareto front (CPU): {', '.join(labels[i] for i in front)}; plot: {plot}"]
     return "\n".join(lines) + "\n"
 
@@ -260,7 +222,7 @@ def agreement_table(args) -> str:
                 f"- {name}: {spearman([q[1] for q in pts], [q[0] for q in pts], args.seed)}, {len(pts)} students"
             )
     plot = Path(args.output_path) / "agreement_vs_retention.png"
-    plot_agreement(points, plot, f"{args.teacher_model}: {len(args.students)} students x {len(result)} datasets")
+    plots.plot_agreement(points, plot, f"{args.teacher_model}: {len(args.students)} students x {len(result)} datasets")
     lines += ["", f"plot: {plot}"]
     return "\n".join(lines) + "\n"
 
@@ -281,24 +243,6 @@ def spearman(x, y, seed: int) -> str:
         rng=np.random.default_rng(seed),
     )
     return f"rho = {rho:.3f} (p = {test.pvalue:.2g}, permutation)"
-
-
-def plot_agreement(points, path, title="") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([p[1] for p in points], [p[0] for p in points], color="tab:blue")
-    ax.set_xlabel("overlap@10 with the teacher's top-10 (no relevance labels)")
-    ax.set_ylabel("nDCG@10 retention (relevance labels)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> str:

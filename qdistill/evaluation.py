@@ -240,27 +240,15 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg
             if name == cfg.teacher_model
             else encode_and_search(model, searcher, q_texts, q_ids, doc_ids, cfg, cosine)
         )
-        record = {
-            "model": name,
-            "backend": lean.backend_name(model.meta) if isinstance(model, lean.LeanEncoder) else "torch",
-            "teacher": cfg.teacher_model,
-            "similarity": sim,
-            "index": cfg.index,
-            "doc_index": {k: v for k, v in index_meta.items() if k != "folder"},
-            "index_verified": index_meta["index_verified"],
-            "result_key": key_digest,
-            "key": key,
-            "num_queries": len(q_ids),
-            "num_docs": len(doc_ids),
-            "timings": {
-                "query_encode_seconds": round(enc_secs, 3),
-                "search_seconds": round(search_secs, 4),
-                "queries_per_second": round(len(q_ids) / enc_secs, 1),
-                "index_build_seconds": round(build_secs, 3),
-                "corpus_encode_seconds": index_meta.get("encode_seconds"),
-                "documents_encoded": index_meta["documents_encoded"],
-            },
-            "config": config,
+        record = result_record(name, model, cfg, sim, index_meta, key, key_digest, config)
+        record.update(num_queries=len(q_ids), num_docs=len(doc_ids))
+        record["timings"] = {
+            "query_encode_seconds": round(enc_secs, 3),
+            "search_seconds": round(search_secs, 4),
+            "queries_per_second": round(len(q_ids) / enc_secs, 1),
+            "index_build_seconds": round(build_secs, 3),
+            "corpus_encode_seconds": index_meta.get("encode_seconds"),
+            "documents_encoded": index_meta["documents_encoded"],
         }
         record.update(score(qrels, found, cfg.k_values, own))
         if name != cfg.teacher_model:
@@ -283,6 +271,22 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg
         logger.info("%s: %s (%d queries, encode %.2fs)", name, summary, len(q_ids), enc_secs)
         out[name] = record
     return out
+
+
+def result_record(name, model, cfg: EvalSettings, sim, index_meta, key, key_digest, config) -> dict:
+    """What a result file says about how it was made: the model and backend, the index, the key, the run."""
+    return {
+        "model": name,
+        "backend": lean.backend_name(model.meta) if isinstance(model, lean.LeanEncoder) else "torch",
+        "teacher": cfg.teacher_model,
+        "similarity": sim,
+        "index": cfg.index,
+        "doc_index": {k: v for k, v in index_meta.items() if k != "folder"},
+        "index_verified": index_meta["index_verified"],
+        "result_key": key_digest,
+        "key": key,
+        "config": config,
+    }
 
 
 def write_trec(path: Path, name: str, q_ids, found) -> None:

@@ -1,4 +1,5 @@
-"""Training recipes: `--recipe best` (the default: the recipe this project measured best) and `--recipe paper`
+"""Resolving distillation.py's flags into a recipe (the one module that reads the argparse namespace). Training
+recipes: `--recipe best` (the default: the recipe this project measured best) and `--recipe paper`
 (the paper's exact settings, for reproductions). Explicit flags override either; config.json records the
 resolved values, the recipe's name and which flags were given.
 
@@ -11,11 +12,13 @@ paper: mse, lr 1e-4, batch 128, warm-up 1000 steps, one epoch, random batches, t
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from pathlib import Path
 
-from qdistill import encoders, teacher_outputs
+from qdistill import cli, encoders, losses, students, teacher_outputs
+from qdistill.cli import positive, positive_int, share
 
 logger = logging.getLogger(__name__)
 
@@ -147,3 +150,190 @@ def finished_with(run_dir: Path, wanted: dict) -> bool:
         logger.warning("%s/final does not load (%s): the run is trained again", run_dir, str(e).splitlines()[0][:100])
         return False
     return True
+
+
+# ----------------------------------------------------------------------------- distillation.py's flags
+
+
+def add_flags(p) -> None:
+    """Every distillation.py flag, in groups; unset recipe flags stay None until resolve() fills them."""
+    for add_group in (_model_flags, _data_flags, _objective_flags, _training_flags, _output_flags):
+        add_group(p)
+
+
+def _model_flags(p) -> None:
+    add = p.add_argument_group("teacher and student").add_argument
+    add("--teacher_model", default=cli.PAPER_TEACHER, help="HF id or local SentenceTransformer folder")
+    add("--student_model_init", default="layer_reduction", choices=["layer_reduction", "pretrained", "static"])
+    add("--layers", type=int, nargs="+", help="teacher layer ids to keep, e.g. 0 11")
+    add("--num_layers", type=positive_int, default=2, help="layers to keep when --layers is not given")
+    add("--layer_strategy", default="top_bottom", choices=students.STRATEGIES)
+    add("--student_model_init_list", nargs="+", default=[], help="pretrained students: one <run_name>/<student> each")
+    add("--student_dropout", type=float, default=None, help="default: the recipe's (best: 0; paper: the teacher's)")
+    add(
+        "--freeze_embeddings",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the token embeddings fixed (cheaper steps); default: the recipe's (best: on)",
+    )
+
+
+def _data_flags(p) -> None:
+    add = p.add_argument_group("data").add_argument
+    add(
+        "--train_queries",
+        nargs="+",
+        default=["msmarco"],
+        help="'msmarco', query files (tsv id<TAB>text, jsonl, txt), and corpus:<BEIR name, folder or collection tsv>\n"
+        "(document text: titles and query-length windows); e.g. msmarco corpus:scifact",
+    )
+    add("--max_train_queries", type=positive_int, default=None, help="seeded sample of this many training texts")
+    add("--corpus_text_share", type=share, default=None, help="share of training texts from corpus: sources")
+    add("--span_words", type=positive_int, nargs=2, metavar=("MIN", "MAX"), help="window lengths (default: queries')")
+    add("--title_share", type=share, default=0.3, help="share of document texts that are titles")
+    add("--dev_queries", default=None, help="validation queries (default: a held-out training slice)")
+    add("--num_dev_queries", type=positive_int, default=1000, help="size of the held-out slice")
+    add("--data_dir", default=cli.DATA_DIR, help="downloads and assembled offline models go here")
+    add("--max_seq_length", type=positive_int, default=128, help="query max length (labels and student)")
+    add("--augment", type=int, default=0, choices=range(11), metavar="0..10", help="perturbed variants per query")
+    add(
+        "--teacher_query_embeddings",
+        default=None,
+        help="the teacher's query vectors you logged (.npy), used as labels: row i = the i-th id of\n"
+        "--teacher_query_ids, or the i-th query of the one --train_queries file",
+    )
+    add("--teacher_query_ids", default=None, help="ids of --teacher_query_embeddings' rows, one a line")
+
+
+def _objective_flags(p) -> None:
+    add = p.add_argument_group("objective").add_argument
+    add("--loss", default=None, type=losses.parse_loss, help="mse, cosine, or weighted terms, e.g. mse:1.0,kl:5.0")
+    add("--token_loss_weight", type=float, default=0.0, help="also match the teacher's last-layer token states")
+    add(
+        "--align_loss_weight",
+        type=float,
+        default=0.0,
+        help="also match, token by token, the student's hidden state after its layer j to the teacher's entering\n"
+        "teacher layer keep[j+1] (masked MSE; layer-reduced students of 2+ layers)",
+    )
+    add("--score_corpus", default=None, help="BEIR folder or collection tsv for kl/margin_mse (not an eval set)")
+    add(
+        "--doc_index",
+        default=None,
+        help="for kl/margin_mse: the teacher's document index you have (pyserini folder, or faiss/.npy file with\n"
+        "--doc_ids; flat or .npy); --score_corpus, if given, is the text a sample of it is checked against",
+    )
+    add("--doc_ids", default=None, help="ids of a --doc_index file, one a line")
+    add("--kl_temperature", type=positive, default=0.05)
+    add("--kl_top_k", type=positive_int, default=32, help="teacher top-k documents per query")
+    add("--kl_negatives", type=positive_int, default=32, help="random corpus documents added per query")
+    add("--margin_triples", default=None, help="pos<TAB>neg<TAB>qid<TAB>pid_pos<TAB>pid_neg (Margin-MSE)")
+    add("--triples_collection", default=None, help="pid<TAB>text passages for --margin_triples")
+    add("--margin_scale", type=positive, default=1.0, help="scales the file's margins to the teacher's range")
+
+
+def _training_flags(p) -> None:
+    add = p.add_argument_group("training (unset: the recipe's value)").add_argument
+    add(
+        "--recipe",
+        default="best",
+        choices=sorted(RECIPES),
+        help="best: the recipe measured best here (cosine, lr 1e-3, batch 64, 4 epochs, frozen embeddings,\n"
+        "dropout 0, grouped batches); paper: mse, lr 1e-4, batch 128, warm-up 1000, 1 epoch",
+    )
+    add("--per_device_train_batch_size", "--train_batch_size", type=positive_int, default=None)
+    add("--per_device_eval_batch_size", "--eval_batch_size", type=positive_int, default=128)
+    add("--learning_rate", type=positive, default=None)
+    add("--warmup_steps", type=int, default=None, help="capped at 10%% of the run's steps")
+    add("--num_train_epochs", type=positive, default=None)
+    add("--adam_epsilon", type=positive, default=1e-6)
+    add("--weight_decay", type=cli.non_negative, default=0.01)
+    add(
+        "--group_by_length",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batches of similar token length (less padding); --no-group_by_length: random batches",
+    )
+    add("--eval_steps", type=positive_int, default=500)
+    add("--logging_steps", type=positive_int, default=50)
+    add("--save_total_limit", type=positive_int, default=2)
+    add("--seed", type=cli.non_negative_int, default=42)
+    add("--fp16", action="store_true", help="CUDA only")
+    add("--bf16", action="store_true", help="CUDA only")
+    add("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    add("--label_batch_size", type=positive_int, default=256)
+    add("--label_devices", nargs="+", default=None, help="several devices: multi-process teacher labelling")
+
+
+def _output_flags(p) -> None:
+    add = p.add_argument_group("output").add_argument
+    add("--output_path", default="output")
+    add("--run_name", default=None, help="default: derived from teacher and student")
+    add("--overwrite_output_dir", action="store_true")
+    add(
+        "--skip_finished",
+        action="store_true",
+        help="keep a run whose final/ was made by the same recipe (flags and data content); retrain others",
+    )
+    add("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' (newest complete one)")
+    add("--save_asymmetric", action="store_true", help="also save <run>/asymmetric: student queries, teacher docs")
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", default=None)
+    add("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def validate(p, args) -> None:
+    """Flag combinations that cannot work: argparse's exit 2 with one line, before anything runs."""
+    if args.student_model_init == "pretrained" and not args.student_model_init_list:
+        p.error("--student_model_init pretrained needs --student_model_init_list M1 [M2 ...]")
+    if args.student_model_init_list and args.student_model_init != "pretrained":
+        p.error("--student_model_init_list goes with --student_model_init pretrained")
+    if args.push_to_hub and not args.hub_model_id:
+        p.error("--push_to_hub needs --hub_model_id")
+    if set(args.loss) & set(losses.SCORE_TERMS) and not (args.score_corpus or args.doc_index or args.margin_triples):
+        p.error(
+            "--loss terms kl/margin_mse need --score_corpus (a BEIR folder or collection tsv), --doc_index or "
+            "--margin_triples"
+        )
+    if args.margin_triples and (args.score_corpus or args.doc_index):
+        p.error("--margin_triples scores against its own --triples_collection; drop --score_corpus/--doc_index")
+    if args.doc_ids and not args.doc_index:
+        p.error("--doc_ids goes with --doc_index (the index whose rows they name)")
+    if args.doc_index and not set(args.loss) & set(losses.SCORE_TERMS):
+        p.error("--doc_index serves the score terms; add kl or margin_mse to --loss, e.g. cosine:1.0,kl:1.0")
+    if args.teacher_query_ids and not args.teacher_query_embeddings:
+        p.error("--teacher_query_ids goes with --teacher_query_embeddings (the vectors whose rows they name)")
+    if args.margin_triples and not args.triples_collection:
+        p.error("--margin_triples needs --triples_collection (pid<TAB>text)")
+    if args.margin_triples and args.augment:
+        p.error("--augment applies to plain query training, not to --margin_triples")
+    if args.student_dropout is not None and not 0 <= args.student_dropout < 1:
+        p.error("--student_dropout must be in [0, 1)")
+    if args.token_loss_weight and args.student_model_init != "layer_reduction":
+        p.error("--token_loss_weight needs --student_model_init layer_reduction (same tokenizer and width)")
+    for flag in ("token_loss_weight", "align_loss_weight"):  # nan fails this too: it would train to a NaN final/
+        if not 0 <= getattr(args, flag) < float("inf"):
+            p.error(f"--{flag} must be a finite number >= 0")
+    if args.align_loss_weight and args.student_model_init != "layer_reduction":
+        p.error("--align_loss_weight needs --student_model_init layer_reduction (the teacher's own layers)")
+    if args.align_loss_weight and len(args.layers or range(args.num_layers)) < 2:
+        p.error("--align_loss_weight aligns a student layer to the next kept teacher layer: keep 2 or more layers")
+    if args.layers:
+        if len(set(args.layers)) != len(args.layers) or min(args.layers) < 0:
+            p.error(f"--layers {' '.join(map(str, args.layers))}: give distinct teacher layer ids >= 0")
+        args.layers = sorted(args.layers)  # kept in teacher order: --layers 5 0 is the same student as 0 5
+    if args.max_seq_length < 3:
+        p.error("--max_seq_length must be >= 3: two special tokens and one word (tokenizers ignore less)")
+    corpora = [q for q in args.train_queries if q.startswith("corpus:")]
+    if corpora and args.corpus_text_share == 0:
+        p.error(f"--corpus_text_share 0 gives {corpora[0]} no text; drop the corpus: sources or raise the share")
+    if args.span_words and args.span_words[0] > args.span_words[1]:
+        p.error(f"--span_words MIN MAX: {args.span_words[0]} > {args.span_words[1]}; give the shorter length first")
+    specs = args.train_queries
+    if len(set(specs)) != len(specs):
+        dup = next(q for q in specs if specs.count(q) > 1)
+        p.error(f"--train_queries names {dup} twice; give each source once (shares are split evenly)")
+    if args.freeze_embeddings and args.student_model_init == "static":
+        p.error("--freeze_embeddings would leave a static student nothing to train; drop it")
+    if args.warmup_steps < 0:
+        p.error("--warmup_steps must be >= 0")

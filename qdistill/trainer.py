@@ -40,10 +40,6 @@ class TrainSettings:
     bf16: bool
     group_by_length: bool
 
-    @classmethod
-    def from_args(cls, args) -> TrainSettings:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
 
 class Targets(NamedTuple):
     """What the student is trained and validated against, all from the frozen teacher."""

@@ -243,10 +243,6 @@ class TextSettings:
     triples_collection: str | None
     score_corpus: str | None
 
-    @classmethod
-    def from_args(cls, args) -> TextSettings:
-        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-
 
 def read_sources(args: TextSettings):
     """(sources record, train texts, dev texts, triples, score corpus): every input file read and checked."""
