@@ -127,22 +127,46 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
 
 
 def main(argv=None) -> dict:
+    """The pipeline: flags resolved into a recipe; every input checked; finished runs kept; the teacher loaded and
+    the user's index and logged vectors checked against it; students built; targets labelled; each one trained."""
     args = parse_args(argv)
     cli.start_run(args.log_level, args.seed, args.output_path)
     rank, world, device = torchrun.distributed(cli.pick_device(args.device))
     with torchrun.main_first(rank):  # one download of the training queries, however many ranks
         inputs = check_inputs(args, device, world)
-    done = [p for p in inputs.plans if p["done"]]
-    for plan in done:
-        logger.info("%s: finished earlier by the same recipe, kept (--skip_finished)", plan["run_dir"])
-    plans = [p for p in inputs.plans if not p["done"]]
-    results = [{**json.loads((p["run_dir"] / "metrics.json").read_text()), "reused": True} for p in done]
+    kept, plans = finished_runs(inputs.plans)
     if not plans:
-        return {"runs": results}
+        return {"runs": kept}
     teacher, _ = encoders.load_model(args.teacher_model, device, path=inputs.teacher_path)
     check_given(args, inputs, teacher)  # the user's index and logged vectors belong to this teacher, or exit 2
+    built = build_students(args, plans, teacher, device)  # first: bad layer ids fail before any labelling
+    logger.info("%d training texts (%s), %d validation texts", len(inputs.train), inputs.sources, len(inputs.dev))
+    targets, loss_settings, score = prepare_targets(args, inputs, teacher, world)
+    config = run_config(args, argv, inputs, device, world)
+    # the leak guard's input: which normalised texts trained the student (evaluation counts its queries among them)
+    sources = {**inputs.sources, "text_hashes": data.text_hashes(targets.texts)}
+    trained = []
+    for plan, (student, info) in zip(plans, built):  # one student per plan, all trained on the same targets
+        run = {**plan, "config": {**config, "student": info, "recipe": plan["recipe"]}, "info": info}
+        stage = (student, teacher, targets, loss_settings, score, sources, device, rank, world)
+        trained.append(run_plan(args, run, *stage, multi=len(plans) > 1))
+    torchrun.barrier()  # no rank leaves before rank 0 has written everything
+    return {"runs": kept + trained}
+
+
+def finished_runs(plans: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(the metrics of runs finished earlier by the same recipe, kept; the plans still to train)."""
+    kept = []
+    for plan in (p for p in plans if p["done"]):
+        logger.info("%s: finished earlier by the same recipe, kept (--skip_finished)", plan["run_dir"])
+        kept.append({**json.loads((plan["run_dir"] / "metrics.json").read_text()), "reused": True})
+    return kept, [p for p in plans if not p["done"]]
+
+
+def build_students(args, plans: list[dict], teacher, device: str) -> list:
+    """(student, info) per plan, built before labelling: bad layer ids and unloadable students fail first."""
     freeze = args.freeze_embeddings and ("freeze_embeddings" in args.explicit_flags or "if_any")
-    student_settings = {
+    settings = {
         "layers": args.layers,
         "num_layers": args.num_layers,
         "strategy": args.layer_strategy,
@@ -152,10 +176,11 @@ def main(argv=None) -> dict:
         "data_dir": args.data_dir,
         "batch_size": args.label_batch_size,
     }
-    # built once, before labelling: bad layer ids and unloadable students fail before any expensive work
-    built = [students.build_student(plan["init"], teacher, device, **student_settings) for plan in plans]
-    logger.info("%d training texts (%s), %d validation texts", len(inputs.train), inputs.sources, len(inputs.dev))
-    targets, loss_settings, score = prepare_targets(args, inputs, teacher, world)
+    return [students.build_student(plan["init"], teacher, device, **settings) for plan in plans]
+
+
+def run_config(args, argv, inputs: Inputs, device: str, world: int) -> dict:
+    """config.json of each run: every flag, versions, the teacher, the training text, the user's inputs."""
     config = run_files.run_info(vars(args), device, argv, __file__)
     config.update(
         teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device, world_size=world
@@ -164,28 +189,7 @@ def main(argv=None) -> dict:
         config["doc_index"] = {"digest": inputs.doc_index.digest(), **inputs.doc_index.verification}
     if inputs.query_log is not None:
         config["teacher_query_embeddings"] = inputs.query_log.verification
-    # the leak guard's input: which normalised texts trained the student (evaluation counts its queries among them)
-    sources = {**inputs.sources, "text_hashes": data.text_hashes(targets.texts)}
-    for plan, (student, info) in zip(plans, built):  # one student per plan, all trained on the same targets
-        run = {**plan, "config": {**config, "student": info, "recipe": plan["recipe"]}, "info": info}
-        results.append(
-            run_plan(
-                args,
-                run,
-                student,
-                teacher,
-                targets,
-                loss_settings,
-                score,
-                sources,
-                device,
-                rank,
-                world,
-                multi=len(plans) > 1,
-            )
-        )
-    torchrun.barrier()  # no rank leaves before rank 0 has written everything
-    return {"runs": results}
+    return config
 
 
 def check_given(args, inputs: Inputs, teacher) -> None:
