@@ -181,3 +181,13 @@ def _retrieval(args, out):
     import evaluate_retrieval
 
     return evaluate_retrieval.main([*args, "--output_path", str(out), "--log_level", "warning"])
+
+
+# ----------------------------------------------------------------------------- shared by several test files
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(teacher, student): two tiny random models of one dimension."""
+    root = tmp_path_factory.mktemp("pair")
+    return make_tiny(root / "t", "bert", seed=0), make_tiny(root / "s", "bert", seed=1)

@@ -1,25 +1,331 @@
-"""distillation.py: layer choice, pruning per architecture, projection students, bad input, and a real run."""
+"""distillation.py: main([...]) on tiny and real models, flags, runs, torchrun."""
 
 import json
+import os
+import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MINILM, MPNET, TRAIN_TSV, distill_real, make_tiny, needs_data
+from conftest import DATA, MINILM, MPNET, ROOT, TRAIN_TSV, distill_real, make_tiny, needs_data
+from helpers import (
+    DOCS,
+    MORE_DOCS,
+    QRELS,
+    QUERIES,
+    cosine_rows,
+    distill,
+    distill_argv,
+    evaluate,
+    exit_2,
+    make_beir,
+    queries_file,
+    write,
+)
 from sentence_transformers import SentenceTransformer
 
 import distillation
-from qdistill import cli, data, students, training_text
+import evaluate_retrieval as er
+import evaluate_speed as es
+from qdistill import (
+    cli,
+    data,
+    encoders,
+    losses,
+    run_files,
+    students,
+    teacher_outputs,
+    training_text,
+)
 from qdistill.cli import UsageError
 
 
-def write(path, text):
-    path.write_text(text, encoding="utf-8")
-    return str(path)
+def _args(tiny, out, queries, *extra):
+    return [
+        "--teacher_model",
+        tiny,
+        "--num_layers",
+        "2",
+        "--train_queries",
+        queries,
+        "--output_path",
+        str(out),
+        "--num_dev_queries",
+        "5",
+        "--eval_steps",
+        "2",
+        "--log_level",
+        "error",
+        *extra,
+    ]
 
 
-# ----------------------------------------------------------------------------- layer choice
+@pytest.mark.parametrize(
+    "parse,argv",
+    [
+        (distillation.parse_args, ["--max_train_queries", "0"]),
+        (distillation.parse_args, ["--max_train_queries", "-5"]),
+        (distillation.parse_args, ["--per_device_train_batch_size", "0"]),
+        (distillation.parse_args, ["--train_batch_size", "0"]),
+        (distillation.parse_args, ["--learning_rate", "-1"]),
+        (distillation.parse_args, ["--num_train_epochs", "0"]),
+        (distillation.parse_args, ["--loss", "mse:0"]),
+        (distillation.parse_args, ["--student_dropout", "1.5"]),
+        (er.parse_args, ["--datasets", "x", "--k_values", "1", "5"]),
+        (er.parse_args, ["--datasets", "x", "--k_values", "0", "10"]),
+        (es.parse_args, ["--models", "m", "--queries", "q", "--num_threads", "0"]),
+        (es.parse_args, ["--models", "m", "--queries", "q", "--batch_sizes", "-1"]),
+    ],
+)
+def test_bad_numeric_flags_exit_2(parse, argv):
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+
+
+def test_original_batch_size_flags_are_aliases():
+    args = distillation.parse_args(["--train_batch_size", "7", "--eval_batch_size", "9"])
+    assert (args.per_device_train_batch_size, args.per_device_eval_batch_size) == (7, 9)
+
+
+def test_errors_leave_no_run_folder_and_the_corrected_rerun_works(tiny_bert, tmp_path, capsys):
+    q = queries_file(tmp_path)
+    out = tmp_path / "out"
+    exit_2(distillation.main, distill_argv(tiny_bert, out, q, "--fp16", "--device", "cpu"), capsys, "CUDA")
+    bad = str(tmp_path / "no-such-checkpoint")
+    exit_2(distillation.main, distill_argv(tiny_bert, out, q, "--resume_from_checkpoint", bad), capsys, "checkpoint")
+    exit_2(
+        distillation.main,
+        distill_argv(tiny_bert, out, q, "--resume_from_checkpoint", "latest"),
+        capsys,
+        "no complete checkpoint",
+    )
+    exit_2(distillation.main, distill_argv(tiny_bert, out, q, "--layers", "0", "7"), capsys, "out of range")
+    assert not [p for p in out.iterdir() if p.name not in ("labels", "index")], "no run folder left behind"
+    run = distillation.main(distill_argv(tiny_bert, out, q))["runs"][0]
+    assert os.path.isdir(run["final_path"])
+
+
+def test_one_run_per_pretrained_student(tiny_bert, tmp_path):
+    a, b = make_tiny(tmp_path / "a", "bert", hidden=16, layers=1), make_tiny(tmp_path / "b", "bert", layers=1)
+    argv = distill_argv(
+        tiny_bert,
+        tmp_path / "out",
+        queries_file(tmp_path),
+        "--student_model_init",
+        "pretrained",
+        "--student_model_init_list",
+        a,
+        b,
+        "--run_name",
+        "many",
+    )
+    runs = distillation.main(argv)["runs"]
+    # both folders are named "st": the second run gets a distinct, predictable name
+    assert [r["run_dir"] for r in runs] == [str(tmp_path / "out" / "many" / n) for n in ("st", "st~2")]
+    assert [r["student_init"] for r in runs] == [a, b]
+    assert all(SentenceTransformer(r["final_path"]).get_embedding_dimension() == 32 for r in runs)
+
+
+def test_score_corpus_marks_in_domain_and_a_corpus_source_without_text_is_refused(tiny_bert, tmp_path, capsys):
+    a = make_beir(tmp_path / "a", MORE_DOCS, QUERIES, QRELS)
+    b = make_beir(tmp_path / "b", DOCS, {"q9": "bread yeast"}, {"q9": {"d3": 1}})
+    qfile = queries_file(tmp_path)
+    scored = distillation.main(
+        distill_argv(
+            tiny_bert,
+            tmp_path / "out",
+            qfile,
+            "--loss",
+            "mse:1.0,kl:1.0",
+            "--score_corpus",
+            str(a),
+            "--run_name",
+            "kl",
+            "--kl_top_k",
+            "2",
+            "--kl_negatives",
+            "2",
+        )
+    )["runs"][0]
+    share0 = ["--train_queries", qfile, f"corpus:{b}", "--corpus_text_share", "0", "--max_train_queries", "60"]
+    # was: corpus spans filled a short query file anyway, and the collection was marked in-domain
+    with pytest.raises(SystemExit) as e:
+        distillation.main(distill_argv(tiny_bert, tmp_path / "out", qfile, *share0))
+    assert e.value.code == 2 and "--corpus_text_share 0 gives corpus:" in capsys.readouterr().err
+    blank = make_beir(tmp_path / "blank", {"e1": ("", " "), "e2": ("", "")}, {"q9": "x"}, {"q9": {"e1": 1}})
+    argv = distill_argv(tiny_bert, tmp_path / "out", qfile, "--train_queries", qfile, f"corpus:{blank}")
+    exit_2(distillation.main, [*argv, "--max_train_queries", "60", "--run_name", "blank"], capsys, "no text")
+    assert not (tmp_path / "out" / "blank").exists()
+    record = run_files.text_sources(scored["final_path"])
+    assert [c["role"] for c in record["corpora"]] == ["score corpus"]
+    rows = evaluate(tiny_bert, [scored["final_path"]], [a, b], tmp_path / "out")
+    assert (
+        rows[(scored["final_path"], "a")]["in_domain_text"] and not rows[(scored["final_path"], "b")]["in_domain_text"]
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--token_loss_weight", "nan"], "--token_loss_weight must be a finite number"),
+        (["--align_loss_weight", "-1"], "--align_loss_weight must be a finite number"),
+        (["--align_loss_weight", "1", "--student_model_init", "static"], "--align_loss_weight needs"),
+        (["--loss", "mse:nan"], "must be a finite number > 0"),
+        (["--span_words", "5", "3"], "--span_words MIN MAX: 5 > 3"),
+    ],
+)
+def test_nan_weights_and_reversed_spans_exit_2(tiny_bert, tmp_path, capsys, extra, match):
+    with pytest.raises(SystemExit) as e:
+        distillation.parse_args(distill_argv(tiny_bert, tmp_path, "q.tsv", *extra))
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_a_second_gpu_is_selected_with_cuda_visible_devices(tiny_bert, tmp_path):
+    args = distillation.parse_args(distill_argv(tiny_bert, tmp_path, queries_file(tmp_path), "--device", "cuda:1"))
+    with pytest.raises(cli.UsageError, match="CUDA_VISIBLE_DEVICES=1"):
+        distillation.check_inputs(args, "cuda:1")
+
+
+@pytest.mark.slow
+@needs_data
+def test_augmented_run_trains_on_labelled_variants(shared_output):
+    m = distill(shared_output, "aug", "--num_layers", "2", "--max_train_queries", "300", "--augment", "2")
+    assert m["augmented_variants"] == 600 and m["train_texts"] == 900
+    labels = list((shared_output / "labels").rglob("*.texts.json"))
+    assert any(len(json.loads(p.read_text())) == 900 for p in labels), "the 900 texts were labelled by the teacher"
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--weight_decay", "nan"], "--weight_decay"),
+        (["--weight_decay", "-5"], "--weight_decay"),
+        (["--seed", "-1"], "--seed"),
+        (["--max_seq_length", "1"], "--max_seq_length must be >= 3"),
+        (["--layers", "0", "0"], "distinct teacher layer ids"),
+    ],
+)
+def test_bad_training_flags_exit_2_before_anything_runs(pair, tmp_path, capsys, extra, match):
+    q = write(tmp_path / "q.tsv", "1\tx\n2\ty\n")
+    with pytest.raises(SystemExit) as e:
+        distillation.main(distill_argv(pair[0], tmp_path / "out", q, *extra))
+    assert e.value.code == 2 and match in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_push_to_hub_without_the_hub_fails_before_training(pair, tmp_path, capsys):
+    q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i}\n" for i in range(40)))
+    argv = distill_argv(pair[0], tmp_path / "out", q, "--push_to_hub", "--hub_model_id", "me/s", "--run_name", "r")
+    exit_2(distillation.main, argv, capsys, "--push_to_hub me/s")
+    assert not (tmp_path / "out" / "r").exists() and not (tmp_path / "out" / "labels").exists()
+
+
+@pytest.mark.slow
+@needs_data
+def test_torchrun_two_processes_train_once_and_write_once(tmp_path):
+    queries = tmp_path / "q.tsv"
+    queries.write_text("".join(TRAIN_TSV.read_text().splitlines(keepends=True)[:600]))
+    corpus, _ = data.load_corpus(DATA / "cranfield")
+    coll = tmp_path / "coll.tsv"  # a small score corpus: its teacher index is built sharded across the 2 ranks
+    coll.write_text("".join(f"{d}\t{teacher_outputs.doc_text(corpus[d])}\n" for d in sorted(corpus)[:300]))
+    common = [
+        "--teacher_model",
+        MINILM,
+        "--num_layers",
+        "2",
+        "--train_queries",
+        str(queries),
+        "--num_dev_queries",
+        "50",
+        "--learning_rate",
+        "1e-3",
+        "--loss",
+        "cosine:1.0,kl:1.0",
+        "--eval_steps",
+        "4",
+        "--num_train_epochs",
+        "1",
+        "--score_corpus",
+        str(coll),
+        "--log_level",
+        "info",
+    ]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "distillation.py",
+            *common,
+            "--per_device_train_batch_size",
+            "32",
+            "--output_path",
+            str(tmp_path / "ddp"),
+            "--run_name",
+            "r",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    # a missing query file: rank 0 finds it, and every rank exits 2 with the same one line (no gloo traceback)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "distillation.py",
+            *common,
+            "--train_queries",
+            str(tmp_path / "missing.tsv"),
+            "--output_path",
+            str(tmp_path / "bad"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode != 0 and len(errors) == 2 and "missing.tsv" in errors[0], bad.stderr[-2000:]
+    # torchrun's own report: the first rank out exited 2 (not aborted, not timed out in a collective); torchrun
+    # then stops the other, which has printed the same line
+    assert "exitcode  : 2" in bad.stderr and "exitcode  : -6" not in bad.stderr, bad.stderr[-2000:]
+    assert "gloo" not in bad.stderr.lower(), bad.stderr[-2000:]
+    assert log.count("qdistill.cache: labelled") == 2, "train and dev labels, computed once (shared by 2 ranks)"
+    assert log.count("2 process(es)") == 2
+    runs = list((tmp_path / "ddp").glob("*/final"))
+    assert [p.parent.name for p in runs] == ["r"] and (tmp_path / "ddp" / "r" / "config.json").exists()
+    ddp = json.loads((tmp_path / "ddp" / "r" / "metrics.json").read_text())
+    assert ddp["world_size"] == 2 and ddp["config"]["world_size"] == 2 and ddp["teacher_label_runs"] == 2
+    argv = [
+        *common,
+        "--per_device_train_batch_size",
+        "64",
+        "--output_path",
+        str(tmp_path / "single"),
+        "--run_name",
+        "r",
+        "--log_level",
+        "warning",
+    ]
+    single = distillation.main(argv)["runs"][0]
+    # the same global batch: DDP drops the uneven last batch (8 steps vs 9), so close, not equal
+    assert abs(ddp["train_steps"] - single["train_steps"]) <= 1
+    assert abs(ddp["dev_mse"] - single["dev_mse"]) < 0.15 * single["dev_mse"], (ddp["dev_mse"], single["dev_mse"])
+    assert ddp["dev_mse"] < 0.8 * ddp["initial_dev_mse"]
+    (a,), (b,) = (list((tmp_path / run).glob("index/*/*/embeddings.npy")) for run in ("ddp", "single"))
+    assert cosine_rows(np.load(a), np.load(b)).min() >= 0.9999, "the sharded index equals the single-process one"
 
 
 @pytest.mark.parametrize(
@@ -74,9 +380,6 @@ def test_unsupported_architecture():
         students.find_layers(torch.nn.Linear(2, 2))
 
 
-# ----------------------------------------------------------------------------- queries
-
-
 def test_read_queries_formats_and_cleaning(tmp_path):
     tsv = write(tmp_path / "q.tsv", "1\tWhat is  a cat\n2\twhat is a cat\n3\t \n4\tdogs\n")
     jsonl = write(tmp_path / "q.jsonl", '{"_id": "a", "text": "x y"}\n')
@@ -97,26 +400,6 @@ def test_read_queries_formats_and_cleaning(tmp_path):
 def test_malformed_query_files(tmp_path, name, content, match):
     with pytest.raises(UsageError, match=match):
         data.read_queries(write(tmp_path / name, content))
-
-
-def _args(tiny, out, queries, *extra):
-    return [
-        "--teacher_model",
-        tiny,
-        "--num_layers",
-        "2",
-        "--train_queries",
-        queries,
-        "--output_path",
-        str(out),
-        "--num_dev_queries",
-        "5",
-        "--eval_steps",
-        "2",
-        "--log_level",
-        "error",
-        *extra,
-    ]
 
 
 def test_cli_errors_exit_2_with_one_line(tiny_bert, tmp_path, capsys):
@@ -174,9 +457,6 @@ def test_held_out_dev_is_disjoint_and_seeded(tmp_path):
     dev_file = write(tmp_path / "dev.tsv", "a\tquery 1\nb\tquery 2\n")
     train, dev = training_text.train_and_dev_queries([queries], dev_file=dev_file)
     assert dev == ["query 1", "query 2"] and "query 1" not in train and len(train) == 198
-
-
-# ----------------------------------------------------------------------------- real models, real queries
 
 
 @pytest.mark.slow
@@ -242,7 +522,6 @@ def test_set_dropout_reaches_modules_and_saved_config(tiny_bert, tmp_path):
 
 
 def test_length_grouped_batches_cover_every_text_once_per_epoch_with_little_padding():
-    import random
 
     from qdistill import batching
 
@@ -274,7 +553,7 @@ def test_length_grouping_reads_a_static_students_tokenizer():
 
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from qdistill import batching, encoders
+    from qdistill import batching
 
     tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -354,14 +633,10 @@ def test_a_static_table_trains_as_a_pretrained_student(tiny_bert, tmp_path):
     assert sources["initialised_from"]["model"] == first["final_path"]
 
 
-# ----------------------------------------------------------------------------- intermediate alignment
-
-
 @pytest.mark.parametrize("keep, pairs", [([0, 3], [(0, 3)]), ([1, 2, 3], [(0, 2), (1, 3)])])
 def test_alignment_matches_each_student_layer_to_the_teacher_state_entering_the_next_kept_layer(tmp_path, keep, pairs):
     """The term is the masked MSE between the student's state after its layer j and the full teacher's
     hidden_states[keep[j + 1]], computed here independently; the hooks it uses are gone after each step."""
-    from qdistill import losses
 
     teacher = SentenceTransformer(make_tiny(tmp_path, "mpnet", layers=4, seed=3), device="cpu")
     student = students.layer_reduced_student(teacher, keep)

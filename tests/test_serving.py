@@ -1,4 +1,4 @@
-"""Serving: ONNX Runtime export of a real 2-layer MiniLM student, the lean query path, and its retention."""
+"""serving.py: ONNX Runtime export of a real 2-layer MiniLM student, the lean query path, its retention."""
 
 import json
 

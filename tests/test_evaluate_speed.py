@@ -1,4 +1,4 @@
-"""evaluate_speed.py: the rows follow the plan on any machine; int8 really quantizes; no ratio is asserted."""
+"""evaluate_speed.py: the side-by-side timing harness."""
 
 import json
 
@@ -6,9 +6,67 @@ import numpy as np
 import pytest
 import torch
 from conftest import DATA, MINILM, needs_data
+from helpers import exit_2, write
 
 import evaluate_speed as es
-from qdistill import cli
+import serving
+from qdistill import cli, onnx_export
+
+
+def test_speed_with_nothing_to_time_exits_2(tmp_path, capsys):
+    q = write(tmp_path / "q.tsv", "1\tquery\n")
+    argv = [
+        "--models",
+        "no/model",
+        "--queries",
+        q,
+        "--devices",
+        "cpu",
+        "--precision",
+        "fp16",
+        "--output_path",
+        str(tmp_path),
+    ]
+    exit_2(es.main, argv, capsys, "nothing to time")
+    plan, notes = es.plan_variants(["cpu", "cuda"], ["fp32", "fp16"], ["none", "int8"], cuda=False)
+    assert plan == [("cpu", "fp32"), ("cpu", "int8")] and len(notes) == 2
+    plan, _ = es.plan_variants(["cpu", "cuda"], ["fp32", "fp16"], ["none", "int8"], cuda=True)
+    assert plan == [("cpu", "fp32"), ("cpu", "int8"), ("cuda", "fp32"), ("cuda", "fp16")]
+
+
+def test_speed_times_an_exported_folder_and_records_the_command_given(tiny_bert, tmp_path):
+    q = write(tmp_path / "q.tsv", "".join(f"{i}\tquery {i} about topic {i % 3}\n" for i in range(12)))
+    serving.main(["--model", tiny_bert, "--queries", q, "--output_path", str(tmp_path / "onnx"), "--no_int8"])
+    argv = [
+        "--models",
+        tiny_bert,
+        str(tmp_path / "onnx" / "fp32"),
+        "--queries",
+        q,
+        "--num_queries",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--batch_sizes",
+        "1",
+        "--output_path",
+        str(tmp_path),
+        "--num_threads",
+        "1",
+        "--log_level",
+        "error",
+    ]
+    out = es.main(argv)
+    rows = [r for r in out["results"] if r["model"] == str(tmp_path / "onnx" / "fp32")]
+    assert {r["backend"] for r in rows} == {"onnx", "tokenizer only"} and rows[0]["dim"] == 32
+    assert rows[0]["layers"] == 4 and "speedup" in rows[0]
+    assert out["config"]["command"] == "evaluate_speed.py " + " ".join(argv)
+    assert out["config"]["git_dirty"] in (True, False)
+    # the one export location: onnx_export.cached_export finds what an earlier call wrote, keyed by content
+    first = onnx_export.cached_export("tiny", tiny_bert, tmp_path, ["a", "b"], int8=False)
+    assert onnx_export.export_folder("tiny", tiny_bert, tmp_path) == first["fp32"].folder.parent
 
 
 @pytest.mark.slow
