@@ -202,6 +202,8 @@ def check_datasets(cfg) -> list[tuple[Dataset, dict | None]]:
                     raise
                 raise UsageError(f"{e}; or pass --label_free to evaluate agreement with the teacher only") from None
             out.append((ds, None))
+            if cfg.queries or cfg.pseudo_queries:
+                logger.warning("%s has qrels: evaluated on them; --queries/--pseudo_queries serve the others", name)
         check_index_size(cfg.index, num_docs, name)
     if (cfg.queries or cfg.pseudo_queries) and all(q is None for _, q in out):
         flag = "--queries" if cfg.queries else "--pseudo_queries"
