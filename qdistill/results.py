@@ -60,7 +60,9 @@ def kind(record: dict) -> str:
 
 def paired(student: dict, teacher: dict, metric: str = "NDCG@10") -> tuple[dict, dict]:
     """(student, teacher) per-query values of one metric over the same queries, the student's leaked
-    evaluation queries left out of both. Different query sets are an error, never silently intersected."""
+    evaluation queries left out of both: the one way into a retention, so results not made alike (check_alike)
+    and different query sets are errors here, never silently intersected."""
+    check_alike(student, teacher, f"{student.get('model')} on {student.get('dataset')}")
     s, t = student["per_query"][metric], teacher["per_query"][metric]
     if set(s) != set(t):
         raise UsageError(

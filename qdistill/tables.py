@@ -14,13 +14,12 @@ def fmt(x, digits=3):
 
 def retention_cis(rows: list[dict], teacher: str, seed: int) -> None:
     """Per-dataset retention of nDCG@10 and R@100 with its interval and paired test, into each student row (in
-    place), over the queries it never trained on, from results checked to be made alike."""
+    place), over the queries it never trained on, from results checked to be made alike (results.paired)."""
     by = {(r["model"], r["dataset"]): r for r in rows}
     for r in rows:
         t = by.get((teacher, r["dataset"]))
         if r["model"] == teacher or not t or "per_query" not in r or "metrics" not in r:
             continue
-        results.check_alike(r, t, f"{r['model']} on {r['dataset']}")
         r["retention"] = {
             m: stats.retention_ci(*results.paired(r, t, m), seed)
             for m in ("NDCG@10", "Recall@100")
