@@ -96,7 +96,15 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
     )
     index = given_index.open_index(args.doc_index, args.doc_ids) if args.doc_index else None
     if index is not None:  # its documents train the student: collections evaluated on this index are in-domain
-        sources["corpora"].append({"spec": args.doc_index, "index_digest": index.digest(), "role": "score index"})
+        given_index.require_vectors(index)  # score terms read every stored vector: refused before any labelling
+        sources["corpora"].append(
+            {
+                "spec": cli.redact(str(args.doc_index)),
+                "index_digest": index.digest(),
+                "index_id_set": index.id_set_digest(),
+                "role": "score index",
+            }
+        )
     logged = None
     if args.teacher_query_embeddings:
         files = [Path(f["path"]) for f in sources["query_files"]]
@@ -204,7 +212,9 @@ def check_given(args, inputs: Inputs, teacher) -> None:
             return teacher.encode_document([teacher_outputs.doc_text(corpus[i]) for i in ids], convert_to_numpy=True)
 
         index = inputs.doc_index
-        index.verification = index_check.verify(index, encode_documents, corpus, sim, name, args.seed)
+        index.verification = index_check.verify(
+            index, encode_documents, corpus, sim, name, args.seed, args.allow_partial_index
+        )
     if inputs.query_log is not None:
 
         def encode_queries(texts):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from qdistill import cli, eval_data, evaluation, run_files, tables
 from qdistill.cli import positive_int
@@ -66,6 +67,16 @@ def parse_args(argv=None):
         "faiss file or embeddings .npy with --doc_ids; no document is encoded beyond a 64-document check",
     )
     add("--doc_ids", nargs="+", default=None, help="each --doc_index file's ids (one a line; - for a pyserini folder)")
+    add(
+        "--allow_partial_index",
+        action="store_true",
+        help="accept a --doc_index that lacks more than 1%% of the corpus's documents (the table shows the share)",
+    )
+    add(
+        "--milvus_search_params",
+        default=None,
+        help="a milvus: --doc_index searched with these, e.g. '{\"nprobe\": 16}' (default: the engine's own)",
+    )
     add("--export_index", default=None, help="also write each teacher index built here as DIR/<dataset>/{index,docid}")
     add("--output_path", default="output")
     add("--save_run", action="store_true", help="also write a TREC run file per (model, dataset)")
@@ -104,6 +115,8 @@ def _validate(p, args) -> None:
         p.error(f"--doc_ids lists {len(args.doc_ids)} files, --doc_index {len(args.doc_index)}; one each (- for none)")
     if args.export_index and args.doc_index:
         p.error("--export_index writes indexes this script builds; with --doc_index it builds none")
+    if args.export_index and Path(args.export_index).exists() and not Path(args.export_index).is_dir():
+        p.error(f"--export_index {args.export_index} is a file; give a folder (each dataset goes in DIR/<dataset>)")
 
 
 def main(argv=None) -> dict:

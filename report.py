@@ -27,7 +27,12 @@ def parse_args(argv=None):
     p.add_argument("--students", nargs="+", default=[], help="paper: the students")
     p.add_argument("--datasets", nargs="+", required=True, help="names or folders, as given to evaluate_retrieval.py")
     p.add_argument("--speed", help="evaluate_speed.py JSON (example, paper)")
-    p.add_argument("--index", default="flat", choices=["flat", "hnsw", "ivfpq"], help="the results of this index kind")
+    p.add_argument(
+        "--index",
+        default="flat",
+        type=index_kind,
+        help="the results of this index kind: flat, hnsw, ivfpq, or given-<type> (a given approximate index)",
+    )
     p.add_argument("--seed", type=cli.non_negative_int, default=0, help="bootstrap seed (as evaluate_retrieval.py)")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--output_path", default="output")
@@ -39,6 +44,12 @@ def result_names(datasets: list[str]) -> dict[str, str]:
     by its stem)."""
     stems = [Path(d).stem if Path(d).is_file() else Path(d).name for d in datasets]
     return dict(zip(datasets, data.display_names(stems)))
+
+
+def index_kind(text: str) -> str:
+    if text in ("flat", "hnsw", "ivfpq") or re.fullmatch(r"given-[a-z0-9_+-]+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: flat, hnsw, ivfpq or given-<type> (e.g. given-hnswflat)")
 
 
 def load_retrieval(output_path, teacher, model, dataset, name=None, index="flat") -> dict:
@@ -145,15 +156,14 @@ def paper_table(args) -> str:
     if gpu:
         head += ["GPU b1 ms", "GPU speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    teacher_ndcg = {}
-    for d in args.datasets:
-        teacher_ndcg[d] = pair(args, args.teacher_model, d, result[d])[1]["metrics"]["NDCG@10"]
     labels, points = [], []
     for model in [args.teacher_model, *args.students]:
         pairs = {d: pair(args, model, d, result[d]) for d in args.datasets}
         if any(r.get("in_domain_text") for r, _ in pairs.values()):
             raise UsageError(f"{model} trained on text of an evaluated collection; the paper table is zero-shot only")
         ms = {d: r["metrics"] for d, (r, _) in pairs.items()}
+        # each dataset's ratio from the paired per-query values (made alike, same queries, leaked left out)
+        ratios = {d: results.clean_ratio(*pairs[d]) for d in args.datasets}
         cis = [
             stats.mean_retention_ci([results.paired(*pairs[d], m) for d in args.datasets], seed=args.seed)
             for m in ("NDCG@10", "Recall@100")
@@ -162,7 +172,7 @@ def paper_table(args) -> str:
         label = "teacher" if model == args.teacher_model else layers_label(model)
         # each dataset's nDCG@10 and, for students, its retention; the mean's interval beside the mean
         per_dataset = [
-            f"{ms[d]['NDCG@10']:.4f}" + (f" ({ms[d]['NDCG@10'] / teacher_ndcg[d]:.2f})" if label != "teacher" else "")
+            f"{ms[d]['NDCG@10']:.4f}" + (f" ({ratios[d]:.2f})" if label != "teacher" and ratios[d] else "")
             for d in args.datasets
         ]
         cells = [label, *per_dataset, *map(stats.fmt_ci, cis)]

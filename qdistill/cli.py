@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -25,12 +26,31 @@ class UsageError(Exception):
     """Bad input from the user: reported as one line and exit code 2 by `cli`."""
 
 
+# a uri's `user:password@` and any token=/password=/api_key= value: never written into a result, config, log or error
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s\"']+@|((?:token|password|api_key)=)[^&#\s\"']+", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """The text with credentials replaced by ***."""
+    return _CREDENTIALS.sub(lambda m: (m.group(1) or "") + "***" + ("@" if m.group(0).endswith("@") else ""), text)
+
+
+class RedactingFilter(logging.Filter):
+    """Log records with credentials redacted (a uri with a password can reach a message through any library)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if _CREDENTIALS.search(message):
+            record.msg, record.args = redact(message), None
+        return True
+
+
 def cli(main, argv=None) -> None:
     """Run a script's main(); turn UsageError into a one-line message and exit code 2."""
     try:
         main(argv)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact(str(e))}", file=sys.stderr)
         _leave_process_group()
         sys.exit(2)
 
@@ -49,6 +69,8 @@ def setup_logging(level: str = "info") -> None:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", level=logging.WARNING, force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     logging.getLogger("qdistill").setLevel(getattr(logging, level.upper()))
 
 

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import NamedTuple
 
-from qdistill import cli, data, given_index, index_check, teacher_outputs, training_text
+from qdistill import cli, data, given_index, index_check, milvus, teacher_outputs, training_text
 from qdistill.cli import UsageError
 from qdistill.search import check_index_size
 
@@ -43,6 +43,8 @@ class EvalSettings:
     self_retrieval: bool
     seed: int
     index_seed: int
+    allow_partial_index: bool = False
+    milvus_search_params: str | None = None
 
 
 SELF_RETRIEVAL = {"arguana", "quora"}  # BEIR collections whose queries are documents (beir's ignore_identical_ids)
@@ -164,10 +166,20 @@ def given_indexes(cfg, count: int) -> list:
             f"--doc_index lists {len(cfg.doc_index)} indexes for {count} datasets; give one per dataset, in order"
         )
     ids = [None if i in (None, "-") else i for i in (cfg.doc_ids or [None] * count)]
-    opened = [given_index.open_index(spec, i) for spec, i in zip(cfg.doc_index, ids)]
+    params = milvus.search_params(cfg.milvus_search_params)
+    if params and not any(milvus.is_milvus(spec) for spec in cfg.doc_index):
+        raise UsageError("--milvus_search_params goes with a milvus: --doc_index; the others carry their own")
+    opened = [given_index.open_index(spec, i, params) for spec, i in zip(cfg.doc_index, ids)]
     for spec, index in zip(cfg.doc_index, opened):
         if index.searched_as_built and cfg.index != "flat":
-            raise UsageError(f"--index {cfg.index}: the faiss index {spec} is searched as it was built; drop --index")
+            raise UsageError(
+                f"--index {cfg.index}: the index {milvus.redact(str(spec))} is searched as it was built; drop --index"
+            )
+        if index.kind == "milvus" and max(cfg.k_values) + 1 > milvus.MAX_TOP_K:
+            raise UsageError(
+                f"--k_values {max(cfg.k_values)}: Milvus returns at most {milvus.MAX_TOP_K} results a query "
+                f"(k + 1 are searched); lower it"
+            )
     return opened
 
 
@@ -205,6 +217,8 @@ def check_datasets(cfg) -> list[tuple[Dataset, dict | None]]:
             if cfg.queries or cfg.pseudo_queries:
                 logger.warning("%s has qrels: evaluated on them; --queries/--pseudo_queries serve the others", name)
         check_index_size(cfg.index, num_docs, name)
+        if cfg.export_index:  # before any work: a folder that is not an earlier export is the user's
+            given_index.check_export_folder(Path(cfg.export_index) / name)
     if (cfg.queries or cfg.pseudo_queries) and all(q is None for _, q in out):
         flag = "--queries" if cfg.queries else "--pseudo_queries"
         raise UsageError(f"{flag} is for label-free datasets, and every dataset here has qrels; add --label_free")

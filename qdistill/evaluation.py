@@ -8,6 +8,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,8 +31,9 @@ from qdistill.search import cached_faiss, unit
 
 logger = logging.getLogger(__name__)
 
-# 3: what made the result (made_alike), leaked queries and own ids in every result file; older ones are recomputed
-RESULT_SCHEMA = 3
+# 4: results keyed and paired by one definition (result_settings), approximate indexes as served; older ones
+# are recomputed
+RESULT_SCHEMA = 4
 
 
 def model_paths(cfg: EvalSettings) -> dict:
@@ -84,7 +86,9 @@ def check_index(cfg: EvalSettings, ds: Dataset, teacher):
             texts = [teacher_outputs.doc_text(corpus[i]) for i in ids]
             return teacher.encode_document(texts, batch_size=cfg.corpus_batch_size, convert_to_numpy=True)
 
-    index.verification = index_check.verify(index, encode, corpus, sim, cfg.teacher_model, cfg.seed)
+    index.verification = index_check.verify(
+        index, encode, corpus, sim, cfg.teacher_model, cfg.seed, cfg.allow_partial_index
+    )
     return index
 
 
@@ -93,7 +97,8 @@ def document_side(cfg: EvalSettings, ds: Dataset, teacher, teacher_path, corpus,
     if ds.doc_index is not None:
         index = ds.doc_index
         record = {"given": True, "digest": index.digest(), "documents_encoded": 0, **index.verification}
-        record.update(kind=index.kind, faiss_type=index.faiss_type, num_docs=len(index))
+        record.update(kind=index.kind, faiss_type=index.faiss_type, num_docs=len(index), label=index.label)
+        record.update(metric=index.metric, served=index.served(), id_set=index.id_set_digest())
         return index, {**record, "folder": Path(cfg.output_path) / "index" / "given" / index.digest()}
     doc_emb, doc_ids, meta = teacher_outputs.teacher_index(
         teacher,
@@ -106,13 +111,14 @@ def document_side(cfg: EvalSettings, ds: Dataset, teacher, teacher_path, corpus,
         cfg.corpus_batch_size,
         devices=cfg.encode_devices,
     )
+    digest = teacher_outputs.sha256_texts([json.dumps(meta["key"], sort_keys=True)])[:16]
     if cfg.export_index:
         cosine = encoders.similarity_name(teacher) == "cosine"
-        folder = given_index.write_pyserini(Path(cfg.export_index) / ds.name, doc_emb, doc_ids, cosine)
+        folder = given_index.export_pyserini(Path(cfg.export_index) / ds.name, doc_emb, doc_ids, cosine, digest)
         logger.info("wrote the teacher index of %s in pyserini's layout: %s", ds.name, folder)
     index = given_index.open_npy(Path(meta["folder"]) / "embeddings.npy", doc_ids)
-    digest = teacher_outputs.sha256_texts([json.dumps(meta["key"], sort_keys=True)])[:16]
     record = {"given": False, "digest": digest, "documents_encoded": meta["num_docs"], "index_verified": True}
+    record.update(label=cfg.index, id_set=given_index.id_set_digest(doc_ids))
     return index, {**record, "folder": meta["folder"], "encode_seconds": meta.get("encode_seconds")}
 
 
@@ -124,26 +130,13 @@ def evaluate_dataset(cfg: EvalSettings, ds: Dataset, queries, paths, models, sou
     teacher = models[cfg.teacher_model]
     index, index_meta = document_side(cfg, ds, teacher, paths[cfg.teacher_model], corpus, corpus_file)
     sim = encoders.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
-    settings = {
-        "dataset": ds.digest,
-        "split": ds.split,
-        "index": cfg.index,
-        # the index by content (its files' digests and faiss type, or the built index's key), never by path
-        "teacher_index": index_meta["digest"],
-        "index_verified": index_meta["index_verified"],
-        "k_values": cfg.k_values,
-        "similarity": sim,
-        "own_ids": teacher_outputs.sha256_texts(sorted(own))[:16],
-        "faiss": __import__("faiss").__version__,
-        "schema": RESULT_SCHEMA,
-        # hnsw/ivfpq: built with the seed and these settings
-        **({"index_seed": cfg.index_seed, "index_build": search.BUILD[cfg.index]} if cfg.index != "flat" else {}),
-    }
+    settings = result_settings(cfg, ds, index, index_meta, sim, own)
+    label = settings["index"]
     records, pending = {}, []
     for name in names:
         runtime = {"onnxruntime": __import__("onnxruntime").__version__} if onnx_export.is_export(paths[name]) else {}
         key, key_digest = teacher_outputs.cache_key("retrieval", paths[name], {**settings, **runtime})
-        path = out_root / run_files.slug(name) / results.result_file(ds.name, cfg.index)
+        path = out_root / run_files.slug(name) / results.result_file(ds.name, label)
         old = json.loads(path.read_text()) if path.exists() and not cfg.overwrite else {}
         if old.get("result_key") == key_digest and (not cfg.save_run or path.with_suffix(".trec").is_file()):
             logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name)
@@ -161,9 +154,36 @@ def evaluate_dataset(cfg: EvalSettings, ds: Dataset, queries, paths, models, sou
             mark_training_text(record, teacher_record, sources[name], ds, queries, collection, cfg.seed)
         record["data_stats"] = data_stats
         if name in fresh:  # fresh results are written; reused ones stay as they are
-            run_files.write_json(out_root / run_files.slug(name) / results.result_file(ds.name, cfg.index), record)
+            run_files.write_json(out_root / run_files.slug(name) / results.result_file(ds.name, label), record)
         rows.append({**record, "group": ds.group, "reused": name not in fresh})
     return rows
+
+
+def result_settings(cfg: EvalSettings, ds: Dataset, index, index_meta: dict, sim: str, own) -> dict:
+    """Everything that makes a result what it is: the one definition behind both its key (with the k values
+    and the file layout) and the pairing of a student's result with the teacher's (results.made_alike)."""
+    import faiss
+
+    approximate = index_meta.get("label", cfg.index) != "flat"
+    settings = {
+        "dataset": ds.digest,
+        "split": ds.split,
+        "index": index_meta.get("label", cfg.index),  # flat (exact), hnsw/ivfpq (built here), given-<type>
+        # the index by content (its files' digests and type, a collection's content, or the built index's key)
+        "teacher_index": index_meta["digest"],
+        "index_verified": index_meta["index_verified"],
+        "k_values": cfg.k_values,
+        "similarity": sim,
+        "own_ids": teacher_outputs.sha256_texts(sorted(own))[:16],
+        "faiss": faiss.__version__,
+        "schema": RESULT_SCHEMA,
+        # an approximate index: its settings as served, and the depth of the second search (@100 metrics)
+        "served": index_meta.get("served") or None,
+        "deep_search_k": max(cfg.k_values) + 1 if approximate else None,
+    }
+    if ds.doc_index is None and cfg.index != "flat":  # hnsw/ivfpq built here: with the seed and these settings
+        settings.update(index_seed=cfg.index_seed, index_build=search.BUILD[cfg.index])
+    return settings
 
 
 def retrieve(searcher, q_emb, q_ids, doc_ids, k: int) -> dict[str, dict[str, float]]:
@@ -181,41 +201,64 @@ def to_results(q_ids, doc_ids, scores, rows) -> dict[str, dict[str, float]]:
     }
 
 
-def encode_and_search(model, searcher, q_texts, q_ids, doc_ids, cfg, cosine):
-    """(query embeddings, results with own ids dropped where unjudged, encode seconds, search seconds)."""
+class Searched(NamedTuple):
+    """One model's queries searched: embeddings, results at the deepest k, the top-10 as served, timings."""
+
+    q_emb: np.ndarray
+    found: dict  # k = max(k_values) (+1)
+    top10: dict  # k = 10 (+1): an approximate index searched as served for the @10 metrics
+    encode_seconds: float
+    search_seconds: float
+
+
+# cut-offs up to this are scored from a search of that depth (k + 1), as served; deeper ones from the deep search
+SHALLOW_K = 10
+
+
+def encode_and_search(model, searcher, q_texts, q_ids, doc_ids, cfg, cosine, approximate: bool) -> Searched:
+    """A model's queries encoded and searched. Over an approximate index the @10 metrics come from a search of
+    depth 10 (+1), as the index is served: faiss HNSW searches with max(efSearch, k), so one search at k = 101
+    would quietly raise efSearch to 101 for every metric."""
     t0 = time.perf_counter()
     q_emb = model.encode_query(q_texts, batch_size=cfg.query_batch_size, convert_to_numpy=True)
     enc_secs = time.perf_counter() - t0
     q_emb = unit(q_emb) if cosine else np.asarray(q_emb, np.float32)
     t0 = time.perf_counter()
     found = retrieve(searcher, q_emb, q_ids, doc_ids, max(cfg.k_values))
-    return q_emb, found, enc_secs, time.perf_counter() - t0
+    top10 = retrieve(searcher, q_emb, q_ids, doc_ids, SHALLOW_K) if approximate else found
+    return Searched(q_emb, found, top10, enc_secs, time.perf_counter() - t0)
 
 
-def score(qrels, found, k_values, own) -> dict:
-    """Relevance metrics and their per-query values; nothing without qrels (label-free: agreement only)."""
+def score(qrels, run: Searched, k_values, own) -> dict:
+    """Relevance metrics and their per-query values (cut-offs up to 10 from the top-10 as served, deeper ones
+    from the deep search); nothing without qrels (label-free: agreement only)."""
     if qrels is None:
         return {}
-    values, dropped = metrics.evaluate(qrels, found, k_values, own)
-    return {
-        "metrics": values,
-        "own_id_queries": len(own),
-        "identical_ids_dropped": dropped,
-        "per_query": metrics.per_query(qrels, found, k_values, own),
-    }
+    shallow, deep = [k for k in k_values if k <= SHALLOW_K], [k for k in k_values if k > SHALLOW_K]
+    values, dropped = metrics.evaluate(qrels, run.top10, shallow, own)
+    per_query = metrics.per_query(qrels, run.top10, shallow, own)
+    if deep:
+        more, _ = metrics.evaluate(qrels, run.found, deep, own)
+        values = {**more, **values}  # MRR@10 from the top-10 as served
+        per_query = {**metrics.per_query(qrels, run.found, deep, own), **per_query}
+    return {"metrics": values, "own_id_queries": len(own), "identical_ids_dropped": dropped, "per_query": per_query}
 
 
 def searchers(index: given_index.DocIndex, kind: str, folder, seed: int, cosine: bool):
-    """(search, exact search or None): a given faiss file searched as built; else exact search over the vectors
-    (chunk by chunk), or an hnsw/ivfpq index built from them once, with exact search beside it for its recall."""
+    """(search, exact search or None): a given index searched as built (approximate ones with exact search over
+    their stored vectors beside, for their recall, where they store vectors); else exact search over the vectors
+    (chunk by chunk), or an hnsw/ivfpq index built from them once, with exact search beside it."""
 
-    def exact(q, k):
+    def served(q, k):
         return index.search(q, k, cosine)
 
-    if kind == "flat" or index.searched_as_built:
-        return exact, None
+    if index.searched_as_built:
+        vectors = index.approximate and index.exact
+        return served, (lambda q, k: index.exact_vectors_search(q, k, cosine)) if vectors else None
+    if kind == "flat":
+        return served, None
     approx = cached_faiss(np.load(index.path, mmap_mode="r"), kind, folder, seed, normalize=cosine)
-    return (lambda q, k: search.search(approx, q, k)), exact
+    return (lambda q, k: search.search(approx, q, k)), served
 
 
 def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg, sim, config):
@@ -223,22 +266,29 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg
     t0 = time.perf_counter()
     cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
     searcher, exact = searchers(index, cfg.index, index_meta["folder"], cfg.index_seed, cosine)
+    approximate = index_meta.get("label", cfg.index) != "flat"
     doc_ids = index.ids
     build_secs = time.perf_counter() - t0
     q_ids = sorted(queries)
     q_texts = [queries[q] for q in q_ids]
     max_k = max(cfg.k_values)
+
+    def run(model):
+        return encode_and_search(model, searcher, q_texts, q_ids, doc_ids, cfg, cosine, approximate)
+
     # the teacher's own ranking and query embeddings: what each student's agreement is measured against
-    teacher_run = encode_and_search(models[cfg.teacher_model], searcher, q_texts, q_ids, doc_ids, cfg, cosine)
-    t_emb, t_results = teacher_run[:2]
-    t_top = metrics.top_ids(metrics.drop_own_ids(qrels, t_results, own)[0], 10)
+    teacher_run = run(models[cfg.teacher_model])
+    t_emb = teacher_run.q_emb
+    t_top = metrics.top_ids(metrics.drop_own_ids(qrels, teacher_run.top10, own)[0], 10)
     out = {}
     for name, path, key, key_digest in pending:
         model = models[name]
+        searched = teacher_run if name == cfg.teacher_model else run(model)
         q_emb, found, enc_secs, search_secs = (
-            teacher_run
-            if name == cfg.teacher_model
-            else encode_and_search(model, searcher, q_texts, q_ids, doc_ids, cfg, cosine)
+            searched.q_emb,
+            searched.found,
+            searched.encode_seconds,
+            searched.search_seconds,
         )
         record = result_record(name, model, cfg, sim, index_meta, key, key_digest, config)
         record.update(num_queries=len(q_ids), num_docs=len(doc_ids))
@@ -250,17 +300,18 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg
             "corpus_encode_seconds": index_meta.get("encode_seconds"),
             "documents_encoded": index_meta["documents_encoded"],
         }
-        record.update(score(qrels, found, cfg.k_values, own))
+        record.update(score(qrels, searched, cfg.k_values, own))
         if name != cfg.teacher_model:
-            s_top = metrics.top_ids(metrics.drop_own_ids(qrels, found, own)[0], 10)
+            s_top = metrics.top_ids(metrics.drop_own_ids(qrels, searched.top10, own)[0], 10)
             agree = metrics.agreement(s_top, t_top, q_emb, t_emb, q_ids, cfg.seed)
             record["agreement"] = agree["summary"]
             record.setdefault("per_query", {}).update(agree["per_query"])
-        if exact is not None:
-            exact_ids, approx_ids = exact(q_emb, max_k)[1], searcher(q_emb, max_k)[1]
-            record["approx_recall"] = {
-                f"@{k}": metrics.overlap_at_k(exact_ids, approx_ids, k) for k in (10, 100) if k <= max_k
-            }
+        if exact is not None:  # each cut-off against the search it was scored from
+            exact_ids = exact(q_emb, max_k)[1]
+            approx = {k: searcher(q_emb, SHALLOW_K if k <= SHALLOW_K else max_k)[1] for k in (10, 100) if k <= max_k}
+            record["approx_recall"] = {f"@{k}": metrics.overlap_at_k(exact_ids, a, k) for k, a in approx.items()}
+        if approximate:
+            record["served"] = {"settings": index_meta.get("served"), "k@10": SHALLOW_K + 1, "k_deep": max_k + 1}
         if cfg.save_run:
             write_trec(path.with_suffix(".trec"), name, q_ids, found)
         summary = (

@@ -13,6 +13,7 @@ corpus size. A faiss file is read by faiss and searched with its own index type 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,9 +30,12 @@ logger = logging.getLogger(__name__)
 
 PYSERINI_INDEX, PYSERINI_DOCID = "index", "docid"  # pyserini's dense index folder: the faiss file, one id a line
 CHUNK_ROWS = 131_072  # rows per read in exact search (a multiple of faiss's 1,024-row blocks)
-# faiss index types whose stored vectors are the float32 originals: checked by cosine to fresh teacher vectors;
-# other types (PQ, SQ, ...) only store codes, checked by whether a document finds itself
-EXACT_FAISS = {"IndexFlat", "IndexFlatIP", "IndexFlatL2", "IndexHNSWFlat", "IndexIVFFlat"}
+# faiss index types searched exhaustively over their float32 vectors: what exact search gives. Every other type is
+# approximate (graph, inverted lists or codes) and evaluated as served, with its own search settings.
+EXACT_SEARCH = {"IndexFlat", "IndexFlatIP", "IndexFlatL2"}
+# faiss index types whose reconstructed rows are the float32 originals: checked by cosine to fresh teacher vectors;
+# other types store codes, checked through their codec (index_check)
+STORES_VECTORS = EXACT_SEARCH | {"IndexHNSWFlat", "IndexIVFFlat", "IndexNSGFlat", "IndexRefineFlat"}
 _DIGESTS: dict = {}
 
 
@@ -70,8 +74,42 @@ class DocIndex:
 
     @property
     def exact(self) -> bool:
-        """Whether the stored vectors are the originals (flat, HNSW-flat, IVF-flat, .npy) rather than codes."""
-        return self.kind == "npy" or self.faiss_type in EXACT_FAISS
+        """Whether the stored vectors are the originals (flat, HNSW-flat, IVF-flat, NSG-flat, .npy), not codes."""
+        return self.kind == "npy" or self.faiss_type.split("+")[0] in STORES_VECTORS
+
+    @property
+    def approximate(self) -> bool:
+        """Whether its search is approximate (graph, inverted lists, codes): its numbers are the served ones."""
+        return self.kind == "faiss" and self.faiss_type not in EXACT_SEARCH
+
+    @property
+    def label(self) -> str:
+        """How results over it are filed and tabled: 'flat' (exact), else 'given-<type>' (faiss's type name)."""
+        if not self.approximate:
+            return "flat"
+        return "given-" + "-".join(t.removeprefix("Index").lower() for t in self.faiss_type.split("+"))
+
+    @property
+    def readable(self) -> bool:
+        """Whether its rows can be read back as vectors (originals, or decoded codes)."""
+        if self.kind != "faiss":
+            return True
+        try:
+            self.index.reconstruct(0)
+        except RuntimeError:
+            return False
+        return True
+
+    def served(self) -> dict:
+        """The search settings it is served with, as stored in the file (faiss keeps efSearch, nprobe, search_L)."""
+        return faiss_search_settings(self.index) if self.kind == "faiss" else {}
+
+    def content_digest(self) -> str:
+        return self.key.get("vectors_sha256", "")
+
+    def id_set_digest(self) -> str:
+        """The set of its ids, whatever their order or the form holding them (in-domain marks compare these)."""
+        return id_set_digest(self.ids)
 
     @property
     def searched_as_built(self) -> bool:
@@ -113,24 +151,39 @@ class DocIndex:
 
     def all_vectors(self) -> np.ndarray:
         """Every vector in memory (score terms keep them): only for exact indexes."""
-        if not self.exact:
-            raise UsageError(
-                f"{self.path} is a {self.faiss_type} index, which stores codes, not vectors; score terms need the "
-                "vectors themselves: pass a flat faiss index or the embeddings .npy with --doc_ids"
-            )
+        require_vectors(self)
         out = np.empty((len(self), self.dim), np.float32)
         for start, block in self.chunks():
             out[start : start + len(block)] = block
         return out
 
     def search(self, q: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows) of each query's top k: a faiss file with its own search, a .npy exactly in chunks
-        (normalize: unit document vectors first, for cosine teachers). Rows are -1 where fewer than k exist."""
+        """(similarities, rows) of each query's top k: a faiss file with its own search and settings, a .npy
+        exactly in chunks (normalize: unit document vectors first, for cosine teachers). Rows are -1 where fewer
+        than k exist."""
         if self.kind == "faiss":
             scores, rows = search.search(self.index, q, k)
-            # L2 over unit vectors (a cosine teacher's, checked) ranks as cosine: |q - d|^2 = 2 - 2 cos
-            return (1 - scores / 2 if self.metric == "l2" else scores), rows
+            return search.to_similarity(scores, rows, self.metric, f"index at {self.path}"), rows
         return search.exact_search(q, self.chunks(), min(k, len(self)), normalize)
+
+    def exact_vectors_search(self, q: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search over the stored vectors (an approximate index's recall is measured against it)."""
+        return search.exact_search(q, self.chunks(), min(k, len(self)), normalize)
+
+
+def require_vectors(index) -> None:
+    """Score terms keep every stored vector in memory: an index of codes, or a Milvus collection, cannot serve
+    them. Checked when the index is opened, before the teacher labels anything."""
+    if index.kind == "milvus":
+        raise UsageError(
+            f"{index.path}: score terms read every stored vector; export the collection to a .npy + ids and pass "
+            "that as --doc_index"
+        )
+    if not index.exact:
+        raise UsageError(
+            f"{index.path} is a {index.faiss_type} index, which stores codes, not vectors; score terms need the "
+            "vectors themselves: pass a flat faiss index or the embeddings .npy with --doc_ids"
+        )
 
 
 # ----------------------------------------------------------------------------- opening
@@ -175,6 +228,43 @@ class IdList(Sequence):
         return None
 
 
+def id_set_digest(ids) -> str:
+    """sha256 of the sorted, distinct ids: the same for a pyserini folder, a .npy + ids, a Milvus collection or
+    a BEIR corpus holding the same documents."""
+    raw = ids.raw() if isinstance(ids, IdList) else (str(d).encode("utf-8") for d in ids)
+    h = hashlib.sha256()
+    for d in sorted(set(raw)):
+        h.update(d + b"\n")
+    return h.hexdigest()[:16]
+
+
+def faiss_search_settings(index) -> dict:
+    """The search-time settings a faiss index carries (they travel in the file): efSearch, nprobe, search_L."""
+    import faiss
+
+    out = {}
+    for part in _faiss_parts(index):
+        if isinstance(part, faiss.IndexHNSW):
+            out["efSearch"] = int(part.hnsw.efSearch)
+        if isinstance(part, faiss.IndexIVF):
+            out["nprobe"] = int(part.nprobe)
+        if isinstance(part, faiss.IndexNSG):
+            out["search_L"] = int(part.nsg.search_L)
+    return out
+
+
+def _faiss_parts(index):
+    """The index and the ones it wraps (PreTransform's index, Refine's base), each as its own faiss type."""
+    import faiss
+
+    for _ in range(8):  # a chain that deep is not an index anyone serves
+        yield index
+        inner = index.base_index if isinstance(index, faiss.IndexRefine) else getattr(index, "index", None)
+        if not isinstance(index, (faiss.IndexPreTransform, faiss.IndexRefine)) or inner is None:
+            return
+        index = faiss.downcast_index(inner)
+
+
 def read_ids(path: Path) -> IdList:
     """Document ids: a JSON list (.json) or one id a line, each checked (UTF-8, non-empty, unique)."""
     path = cli.check_file(path, "document id file", "pass the index's docid list (one id a line, or .json)")
@@ -190,6 +280,9 @@ def read_ids(path: Path) -> IdList:
             raise UsageError(f"document id file {path} is not valid JSON ({e.msg}, line {e.lineno})") from e
         if not isinstance(listed, list):
             raise UsageError(f"document id file {path} must hold a JSON list of ids")
+        odd = next((i for i in listed if isinstance(i, bool) or not isinstance(i, (str, int))), "none")
+        if odd != "none":
+            raise UsageError(f"document id file {path}: id {odd!r} is not a string or an integer; write each id")
         if any("\n" in str(i) for i in listed):
             raise UsageError(f"document id file {path}: an id holds a line break; ids must be one line each")
         ids = IdList.from_list(str(i) for i in listed) if listed else None
@@ -224,15 +317,17 @@ def resolve(spec: str | Path, ids_path: str | Path | None = None) -> tuple[Path,
     return spec, Path(ids_path)
 
 
-def open_index(spec: str | Path, ids_path: str | Path | None = None) -> DocIndex:
+def open_index(spec: str | Path, ids_path: str | Path | None = None, milvus_params: dict | None = None) -> DocIndex:
     """A DocIndex read and checked for shape: the vectors' count equals the ids', the file is whole; or a Milvus
-    collection (`milvus:<uri>#<collection>`, milvus.py), searched where it lives."""
+    collection (`milvus:<uri>#<collection>`, milvus.py), searched where it lives with milvus_params."""
     from qdistill import milvus
 
     if milvus.is_milvus(spec):
         if ids_path:
-            raise UsageError(f"--doc_index {spec}: a Milvus collection holds its own ids; drop --doc_ids for it")
-        return milvus.MilvusIndex(str(spec))
+            raise UsageError(
+                f"--doc_index {milvus.redact(str(spec))}: a Milvus collection holds its own ids; drop --doc_ids for it"
+            )
+        return milvus.MilvusIndex(str(spec), milvus_params)
     vectors, ids_file = resolve(spec, ids_path)
     ids = read_ids(ids_file)
     index = open_npy(vectors, ids) if vectors.suffix == ".npy" else _open_faiss(vectors, ids)
@@ -282,19 +377,59 @@ def open_npy(path: Path, ids: list[str]) -> DocIndex:
 def _open_faiss(path: Path, ids: list[str]) -> DocIndex:
     import faiss
 
-    try:
-        index = faiss.read_index(str(path))  # already its own type (downcast_index would leave it unowned)
-    except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1][:160] if str(e).strip() else "unreadable"
-        raise UsageError(f"faiss index {path} cannot be read ({reason}); is it whole, and a faiss index?") from e
-    kind = type(index).__name__
-    if "IDMap" in kind:
+    index = read_faiss(path)
+    parts = list(_faiss_parts(index))
+    kind = "+".join(type(p).__name__ for p in parts) if len(parts) > 1 else type(index).__name__
+    if any("IDMap" in type(p).__name__ for p in parts):
         raise UsageError(f"faiss index {path} is an {kind}: write its ids in order to a docid file instead")
     _same_count(path, index.ntotal, ids)
-    if isinstance(index, faiss.IndexIVF):
-        index.make_direct_map()  # reconstructing a stored vector by row needs the row -> list map
+    ivf = next((p for p in parts if isinstance(p, faiss.IndexIVF)), None)
+    if ivf is not None:
+        try:  # reconstructing a stored vector by row needs the row -> list map, and rows 0..n-1
+            ivf.make_direct_map()
+        except RuntimeError:
+            raise UsageError(
+                f"faiss index {path} is an {kind} whose stored ids are not its rows 0..{index.ntotal - 1} (added "
+                "with add_with_ids?); write the ids in row order to a docid file and rebuild it with add()"
+            ) from None
     metric = {faiss.METRIC_INNER_PRODUCT: "ip", faiss.METRIC_L2: "l2"}.get(index.metric_type, str(index.metric_type))
     return DocIndex(path, ids, int(index.d), "faiss", faiss_type=kind, metric=metric, index=index)
+
+
+def read_faiss(path: Path):
+    """faiss.read_index under a memory ceiling: a damaged or hostile header that claims terabytes gives one line,
+    never an out-of-memory kill (the ceiling: what the process maps now, plus three times the file, plus 2 GiB)."""
+    import faiss
+
+    try:
+        with _memory_ceiling(3 * path.stat().st_size + (2 << 30)):
+            return faiss.read_index(str(path))  # already its own type (downcast_index would leave it unowned)
+    except MemoryError:
+        raise UsageError(
+            f"faiss index {path} claims more memory than its {path.stat().st_size:,} bytes can hold; is it damaged?"
+        ) from None
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1][:160] if str(e).strip() else "unreadable"
+        raise UsageError(f"faiss index {path} cannot be read ({reason}); is it whole, and a faiss index?") from None
+
+
+@contextlib.contextmanager
+def _memory_ceiling(extra: int):
+    """RLIMIT_AS lowered to the current mapping + extra bytes for the block (Linux); restored after."""
+    try:
+        import resource
+
+        size = next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmSize:"))
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    except (ImportError, OSError, StopIteration):
+        yield
+        return
+    limit = size + extra if hard == resource.RLIM_INFINITY else min(size + extra, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
 
 
 def _same_count(path: Path, n: int, ids: list[str]) -> None:
@@ -308,7 +443,42 @@ def _same_count(path: Path, n: int, ids: list[str]) -> None:
 # ----------------------------------------------------------------------------- writing the toolkit's own
 
 
-def write_pyserini(folder: Path, embeddings: np.ndarray, ids: list[str], normalize: bool) -> Path:
+EXPORT_MARKER = ".qdistill-export.json"  # what marks a folder as this toolkit's own export (replaceable)
+
+
+def check_export_folder(folder: Path, digest: str | None = None) -> None:
+    """A folder --export_index may write: absent, empty, or an earlier export by this toolkit (of the same index
+    when digest is given). Anything else is the user's and is never replaced."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise UsageError(f"--export_index: {folder} is a file; move it, or give another --export_index folder")
+    if not any(folder.iterdir()):
+        return
+    marker = folder / EXPORT_MARKER
+    if not marker.is_file():
+        raise UsageError(
+            f"--export_index: {folder} holds files this toolkit did not write; empty it or give another folder"
+        )
+    try:
+        earlier = json.loads(marker.read_text()).get("index")
+    except (ValueError, AttributeError):
+        earlier = None
+    if digest is not None and earlier != digest:
+        raise UsageError(
+            f"--export_index: {folder} holds the export of another index ({earlier}, this one is {digest}); "
+            "give another folder, or remove that export first"
+        )
+
+
+def export_pyserini(folder: Path, embeddings: np.ndarray, ids, normalize: bool, digest: str) -> Path:
+    """write_pyserini into a folder that is free or holds an earlier export of the same index, with the marker."""
+    check_export_folder(folder, digest)
+    return write_pyserini(folder, embeddings, ids, normalize, marker={"index": digest})
+
+
+def write_pyserini(folder: Path, embeddings: np.ndarray, ids: list[str], normalize: bool, marker=None) -> Path:
     """The toolkit's teacher index in pyserini's layout (a flat inner-product faiss `index` + `docid`), written
     atomically, chunk by chunk; unit vectors for a cosine teacher, as they are searched."""
     import faiss
@@ -317,4 +487,6 @@ def write_pyserini(folder: Path, embeddings: np.ndarray, ids: list[str], normali
         index = search.build_faiss(embeddings, "flat", normalize=normalize, gpu=False)
         faiss.write_index(index, str(tmp / PYSERINI_INDEX))
         (tmp / PYSERINI_DOCID).write_text("".join(f"{d}\n" for d in ids), encoding="utf-8")
+        if marker is not None:
+            (tmp / EXPORT_MARKER).write_text(json.dumps(marker))
     return folder

@@ -20,11 +20,12 @@ def trained_documents(sources: dict | None) -> set[str]:
     corpora = (sources or {}).get("corpora", [])
     documents = {c.get("corpus_sha256") for c in corpora if c.get("texts", 1)}
     documents |= {c.get("index_digest") for c in corpora}
+    documents |= {c.get("index_id_set") for c in corpora}  # the same documents through any form of index
     documents.discard(None)
     return documents
 
 
-def training_text_marks(sources: dict | None, ds: Dataset, queries: dict, collection: dict, index_digest=None):
+def training_text_marks(sources: dict | None, ds: Dataset, queries: dict, collection: dict, index_digests=()):
     """What a student's training text shares with one evaluation, by content only (never by file location):
     {'leaked_query_ids': evaluated queries it trained on (left out of its retention and agreement),
     'collection_queries_trained': the collection's other queries it trained on, 'in_domain_by': 'documents',
@@ -35,7 +36,7 @@ def training_text_marks(sources: dict | None, ds: Dataset, queries: dict, collec
     files = {f.get("sha256") for f in (sources or {}).get("query_files", []) if isinstance(f, dict)}
     documents = trained_documents(sources)
     by = None
-    if ds.corpus_sha256 in documents or (index_digest and index_digest in documents):
+    if ds.corpus_sha256 in documents or documents & {d for d in index_digests if d}:
         by = "documents"
     elif others >= MIN_SHARED_QUERIES or (not trained and ds.queries_sha256 in files):
         by = "queries"  # the queries_sha256 test serves records written before text hashes were kept
@@ -44,8 +45,10 @@ def training_text_marks(sources: dict | None, ds: Dataset, queries: dict, collec
 
 def mark_training_text(record, teacher, sources, ds: Dataset, queries: dict, collection: dict, seed: int) -> None:
     """A student's training-text record, its leaked queries, the in-domain mark and its retention (in place)."""
-    given = record.get("doc_index", {})
-    marks = training_text_marks(sources, ds, queries, collection, given.get("digest") if given.get("given") else None)
+    index = record.get("doc_index", {})
+    # the evaluated index by its content (a given one) and by its set of ids (any form, built here or given)
+    digests = (index.get("digest") if index.get("given") else None, index.get("id_set"))
+    marks = training_text_marks(sources, ds, queries, collection, digests)
     leaked = marks["leaked_query_ids"]
     if leaked:
         logger.warning(

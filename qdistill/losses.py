@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill import search, students
+from qdistill.cli import UsageError
 
 EMBED_TERMS, SCORE_TERMS = ("mse", "cosine"), ("kl", "margin_mse")
 
@@ -259,6 +260,13 @@ def make_evaluator(dev_texts, dev_labels, batch_size, score=None):
                 )
                 extra[f"{self.name}_negative_kl"] = -float(kl_term(s_sc, t_sc, score["temperature"]))
             metrics.update(extra)
+            bad = sorted(k for k, v in metrics.items() if isinstance(v, float) and not np.isfinite(v))
+            if bad:  # a NaN would win nothing and lose nothing against a floor: training stops, nothing is saved
+                where = f"at step {steps}" if steps >= 0 else "before training" if epoch < 0 else f"in epoch {epoch}"
+                raise UsageError(
+                    f"validation {', '.join(bad)} is not finite {where}: non-finite labels, or training diverged "
+                    "(lower --learning_rate); nothing is saved as final"
+                )
             self.store_metrics_in_model_card_data(model, extra, epoch, steps)
             return metrics
 

@@ -25,9 +25,15 @@ class QueryLog:
     """Logged teacher query vectors, looked up by (whitespace-collapsed) query text."""
 
     def __init__(self, vectors: Path, ids_file: Path | None, query_files: list[Path]):
-        texts = {}
+        texts, origin = {}, {}
         for f in query_files:
-            texts.update(read_queries(f))
+            for qid, text in read_queries(f).items():
+                if qid in texts and " ".join(texts[qid].split()) != " ".join(text.split()):
+                    raise UsageError(
+                        f"query id {qid!r} is in both {origin[qid]} and {f} with different texts; the logged vector "
+                        "of that id would label the wrong one: give the files distinct ids"
+                    )
+                texts[qid], origin[qid] = text, f
         if ids_file is None:
             if len(query_files) != 1:
                 raise UsageError(
@@ -50,23 +56,28 @@ class QueryLog:
         self.path, self.verification = Path(vectors), {}
 
     def verify(self, encode_queries, similarity: str, teacher_name: str, seed: int) -> dict:
-        """Re-encode a seeded sample of logged queries with the teacher; refuse the log when they disagree."""
-        texts = sorted(self.at)
-        rng = np.random.default_rng(seed)
-        sample = [texts[i] for i in sorted(rng.choice(len(texts), min(index_check.SAMPLE, len(texts)), replace=False))]
-        stored = self.rows.vectors([self.at[t] for t in sample])
+        """Every logged row read (finite, non-zero for a cosine teacher: index_check.scan), then a sample of
+        logged queries, stratified over the file and holding its first and last used rows, re-encoded with the
+        teacher; the log is refused in one line when they disagree."""
+        subject = f"logged query vectors {self.path}"
+        scanned = index_check.scan(self.rows, similarity, subject)
+        text_of = {row: text for text, row in self.at.items()}
+        rows = index_check.sample_rows(list(text_of), seed)
+        sample = [text_of[r] for r in rows]
+        stored = self.rows.vectors(rows)
         fresh = np.asarray(encode_queries(sample), np.float32)
         if stored.shape[1] != fresh.shape[1]:
             raise UsageError(
                 f"logged query vectors {self.path} are {stored.shape[1]}-d but teacher {teacher_name} gives "
                 f"{fresh.shape[1]}-d; were they logged from another model?"
             )
-        subject = f"logged query vectors {self.path} do not match teacher {teacher_name}"
         hint = "were they logged with another model, query prompt or max length, or in another row order?"
-        median, low = index_check.check_cosines(stored, fresh, subject, f"over {len(sample)} queries", hint)
+        median, low = index_check.check_cosines(
+            stored, fresh, f"{subject} do not match teacher {teacher_name}", f"over {len(sample)} queries", hint
+        )
         if similarity == "dot":
-            index_check.check_dot_norms(stored, fresh, f"logged query vectors {self.path}:", teacher_name)
-        self.verification = {"sample": len(sample), "median_cosine": median, "min_cosine": low}
+            index_check.check_dot_norms(stored, fresh, f"{subject}:", teacher_name)
+        self.verification = {"sample": len(sample), "median_cosine": median, "min_cosine": low, **scanned}
         logger.info("logged query vectors %s match %s (median cosine %.4f)", self.path, teacher_name, median)
         return self.verification
 

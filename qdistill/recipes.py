@@ -90,6 +90,7 @@ NOT_RECIPE = {
     # by content below, not by name: the index's digest (sources) and the logged vectors' sha256
     "doc_index",
     "doc_ids",
+    "allow_partial_index",  # the index's content is in sources either way
     "teacher_query_embeddings",
     "teacher_query_ids",
 }
@@ -224,6 +225,11 @@ def _objective_flags(p) -> None:
         "--doc_ids; flat or .npy); --score_corpus, if given, is the text a sample of it is checked against",
     )
     add("--doc_ids", default=None, help="ids of a --doc_index file, one a line")
+    add(
+        "--allow_partial_index",
+        action="store_true",
+        help="accept a --doc_index that lacks more than 1%% of --score_corpus's documents (fewer distractors)",
+    )
     add("--kl_temperature", type=positive, default=0.05)
     add("--kl_top_k", type=positive_int, default=32, help="teacher top-k documents per query")
     add("--kl_negatives", type=positive_int, default=32, help="random corpus documents added per query")

@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qdistill import cli
+
 logger = logging.getLogger(__name__)
 
 
@@ -114,7 +116,7 @@ def run_info(args: dict, device: str | None = None, argv=None, script: str | Non
         with contextlib.suppress(Exception):
             versions[pkg] = __import__(pkg).__version__
     commit, dirty = _git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no")
-    return {
+    info = {
         "args": dict(args),
         "versions": versions,
         "git_commit": commit or None,
@@ -130,6 +132,7 @@ def run_info(args: dict, device: str | None = None, argv=None, script: str | Non
         },
         "command": " ".join(sys.argv if argv is None else [Path(script or sys.argv[0]).name, *map(str, argv)]),
     }
+    return json.loads(cli.redact(json.dumps(info, default=str)))  # a Milvus uri's password never reaches a file
 
 
 def _git(*args) -> str:

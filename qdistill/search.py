@@ -21,6 +21,31 @@ def cosine_rows(a, b) -> np.ndarray:
     return (unit(a) * unit(b)).sum(1)
 
 
+# the metrics a backend may rank by, and what its scores are
+METRICS = {"ip": "inner product", "cosine": "cosine", "l2": "squared L2 distance (lower is better)"}
+
+
+def to_similarity(scores: np.ndarray, rows: np.ndarray, metric: str, where: str) -> np.ndarray:
+    """The one conversion from a backend's scores to similarities (higher is better), for faiss, .npy, Milvus and
+    any backend added later. Inner product and cosine are similarities already; faiss and Milvus L2 return
+    squared distances in ascending order, which over unit vectors (a cosine teacher's, checked beforehand) rank as
+    cosine: |q - d|^2 = 2 - 2 cos. The order is checked: a backend whose results do not come best first is an
+    error, never silently re-ranked."""
+    scores = np.asarray(scores, np.float32)
+    if metric not in METRICS:
+        raise cli.UsageError(f"{where} ranks by {metric!r}; known metrics: {', '.join(METRICS)}")
+    sims = 1 - scores / 2 if metric == "l2" else scores
+    valid = rows >= 0  # padding (-1 rows) sits at the end of a row
+    worse = np.where(valid[:, 1:], sims[:, 1:], -np.inf) > np.where(valid[:, :-1], sims[:, :-1], np.inf) + 1e-4
+    if worse.any():
+        q = int(np.flatnonzero(worse.any(1))[0])
+        raise cli.UsageError(
+            f"{where} returned results for query {q} that are not best first by {METRICS[metric]}; "
+            "is its metric what it declares?"
+        )
+    return np.where(valid, sims, -np.inf).astype(np.float32)
+
+
 # ivfpq learns coarse centroids and product-quantizer codebooks from the documents: below this it cannot train
 # (faiss needs at least 2^nbits points) and would be worse than exact search anyway
 IVFPQ_MIN_DOCS = 256

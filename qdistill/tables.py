@@ -33,9 +33,10 @@ def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int
     never mixed) the mean retention of nDCG@10 and R@100 and the mean overlap@10 with the teacher."""
     by = {(r["model"], r["dataset"]): r for r in rows}
     kinds = ("zero-shot", "in-domain")
+    kinds_of = {r["dataset"]: (r.get("doc_index") or {}).get("label", "flat") for r in rows}
     head = [
         "model",
-        *[f"{d} nDCG@10 (ret.)" for d in datasets],
+        *[f"{d}{'' if kinds_of.get(d, 'flat') == 'flat' else f' [{kinds_of[d]}]'} nDCG@10 (ret.)" for d in datasets],
         *[f"{k} ret. {m}" for m in ("nDCG@10", "R@100") for k in kinds],
         *[f"{k} overlap@10" for k in kinds],
     ]
@@ -55,8 +56,8 @@ def results_table(rows: list[dict], datasets: list[str], teacher: str, seed: int
             for x, k in (("n", "NDCG@10"), ("r", "Recall@100")):
                 if m != teacher and t and "per_query" in r and "per_query" in t and k in t["metrics"]:
                     pairs.setdefault((kind, x), []).append(results.paired(r, t, k))
-                elif m != teacher and t and t["metrics"].get(k):  # grouped datasets (CQADupStack): means only
-                    pairs.setdefault((kind, x), []).append(r["metrics"][k] / t["metrics"][k])
+                elif m != teacher and k in r.get("group_ratio", {}):  # grouped datasets (CQADupStack): means only
+                    pairs.setdefault((kind, x), []).append(r["group_ratio"][k])
             ret = r.get("retention", {}).get("NDCG@10") or (
                 {"value": r.get("retention_ndcg@10")} if m != teacher else None
             )
@@ -97,28 +98,59 @@ def label_free_table(rows: list[dict], teacher: str) -> str:
     return "\n".join(lines) + "\n\nAgreement with the teacher on the same queries and index; no relevance labels.\n"
 
 
-def group_rows(rows: list[dict]) -> list[dict]:
-    """Add one averaged row per (model, group) for grouped datasets (CQADupStack = mean of its forums)."""
-    groups, inside = {}, {}
+def group_rows(rows: list[dict], teacher: str) -> list[dict]:
+    """Add one averaged row per (model, group) for grouped datasets (CQADupStack = mean of its forums). A
+    student's group ratio is the mean of its forum means over the teacher's, each forum paired through
+    results.paired (made alike, same queries, leaked queries left out)."""
+    by = {(r["model"], r["dataset"]): r for r in rows}
+    groups = {}
     for r in rows:
         if r.get("group") and "metrics" in r:
-            groups.setdefault((r["model"], r["group"]), []).append(r["metrics"])
-            inside[(r["model"], r["group"])] = inside.get((r["model"], r["group"])) or r.get("in_domain_text", False)
+            groups.setdefault((r["model"], r["group"]), []).append(r)
     extra = []
-    for (model, group), ms in groups.items():
-        keys = set.intersection(*(set(m) for m in ms))
-        mean = {k: float(np.mean([m[k] for m in ms])) for k in keys}
-        extra.append({"model": model, "dataset": group, "metrics": mean, "in_domain_text": inside[(model, group)]})
+    for (model, group), forums in groups.items():
+        keys = set.intersection(*(set(f["metrics"]) for f in forums))
+        mean = {k: float(np.mean([f["metrics"][k] for f in forums])) for k in keys}
+        row = {"model": model, "dataset": group, "metrics": mean}
+        row["in_domain_text"] = any(f.get("in_domain_text", False) for f in forums)
+        if model != teacher and all((teacher, f["dataset"]) in by for f in forums):
+            ratio = {}
+            for k in ("NDCG@10", "Recall@100"):
+                if k not in keys:
+                    continue
+                paired = [results.paired(f, by[(teacher, f["dataset"])], k) for f in forums]
+                s_mean = np.mean([np.mean(list(s.values())) for s, _ in paired])
+                t_mean = np.mean([np.mean(list(t.values())) for _, t in paired])
+                ratio[k] = float(s_mean / t_mean) if t_mean else None
+            row["group_ratio"] = ratio
+        extra.append(row)
     return [r for r in rows if not r.get("group")] + extra
+
+
+def index_notes(rows: list[dict]) -> str:
+    """Under the tables: each given index, how it was searched and checked, and the share of the corpus it holds."""
+    seen, notes = set(), []
+    for r in rows:
+        given = r.get("doc_index") or {}
+        if not given.get("given") or (r["dataset"], given.get("digest")) in seen:
+            continue
+        seen.add((r["dataset"], given.get("digest")))
+        what = given.get("label", "flat")
+        search = "exact search" if what == "flat" else f"approximate ({what}, as served: {given.get('served')})"
+        share = given.get("corpus_share_indexed")
+        held = f"; holds {share:.1%} of the corpus" if share is not None and share < 1 else ""
+        checked = given.get("checked") or ("checked" if given.get("index_verified") else "not verified")
+        notes.append(f"- {r['dataset']}: given {given.get('kind')} index, {search}; {checked}{held}")
+    return ("\nGiven indexes:\n" + "\n".join(notes) + "\n") if notes else ""
 
 
 def evaluation_tables(rows: list[dict], teacher: str, seed: int) -> tuple[list[dict], str]:
     """(rows with retention intervals and grouped means added, the markdown): the labelled table, then the
     label-free one, each only when it has rows."""
     retention_cis(rows, teacher, seed)
-    rows = group_rows(rows)
+    rows = group_rows(rows, teacher)
     labelled = list(dict.fromkeys(r["dataset"] for r in rows if "metrics" in r))
     tables = [results_table(rows, labelled, teacher, seed)] if labelled else []
     if any("metrics" not in r for r in rows):
         tables.append(label_free_table(rows, teacher))
-    return rows, "\n".join(tables)
+    return rows, "\n".join(tables) + index_notes(rows)

@@ -207,6 +207,19 @@ def training_texts(
     elif dev_file:
         dev = clean_queries(read_queries(dev_file).values())
     n_spans = (max_train - len(train)) if max_train else round(len(train) * share / (1 - share))
+    if max_train and query_files and share < 1 and len(train) < n_queries:
+        # fewer queries than asked: the share of document text holds (fewer texts in all), never grows
+        n_spans = round(len(train) * share / (1 - share))
+        logger.warning(
+            "%d training queries, not the %d that --max_train_queries %d with --corpus_text_share %.2f asks for: "
+            "%d document spans keep the share, %d texts in all",
+            len(train),
+            n_queries,
+            max_train,
+            share,
+            n_spans,
+            len(train) + n_spans,
+        )
     lengths = list(range(span_words[0], span_words[1] + 1)) if span_words else None
     lengths = lengths or [min(max(len(t.split()), 2), 32) for t in train] or list(range(4, 17))
     exclude = {t.lower() for t in train + dev}
