@@ -28,7 +28,7 @@ from qdistill.cli import UsageError, redact
 logger = logging.getLogger(__name__)
 PREFIX = "milvus:"
 BATCH = 64  # queries per search request; ids per get request are BATCH * 16
-SCAN_BATCH = 4096  # rows per query_iterator page in the check's pass over every vector
+SCAN_BATCH = 4096  # rows per page when the ids are listed and when the check reads every vector
 MAX_TOP_K = 16_384  # Milvus refuses a search limit above this
 REMOTE = ("http://", "https://", "tcp://", "grpc://", "unix:")
 
@@ -113,6 +113,9 @@ class MilvusIndex:
         self.client.load_collection(self.collection)
         self.ids = [str(r[self.pk["name"]]) for batch in self._pages([]) for r in batch]
         self.count = len(self.ids)
+        declared = int(self.client.get_collection_stats(self.collection)["row_count"])
+        if declared != self.count:
+            raise UsageError(f"{self.path} lists {self.count} ids but declares {declared} rows; is it being written?")
         self._row = {d: i for i, d in enumerate(self.ids)}
         self.verification, self.content = {}, None
         logger.info(
@@ -139,20 +142,37 @@ class MilvusIndex:
         return {"index_type": self.index_type, "index_params": self.index_params, "search_params": self.params}
 
     def _pages(self, fields: list[str]):
-        """Pages of records over the whole collection, in primary-key order."""
-        it = self.client.query_iterator(self.collection, batch_size=SCAN_BATCH, output_fields=fields)
-        try:
-            while page := it.next():
-                yield page
-        finally:
-            it.close()
+        """Pages of records over the whole collection in primary-key order, each page asked for as `pk > last`
+        with the last id written as an escaped literal (pymilvus's own query_iterator writes it unescaped, and
+        an id with a quote or a trailing backslash then breaks its every request)."""
+        last, total = None, 0
+        kwargs = {"iterator": "True", "reduce_stop_for_best": "True"}  # pages in primary-key order
+        while True:
+            if last is None:
+                where = f"{self.pk['name']} >= {-(1 << 63)}" if self.int_ids else f'{self.pk["name"]} >= ""'
+            else:
+                where = f"{self.pk['name']} > {self._literal(last)}"
+            page = self.client.query(
+                self.collection, filter=where, output_fields=[self.pk["name"], *fields], limit=SCAN_BATCH, **kwargs
+            )
+            if not page:
+                return
+            keys = [r[self.pk["name"]] for r in page]
+            if keys != sorted(keys) or (last is not None and keys[0] <= last):
+                raise UsageError(f"{self.path}: the engine returned a page out of primary-key order; cannot list it")
+            total += len(page)
+            last = keys[-1]
+            yield page
+
+    def _literal(self, key) -> str:
+        return str(int(key)) if self.int_ids else json.dumps(str(key), ensure_ascii=False)
 
     def _filter(self, ids: list[str]) -> str:
         """An `in` expression of the ids, each a properly escaped literal (ids with quotes or backslashes work)."""
         if self.int_ids:
             keys = [d for d in ids if re.fullmatch(r"-?\d+", d)]  # a non-numeric id cannot be in an INT64 collection
         else:
-            keys = [json.dumps(d, ensure_ascii=False) for d in ids]
+            keys = [self._literal(d) for d in ids]
         return f"{self.pk['name']} in [{', '.join(keys)}]"
 
     def rows_of(self, ids) -> list[int | None]:
