@@ -19,6 +19,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
@@ -59,6 +60,11 @@ def client(uri: str):
         auth["token"] = os.environ["MILVUS_TOKEN"]
     elif os.environ.get("MILVUS_USER"):
         auth.update(user=os.environ["MILVUS_USER"], password=os.environ.get("MILVUS_PASSWORD", ""))
+    parts = urlsplit(uri)
+    if parts.username and uri.startswith(REMOTE):  # handed over apart: pymilvus logs the uri it is given
+        auth.setdefault("user", unquote(parts.username))
+        auth.setdefault("password", unquote(parts.password or ""))
+        uri = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
     try:
         return MilvusClient(uri=uri, **auth)
     except Exception as e:  # noqa: BLE001 - connection errors come in many types
