@@ -11,7 +11,9 @@ nDCG@10 is measured on the real part's qrels, with the distractors competing for
         --model output/example-minilm-L2/final --datasets scifact nfcorpus cranfield cacm
     python -m benchmarks.large_index ... --modes hnsw   # after the HNSW file is built (--modes build_hnsw)
 
-Outputs: output/bench-index/{collection/, eval-<mode>/, results.json}.
+Outputs: output/bench-index/{collection-<num_docs>-<key>/, eval-<mode>/, results.json}: the collection folder is
+keyed by everything it is made of (the teacher's content, each real collection's content, --num_docs,
+--num_queries, --seed), the HNSW file by its build settings, so other inputs never reuse another's files.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ finally:
     open(os.environ["PEAK_FILE"], "w").write(hwm.split()[1])
 """
 MSMARCO_PASSAGES = 8_841_823
+# MS MARCO passages average about 56 words: the re-encoding estimate encodes texts of that length (a window of each
+# sampled real document), as the index of such a corpus is built
+PASSAGE_WORDS = 56
+HNSW_TRAIN = 200_000  # vectors the scalar quantiser is trained on (all of them below that)
 
 
 def parse_args(argv=None):
@@ -141,15 +147,16 @@ def build_hnsw(args, folder: Path) -> dict:
     from the .npy in chunks, as a search team would have it; searched as built by evaluate_retrieval.py."""
     import faiss
 
-    index_file = folder / "hnsw-sq8.faiss"
-    meta_file = folder / "hnsw-sq8.json"
+    name = f"hnsw-sq8-m{args.hnsw_m}-efc{args.hnsw_ef_construction}-efs{args.hnsw_ef_search}-seed{args.seed}"
+    index_file, meta_file = folder / f"{name}.faiss", folder / f"{name}.json"
     if index_file.is_file() and meta_file.is_file():
         return json.loads(meta_file.read_text())
     vectors = given_index.open_npy(folder / "embeddings.npy", given_index.read_ids(folder / "docid"))
     t0 = time.perf_counter()
     index = faiss.IndexHNSWSQ(vectors.dim, faiss.ScalarQuantizer.QT_8bit, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = args.hnsw_ef_construction
-    sample = np.sort(np.random.default_rng(args.seed).choice(len(vectors), 200_000, replace=False))
+    take = min(HNSW_TRAIN, len(vectors))
+    sample = np.sort(np.random.default_rng(args.seed).choice(len(vectors), take, replace=False))
     index.train(vectors.vectors(sample))
     from tqdm.auto import tqdm
 
@@ -168,11 +175,10 @@ def build_hnsw(args, folder: Path) -> dict:
 
 def evaluate(args, folder: Path, mode: str) -> dict:
     """evaluate_retrieval.py in a child process against the given index: wall time, peak RSS, its results."""
-    index = (
-        ["--doc_index", str(folder / "embeddings.npy")]
-        if mode == "exact"
-        else ["--doc_index", str(folder / "hnsw-sq8.faiss")]
-    )
+    hnsw = f"hnsw-sq8-m{args.hnsw_m}-efc{args.hnsw_ef_construction}-efs{args.hnsw_ef_search}-seed{args.seed}.faiss"
+    if mode == "hnsw" and not (folder / hnsw).is_file():
+        raise cli.UsageError(f"--modes hnsw: no HNSW file with these settings in {folder}; add --modes build_hnsw")
+    index = ["--doc_index", str(folder / ("embeddings.npy" if mode == "exact" else hnsw))]
     out = Path(args.output_path) / f"eval-{mode}"
     script = ["evaluate_retrieval.py", "--teacher_model", args.teacher_model, "--models", args.model]
     cmd = [sys.executable, "-c", PEAK_WRAPPER, *script]
@@ -200,21 +206,46 @@ def evaluate(args, folder: Path, mode: str) -> dict:
     return {"wall_seconds": round(wall, 1), "peak_rss_gib": round(peak, 2), "results": results}
 
 
-def reencode_rate(args, folder: Path, n: int = 512) -> float:
-    """The teacher's documents per second here, encoding a seeded sample of the real documents as its index is."""
+def reencode_rate(args, folder: Path, n: int = 2048) -> float:
+    """The teacher's passages per second here, encoded as an index is built: passage-length texts (a
+    PASSAGE_WORDS-word window of each sampled real document), in length-sorted batches of 32 (encode_document
+    sorts each call by length), after one warm-up batch."""
     teacher, _ = encoders.load_model(args.teacher_model, "cpu", args.data_dir)
     docs = [json.loads(line) for line in (folder / "corpus.jsonl").read_text().splitlines()]
-    pick = np.random.default_rng(args.seed).choice(len(docs), min(n, len(docs)), replace=False)
-    texts = [teacher_outputs.doc_text(docs[i]) for i in pick]
+    rng = np.random.default_rng(args.seed)
+    texts = []
+    for i in rng.choice(len(docs), min(n, len(docs)), replace=False):
+        words = teacher_outputs.doc_text(docs[i]).split()
+        start = int(rng.integers(0, max(1, len(words) - PASSAGE_WORDS)))
+        texts.append(" ".join(words[start : start + PASSAGE_WORDS]))
+    teacher.encode_document(texts[:32], batch_size=32)
     t0 = time.perf_counter()
     teacher.encode_document(texts, batch_size=32)
     return len(texts) / (time.perf_counter() - t0)
 
 
+def collection_folder(args) -> Path:
+    """output/bench-index/collection-<num_docs>-<key>: keyed by the teacher's and each collection's content and
+    every setting the collection is assembled with."""
+    teacher_path = encoders.resolve_model_path(args.teacher_model, args.data_dir)
+    parts = {
+        "teacher": teacher_outputs.model_fingerprint(teacher_path),
+        "datasets": [
+            [name, given_index.file_sha256(folder / "corpus.jsonl"), given_index.file_sha256(folder / "queries.jsonl")]
+            for name, folder, _ in data.expand_datasets(args.datasets, args.data_dir)
+        ],
+        "num_docs": args.num_docs,
+        "num_queries": args.num_queries,
+        "seed": args.seed,
+    }
+    key = teacher_outputs.sha256_texts([json.dumps(parts, sort_keys=True)])[:12]
+    return Path(args.output_path) / f"collection-{args.num_docs}-{key}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cli.start_run(args.log_level, args.seed, args.output_path)
-    folder = Path(args.output_path) / f"collection-{args.num_docs}"
+    folder = collection_folder(args)
     report = {"config": run_files.run_info(vars(args), "cpu", argv, __file__), "collection": assemble(args, folder)}
     results_file = Path(args.output_path) / "results.json"
     previous = json.loads(results_file.read_text()) if results_file.is_file() else {}

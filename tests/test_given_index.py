@@ -452,3 +452,28 @@ def test_a_score_index_read_through_any_form_marks_the_collection_in_domain(smal
     argv = ["--teacher_model", MINILM, "--models", run_["final_path"], "--datasets", str(small)]
     result = evaluate_retrieval.main([*argv, "--output_path", str(tmp_path / "e"), "--log_level", "warning"])
     assert row(result, run_["final_path"])["in_domain_text"] is True
+
+
+def test_the_large_index_benchmark_is_keyed_by_its_inputs_and_builds_hnsw_on_few_documents(small, built, tmp_path):
+    """benchmarks.large_index on 1,000 vectors: another --datasets at the same --num_docs is another collection
+    (before: the first one reused under the new names), and --modes build_hnsw under 200,000 documents builds
+    (before: a traceback); the HNSW-SQ8 file is evaluated as served and filed as approximate."""
+    from benchmarks import large_index
+
+    out, _, _ = built
+    fewer = tmp_path / "fewer"  # the same documents, half the queries: other inputs
+    shutil.copytree(small, fewer)
+    lines = (small / "queries.jsonl").read_text().splitlines()
+    (fewer / "queries.jsonl").write_text("\n".join(lines[: len(lines) // 2]) + "\n")
+    base = ["--teacher_model", MINILM, "--model", STUDENT["path"], "--num_docs", "1000", "--num_queries", "20"]
+    base += ["--index_cache", str(out), "--output_path", str(tmp_path / "bench"), "--log_level", "warning"]
+    base += ["--hnsw_m", "8", "--hnsw_ef_construction", "16", "--hnsw_ef_search", "16"]
+    first = large_index.main([*base, "--datasets", str(small), "--modes", "build_hnsw", "hnsw"])
+    second = large_index.main([*base, "--datasets", str(fewer), "--modes", "exact"])
+    folders = sorted(p.name for p in (tmp_path / "bench").glob("collection-1000-*"))
+    assert len(folders) == 2 and first["collection"]["datasets"] != second["collection"]["datasets"]
+    assert first["build_hnsw"]["build_seconds"] >= 0
+    hnsw = first["hnsw"]["results"][STUDENT["path"]]
+    assert hnsw["doc_index"]["label"] == "given-hnswsq" and 0 < hnsw["NDCG@10"] <= 1
+    assert second["exact"]["results"][STUDENT["path"]]["doc_index"]["label"] == "flat"
+    assert second["teacher_reencode"]["docs_per_second"] > 0

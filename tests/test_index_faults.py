@@ -285,3 +285,29 @@ def test_milvus_content_digest_follows_an_upsert_and_approximate_indexes_say_so(
         "search_params": {"nprobe": 2},
     }
     assert ivf.digest() != milvus.MilvusIndex(f"milvus:{milvus_db}#ivf", {"nprobe": 4}).digest()
+
+
+def test_a_nan_validation_loss_stops_training_in_one_line(tiny_bert):
+    from sentence_transformers import SentenceTransformer
+
+    from qdistill import losses
+
+    student = SentenceTransformer(tiny_bert, device="cpu")
+    labels = np.ones((4, student.get_embedding_dimension()), np.float32)
+    labels[2] = np.nan
+    evaluator = losses.make_evaluator(["a", "b", "c", "d"], labels, 4)
+    with pytest.raises(cli.UsageError, match="not finite before training.*nothing is saved as final"):
+        evaluator(student)
+
+
+def test_the_corpus_text_share_holds_when_the_query_file_is_short(tmp_path, caplog):
+    from qdistill import training_text
+
+    (tmp_path / "q.tsv").write_text("".join(f"q{i}\tquery number {i} about things\n" for i in range(50)))
+    corpus = {f"c{i}": {"title": f"title {i}", "text": f"document text number {i} " * 20} for i in range(100)}
+    train, dev, counts = training_text.training_texts(
+        [tmp_path / "q.tsv"], [("corpus:x", corpus, set())], num_dev=5, max_train=200, corpus_share=0.1
+    )
+    # before: 45 queries + 155 spans (77.5% document text); now the 10% share holds, with fewer texts
+    assert counts["queries"] == 45 and counts["corpus:x"] == 5 and len(train) == 50
+    assert "keep the share" in caplog.text

@@ -151,3 +151,38 @@ def test_plot_written(tmp_path):
     front = plots.plot_quality_latency(["teacher", "[0,11]", "[0,10]", "[11]"], points, path, "test")
     assert front == [3, 1, 0]
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_report_refuses_a_stale_result_over_a_given_approximate_index(pair, tmp_path, capsys):
+    """A student's result over a given HNSW file served at efSearch 7, the teacher's re-made after the file was
+    rebuilt at efSearch 16: filed as given-hnswflat (never under the exact name) and never paired."""
+    import faiss
+    import numpy as np
+    from sentence_transformers import SentenceTransformer
+
+    teacher, student = pair
+    a = make_beir(tmp_path / "a", MORE_DOCS, MANY_QUERIES, MANY_QRELS)
+    ids = sorted(MORE_DOCS)
+    model = SentenceTransformer(teacher, device="cpu")
+    vectors = model.encode_document([(MORE_DOCS[d][0] + " " + MORE_DOCS[d][1]).strip() for d in ids])
+    folder = tmp_path / "hnsw"
+    folder.mkdir()
+    (folder / "docid").write_text("\n".join(ids) + "\n")
+
+    def write_hnsw(ef):
+        index = faiss.IndexHNSWFlat(vectors.shape[1], 8, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = ef
+        index.add(np.asarray(vectors, np.float32))
+        faiss.write_index(index, str(folder / "index"))
+
+    write_hnsw(7)
+    rows = run_evaluation(teacher, [student], [a], tmp_path / "out", "--doc_index", str(folder))["rows"]
+    assert {r["doc_index"]["label"] for r in rows} == {"given-hnswflat"}
+    speed = write(tmp_path / "speed.json", json.dumps({"results": []}))
+    argv = ["example", "--teacher_model", teacher, "--student", student, "--datasets", str(a)]
+    argv += ["--speed", speed, "--output_path", str(tmp_path / "out"), "--index", "given-hnswflat"]
+    assert "mean retention, zero-shot" in report.main(argv)
+    exit_2(report.main, [*argv[:-2], "--index", "flat"], capsys, "missing")  # never under the exact name
+    write_hnsw(16)
+    run_evaluation(teacher, [], [a], tmp_path / "out", "--doc_index", str(folder))
+    exit_2(report.main, argv, capsys, "search settings")
