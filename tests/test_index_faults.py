@@ -311,3 +311,21 @@ def test_the_corpus_text_share_holds_when_the_query_file_is_short(tmp_path, capl
     # before: 45 queries + 155 spans (77.5% document text); now the 10% share holds, with fewer texts
     assert counts["queries"] == 45 and counts["corpus:x"] == 5 and len(train) == 50
     assert "keep the share" in caplog.text
+
+
+def test_codes_of_rescaled_rows_are_refused_though_their_cosines_match(tmp_path, docs):
+    """Cosine is blind to scale: an SQ8 index coding rows x3 passes the code comparison, not the norm check."""
+    import faiss
+
+    for name, vectors, ok in (("unit", docs, True), ("x3", docs * 3, False)):
+        sq = faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        sq.train(vectors)
+        sq.add(vectors)
+        (tmp_path / name).mkdir()
+        faiss.write_index(sq, str(tmp_path / name / "index"))
+        (tmp_path / name / "docid").write_text("\n".join(ids_of()) + "\n")
+        if ok:
+            assert "codes" in check(given_index.open_index(tmp_path / name), docs)["method"]
+        else:
+            with pytest.raises(cli.UsageError, match="must code unit vectors"):
+                check(given_index.open_index(tmp_path / name), docs)
