@@ -329,3 +329,37 @@ def test_codes_of_rescaled_rows_are_refused_though_their_cosines_match(tmp_path,
         else:
             with pytest.raises(cli.UsageError, match="must code unit vectors"):
                 check(given_index.open_index(tmp_path / name), docs)
+
+
+@pytest.mark.parametrize("factory", ["NSG16,Flat", "IVF8,PQ8,RFlat"])
+def test_types_that_reconstruct_their_vectors_are_checked_by_them(tmp_path, docs, factory):
+    import faiss
+
+    index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(docs)
+    index.add(docs)
+    faiss.write_index(index, str(tmp_path / "index"))
+    (tmp_path / "docid").write_text("\n".join(ids_of()) + "\n")
+    given = given_index.open_index(tmp_path)
+    record = check(given, docs)
+    assert given.exact and given.approximate and record["method"] == "cosine of stored to re-encoded vectors"
+    assert record["median_cosine"] > 0.9999
+
+
+def test_score_terms_against_an_index_of_codes_are_refused_before_any_labelling(tiny_bert, tmp_path, capsys, docs):
+    import faiss
+
+    import distillation
+
+    sq = faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    sq.train(docs)
+    sq.add(docs)
+    faiss.write_index(sq, str(tmp_path / "index"))
+    (tmp_path / "docid").write_text("\n".join(ids_of()) + "\n")
+    (tmp_path / "q.tsv").write_text("".join(f"{i}\tquery {i}\n" for i in range(40)))
+    argv = ["--teacher_model", tiny_bert, "--train_queries", str(tmp_path / "q.tsv"), "--loss", "cosine:1.0,kl:1.0"]
+    argv += ["--doc_index", str(tmp_path), "--output_path", str(tmp_path / "out"), "--log_level", "error"]
+    with pytest.raises(SystemExit) as e:
+        cli.cli(distillation.main, argv)
+    assert e.value.code == 2 and "stores codes, not vectors" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "labels").exists()
