@@ -3,6 +3,7 @@ real queries) and cached per model content and export recipe."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import shutil
@@ -194,9 +195,13 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
                 accept,
             )
         return {"static": meta}
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in tok.model_input_names else [])
-    sample = tok(["a query to trace", "another"], padding=True, return_tensors="pt")
     auto = getattr(model[0], "auto_model", None)
+    # token type ids only where the model takes them: a tokenizer may give them to a model without any (a BERT
+    # tokenizer on a decoder)
+    takes = "token_type_ids" in inspect.signature(auto.forward).parameters if auto is not None else True
+    names = ["input_ids", "attention_mask"]
+    names += ["token_type_ids"] if "token_type_ids" in tok.model_input_names and takes else []
+    sample = tok(["a query to trace", "another"], padding=True, return_tensors="pt")
     if hasattr(auto, "set_attn_implementation"):
         try:  # the eager attention graph is the one ONNX Runtime's optimizer fuses into its Attention kernel
             auto.set_attn_implementation("eager")

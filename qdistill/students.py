@@ -19,8 +19,15 @@ from qdistill.cli import UsageError
 
 logger = logging.getLogger(__name__)
 
-# where each architecture keeps its transformer blocks (attribute path on the HF model) and its depth field
-LAYER_LAYOUTS = [("encoder.layer", "num_hidden_layers"), ("transformer.layer", "n_layers")]
+# where each architecture keeps its transformer blocks (attribute path on the HF model) and its depth field:
+# BERT, MPNet, RoBERTa (encoder.layer); DistilBERT (transformer.layer); ModernBERT and the decoder embedders
+# (Qwen2/Qwen3, Llama/Mistral, Gemma3 as transformers defines them: layers)
+LAYER_LAYOUTS = [
+    ("encoder.layer", "num_hidden_layers"),
+    ("transformer.layer", "n_layers"),
+    ("layers", "num_hidden_layers"),
+]
+KNOWN = "BERT, MPNet, RoBERTa, DistilBERT, ModernBERT, Qwen2/Qwen3, Llama/Mistral and Gemma3"
 STRATEGIES = ("top_bottom", "bottom", "top", "uniform")
 
 
@@ -39,7 +46,7 @@ def choose_layers(total: int, num_layers: int, strategy: str = "top_bottom") -> 
 
 
 def find_layers(hf_model):
-    """(parent, attribute, depth field, blocks) of a BERT/MPNet/RoBERTa/DistilBERT model's transformer layers."""
+    """(parent, attribute, depth field, blocks) of a model's transformer layers, for the layouts of KNOWN."""
     for path, field in LAYER_LAYOUTS:
         obj = hf_model
         *parents, last = path.split(".")
@@ -49,10 +56,11 @@ def find_layers(hf_model):
             layers = getattr(obj, last)
         except AttributeError:
             continue
-        return obj, last, field, layers
+        if isinstance(layers, nn.ModuleList):
+            return obj, last, field, layers
     raise UsageError(
-        f"unsupported architecture {hf_model.__class__.__name__}: layer reduction knows BERT, MPNet, RoBERTa and "
-        "DistilBERT layouts; use --student_model_init pretrained instead"
+        f"unsupported architecture {hf_model.__class__.__name__}: layer reduction knows the {KNOWN} layouts; "
+        "use --student_model_init pretrained (a small model, projected to the teacher's dimension) or static instead"
     )
 
 
@@ -82,13 +90,26 @@ def layer_reduced_student(teacher, keep: list[int]):
     bad = [i for i in keep if not 0 <= i < total]
     if bad:
         raise UsageError(f"--layers {bad} out of range: the teacher has {total} layers (ids 0..{total - 1})")
+    if type(teacher[0].auto_model).__name__.startswith("ModernBert") and 0 not in keep:
+        # its first layer has no attention norm (the embeddings are normed): as layer 0 of a student, another
+        # layer would lose its norm when the student is reloaded
+        raise UsageError(f"--layers {keep}: a ModernBERT student keeps layer 0 (its only layer without a norm)")
     student = copy.deepcopy(teacher)
     hf = student[0].auto_model
     parent, attr, field, layers = find_layers(hf)
-    setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in sorted(keep)]))
+    kept = [layers[i] for i in sorted(keep)]
+    setattr(parent, attr, torch.nn.ModuleList(kept))
     setattr(hf.config, field, len(keep))
+    # per-layer settings follow their layers: the attention kind (global/local, full/sliding) by position in
+    # layer_types, and each block's layer_idx (caches are indexed by it) renumbered to its new place
     if isinstance(getattr(hf.config, "layer_types", None), list):
         hf.config.layer_types = [hf.config.layer_types[i] for i in sorted(keep)]
+        if hasattr(hf, "has_sliding_layers"):
+            hf.has_sliding_layers = "sliding_attention" in hf.config.layer_types
+    for new, block in enumerate(kept):
+        for module in block.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
     return student
 
 
@@ -106,7 +127,8 @@ def set_dropout(model, p: float) -> None:
 
 def freeze_token_embeddings(student) -> None:
     """Keep a transformer student's embedding layer fixed (a pretrained student too, e.g. an earlier run's final/)."""
-    embeddings = getattr(getattr(student[0], "auto_model", None), "embeddings", None)
+    auto = getattr(student[0], "auto_model", None)
+    embeddings = getattr(auto, "embeddings", None) or (auto.get_input_embeddings() if auto is not None else None)
     if embeddings is None:
         raise UsageError(
             f"--freeze_embeddings needs a transformer student; {type(student[0]).__name__} has no embedding layer "
@@ -220,7 +242,7 @@ def build_student(
     else:
         student, info = pretrained_student(init, teacher, device, data_dir), {"student_init": init}
     if freeze_embeddings == "if_any":  # the recipe's default: a table student (static) has nothing apart to freeze
-        freeze_embeddings = getattr(getattr(student[0], "auto_model", None), "embeddings", None) is not None
+        freeze_embeddings = getattr(student[0], "auto_model", None) is not None
     if freeze_embeddings:
         freeze_token_embeddings(student)
     info["freeze_embeddings"] = bool(freeze_embeddings)  # what was done (a table student has nothing to freeze)
