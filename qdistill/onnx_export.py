@@ -157,6 +157,26 @@ def export(model_path, out, queries: list[str], int8: bool = True, num_threads=N
     return written
 
 
+# tracing and optimising a graph holds several copies of the weights: a 2.4 GB (600M-parameter) decoder was killed
+# at 24 GiB resident here, so an export needing more than this many times its weights is refused up front
+EXPORT_MEMORY_FACTOR = 10
+
+
+def check_memory(model, model_path) -> None:
+    """One line, before any tracing, when the export would not fit this machine's available memory."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        available = next(int(x.split()[1]) * 1024 for x in open("/proc/meminfo") if x.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return
+    if weights * EXPORT_MEMORY_FACTOR > available:
+        raise UsageError(
+            f"exporting {model_path} ({weights / 2**30:.1f} GiB of weights) needs about "
+            f"{weights * EXPORT_MEMORY_FACTOR / 2**30:.0f} GiB while tracing; {available / 2**30:.0f} GiB is "
+            "available here: export it on a larger machine, or time it with --backend torch"
+        )
+
+
 def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
     from sentence_transformers.models import Router, StaticEmbedding
 
@@ -166,6 +186,7 @@ def _export(model_path, out, queries, int8, num_threads, accept) -> dict:
     tok = model.tokenizer
     if not getattr(tok, "is_fast", True) and not isinstance(model[0], StaticEmbedding):
         raise UsageError(f"{model_path} has no fast tokenizer; the lean query path needs one (tokenizer.json)")
+    check_memory(model, model_path)
     reference = model.encode_query(queries, batch_size=64)
     settings = {
         "source": str(model_path),
