@@ -58,10 +58,10 @@ $(VENV)/.installed: requirements.txt requirements-models.txt
 # the tests read real data: DATA_DIR when it holds it, else the shared offline copy beside the checkout
 TEST_DATA = $(if $(wildcard $(DATA_DIR)/scifact),$(DATA_DIR),../shared/data)
 
-test: install ## run the test suite (real models on real data; about 17 minutes on 2 cores)
+test: install ## run the test suite (real models on real data; about 20 minutes on 2 cores)
 	DATA_DIR=$(TEST_DATA) $(PY) -m pytest -v -rs tests
 
-test-fast: install ## the fast tests only (~40 s: tiny random models, no real training or indexing)
+test-fast: install ## the fast tests only (~2.5 min: tiny random models, no real training or indexing)
 	DATA_DIR=$(TEST_DATA) $(PY) -m pytest -q -m "not slow" tests
 
 lint: install ## ruff lint and format check

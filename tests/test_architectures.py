@@ -197,6 +197,9 @@ def test_a_tiny_teacher_of_each_architecture_distils_saves_and_reloads(tmp_path,
     assert run["layers"] == [0, LAYERS - 1] and np.isfinite(run["dev_mse"])
     reloaded = SentenceTransformer(run["final_path"], device="cpu")
     assert students.depth(reloaded) == 2 and reloaded.encode(TEXTS).shape == (len(TEXTS), 32)
+    # and it exports: the ONNX fp32 graph passes the export's own fidelity check against torch
+    written = onnx_export.export(run["final_path"], tmp_path / "onnx", TEXTS * 4, int8=False)
+    assert written["fp32"]["cosine_to_torch"] > onnx_export.MIN_COSINE["fp32"]
 
 
 def test_a_decoder_student_exports_to_onnx_and_passes_the_fidelity_check(tmp_path):

@@ -167,6 +167,7 @@ def test_id_files_with_null_and_messages_with_the_odd_id(tmp_path, docs, caplog)
     with pytest.raises(cli.UsageError, match="id None is not a string or an integer"):
         given_index.read_ids(tmp_path / "ids.json")
     stray = [f"{d} " if i == 5 else d for i, d in enumerate(ids_of())]  # a stray space on one id
+    caplog.set_level("WARNING", logger="qdistill")  # an earlier test's --log_level error may have raised it
     check(as_npy(tmp_path, docs, stray, name="space"), docs)
     assert "1 corpus documents are not in the index (e.g. 'd5')" in caplog.text
     judged = given_index.open_index(tmp_path / "space.npy", tmp_path / "space.txt")
@@ -303,6 +304,7 @@ def test_a_nan_validation_loss_stops_training_in_one_line(tiny_bert):
 def test_the_corpus_text_share_holds_when_the_query_file_is_short(tmp_path, caplog):
     from qdistill import training_text
 
+    caplog.set_level("WARNING", logger="qdistill")
     (tmp_path / "q.tsv").write_text("".join(f"q{i}\tquery number {i} about things\n" for i in range(50)))
     corpus = {f"c{i}": {"title": f"title {i}", "text": f"document text number {i} " * 20} for i in range(100)}
     train, dev, counts = training_text.training_texts(
