@@ -173,7 +173,7 @@ def given_indexes(cfg, count: int) -> list:
     for spec, index in zip(cfg.doc_index, opened):
         if index.searched_as_built and cfg.index != "flat":
             raise UsageError(
-                f"--index {cfg.index}: the index {milvus.redact(str(spec))} is searched as it was built; drop --index"
+                f"--index {cfg.index}: the index {cli.redact(str(spec))} is searched as it was built; drop --index"
             )
         if index.kind == "milvus" and max(cfg.k_values) + 1 > milvus.MAX_TOP_K:
             raise UsageError(

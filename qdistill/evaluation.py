@@ -164,11 +164,11 @@ def result_settings(cfg: EvalSettings, ds: Dataset, index, index_meta: dict, sim
     and the file layout) and the pairing of a student's result with the teacher's (results.made_alike)."""
     import faiss
 
-    approximate = index_meta.get("label", cfg.index) != "flat"
+    approximate = index_meta["label"] != "flat"
     settings = {
         "dataset": ds.digest,
         "split": ds.split,
-        "index": index_meta.get("label", cfg.index),  # flat (exact), hnsw/ivfpq (built here), given-<type>
+        "index": index_meta["label"],  # flat (exact), hnsw/ivfpq (built here), given-<type>
         # the index by content (its files' digests and type, a collection's content, or the built index's key)
         "teacher_index": index_meta["digest"],
         "index_verified": index_meta["index_verified"],
@@ -252,9 +252,11 @@ def searchers(index: given_index.DocIndex, kind: str, folder, seed: int, cosine:
     def served(q, k):
         return index.search(q, k, cosine)
 
+    def exact(q, k):  # over the stored rows of any index that keeps its vectors (chunks: faiss, .npy, Milvus)
+        return search.exact_search(q, index.chunks(), min(k, len(index)), cosine)
+
     if index.searched_as_built:
-        vectors = index.approximate and index.exact
-        return served, (lambda q, k: index.exact_vectors_search(q, k, cosine)) if vectors else None
+        return served, exact if index.approximate and index.exact else None
     if kind == "flat":
         return served, None
     approx = cached_faiss(np.load(index.path, mmap_mode="r"), kind, folder, seed, normalize=cosine)
@@ -266,7 +268,7 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg
     t0 = time.perf_counter()
     cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
     searcher, exact = searchers(index, cfg.index, index_meta["folder"], cfg.index_seed, cosine)
-    approximate = index_meta.get("label", cfg.index) != "flat"
+    approximate = index_meta["label"] != "flat"
     doc_ids = index.ids
     build_secs = time.perf_counter() - t0
     q_ids = sorted(queries)
@@ -306,7 +308,7 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg
             agree = metrics.agreement(s_top, t_top, q_emb, t_emb, q_ids, cfg.seed)
             record["agreement"] = agree["summary"]
             record.setdefault("per_query", {}).update(agree["per_query"])
-        if exact is not None:  # each cut-off against the search it was scored from
+        if exact is not None:  # each cut-off against an approximate search of its own depth (10 or the deepest k)
             exact_ids = exact(q_emb, max_k)[1]
             approx = {k: searcher(q_emb, SHALLOW_K if k <= SHALLOW_K else max_k)[1] for k in (10, 100) if k <= max_k}
             record["approx_recall"] = {f"@{k}": metrics.overlap_at_k(exact_ids, a, k) for k, a in approx.items()}

@@ -104,9 +104,6 @@ class DocIndex:
         """The search settings it is served with, as stored in the file (faiss keeps efSearch, nprobe, search_L)."""
         return faiss_search_settings(self.index) if self.kind == "faiss" else {}
 
-    def content_digest(self) -> str:
-        return self.key.get("vectors_sha256", "")
-
     def id_set_digest(self) -> str:
         """The set of its ids, whatever their order or the form holding them (in-domain marks compare these)."""
         return id_set_digest(self.ids)
@@ -164,10 +161,6 @@ class DocIndex:
         if self.kind == "faiss":
             scores, rows = search.search(self.index, q, k)
             return search.to_similarity(scores, rows, self.metric, f"index at {self.path}"), rows
-        return search.exact_search(q, self.chunks(), min(k, len(self)), normalize)
-
-    def exact_vectors_search(self, q: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search over the stored vectors (an approximate index's recall is measured against it)."""
         return search.exact_search(q, self.chunks(), min(k, len(self)), normalize)
 
 
@@ -325,7 +318,7 @@ def open_index(spec: str | Path, ids_path: str | Path | None = None, milvus_para
     if milvus.is_milvus(spec):
         if ids_path:
             raise UsageError(
-                f"--doc_index {milvus.redact(str(spec))}: a Milvus collection holds its own ids; drop --doc_ids for it"
+                f"--doc_index {cli.redact(str(spec))}: a Milvus collection holds its own ids; drop --doc_ids for it"
             )
         return milvus.MilvusIndex(str(spec), milvus_params)
     vectors, ids_file = resolve(spec, ids_path)

@@ -163,13 +163,14 @@ def verify(index, encode_documents, corpus, similarity, teacher_name, seed, allo
         )
     missing = len(corpus) - present
     share = present / len(corpus)
+    example = next((d for d, r in zip(ids, corpus_rows) if r is None), None)  # a missing id, shown with repr
     if missing and share < 1 - PARTIAL_SHARE and not allow_partial:
-        example = next(d for d, r in zip(ids, corpus_rows) if r is None)
         raise UsageError(
             f"{where} holds {present} of the corpus's {len(corpus)} documents ({share:.1%}; e.g. {example!r} is "
             "missing): fewer distractors make every number easier. Index them all, or pass --allow_partial_index"
         )
-    record = scan(index, similarity, where) if index.readable else {"rows_scanned": 0}
+    readable = index.readable
+    record = scan(index, similarity, where) if readable else {"rows_scanned": 0}
     rows = sample_rows(corpus_rows, seed)
     sample = [index.ids[r] for r in rows]
     fresh = np.asarray(encode_documents(sample), np.float32)
@@ -178,7 +179,7 @@ def verify(index, encode_documents, corpus, similarity, teacher_name, seed, allo
     hint = "was it built with another model, prompt or max length, or are its ids in another order?"
     q = search.unit(fresh) if similarity == "cosine" else fresh
     roundtrip = None if index.exact else _as_coded(index, q)
-    if index.exact or roundtrip is not None or index.readable:
+    if roundtrip is not None or readable:  # stored originals are readable too
         stored = index.vectors(rows)
         if index.exact:
             method, what, floor, against = "vectors", f"over {len(sample)} documents", MIN_FLOOR, fresh
@@ -205,7 +206,6 @@ def verify(index, encode_documents, corpus, similarity, teacher_name, seed, allo
                 "with another model or prompt, or are its ids in another order?"
             )
     if missing:
-        example = next(d for d, r in zip(ids, corpus_rows) if r is None)
         logger.warning("%s: %d corpus documents are not in the index (e.g. %r)", where, missing, example)
     record["checked"] = _said(record, len(sample))
     logger.info("%s matches %s (%s)", where, teacher_name, record["checked"])

@@ -151,7 +151,7 @@ class MilvusIndex:
         """Pages of records over the whole collection in primary-key order, each page asked for as `pk > last`
         with the last id written as an escaped literal (pymilvus's own query_iterator writes it unescaped, and
         an id with a quote or a trailing backslash then breaks its every request)."""
-        last, total = None, 0
+        last = None
         kwargs = {"iterator": "True", "reduce_stop_for_best": "True"}  # pages in primary-key order
         while True:
             if last is None:
@@ -166,7 +166,6 @@ class MilvusIndex:
             keys = [r[self.pk["name"]] for r in page]
             if keys != sorted(keys) or (last is not None and keys[0] <= last):
                 raise UsageError(f"{self.path}: the engine returned a page out of primary-key order; cannot list it")
-            total += len(page)
             last = keys[-1]
             yield page
 
@@ -234,10 +233,6 @@ class MilvusIndex:
                 scores[start + i, : len(ids)] = [h["distance"] for h in found]
                 rows[start + i, : len(ids)] = [self._row[d] for d in ids]
         return search_lib.to_similarity(scores, rows, self.metric, self.path), rows
-
-    def exact_vectors_search(self, q: np.ndarray, k: int, normalize: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search over the stored vectors, read back (an approximate index's recall is measured against it)."""
-        return search_lib.exact_search(q, self.chunks(), min(k, self.count), normalize)
 
     def content_digest(self) -> str:
         if self.content is None:
