@@ -52,10 +52,12 @@ from qdistill import (
     torchrun,
     trainer,
     training_text,
+    vector_teacher,
 )
 from qdistill.cli import UsageError
 
 logger = logging.getLogger("qdistill.distillation")
+PROJECTION_FIT_TEXTS = 8192  # training texts the least-squares start of a projection is fitted on
 
 
 def parse_args(argv=None):
@@ -79,6 +81,7 @@ class Inputs(NamedTuple):
     plans: list[dict]
     doc_index: given_index.DocIndex | None  # the user's index for the score terms
     query_log: query_log.QueryLog | None  # the user's logged teacher query vectors
+    vector_teacher: vector_teacher.VectorTeacher | None  # the teacher known only by those vectors (no model)
 
 
 def check_inputs(args, device: str, world: int = 1) -> Inputs:
@@ -111,18 +114,19 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
         if args.teacher_query_ids and args.dev_queries:  # the log may hold the validation queries too
             files.append(Path(args.dev_queries))
         logged = query_log.QueryLog(args.teacher_query_embeddings, args.teacher_query_ids, files)
-    teacher_path = encoders.resolve_model_path(args.teacher_model, args.data_dir)
+    vectors = check_vectors_only(args, logged, index, train, dev, score_corpus) if args.vectors_only else None
+    # a vectors-only teacher is its logged vectors: their file stands for the model in every fingerprint
+    teacher_path = logged.path if vectors else encoders.resolve_model_path(args.teacher_model, args.data_dir)
     for name in args.student_model_init_list:
         encoders.resolve_model_path(name, args.data_dir)
-    total = students.config_depth(teacher_path)  # the default run name holds the layer ids
+    total = None if vectors else students.config_depth(teacher_path)  # the default run name holds the layer ids
     keep = (
         sorted(args.layers)
         if args.layers
         else total and students.choose_layers(total, args.num_layers, args.layer_strategy)
     )
-    names = runs.run_names(
-        args.student_model_init, args.student_model_init_list, args.run_name, args.teacher_model, keep
-    )
+    teacher_name = vectors.name if vectors else args.teacher_model
+    names = runs.run_names(args.student_model_init, args.student_model_init_list, args.run_name, teacher_name, keep)
     plans = runs.plan_runs(
         names,
         args.output_path,
@@ -131,7 +135,39 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
         lambda init: recipes.fingerprint(args, sources, teacher_path, init, trainer.batches_per_step(device, world)),
         args.skip_finished,
     )
-    return Inputs(sources, train, dev, triples, score_corpus, teacher_path, plans, index, logged)
+    return Inputs(sources, train, dev, triples, score_corpus, teacher_path, plans, index, logged, vectors)
+
+
+def check_vectors_only(args, logged, index, train, dev, score_corpus) -> vector_teacher.VectorTeacher:
+    """A teacher known only by its vectors, checked before any model loads: every logged row finite, its score
+    function (declared, or cosine from unit norms), the truncation, every training and validation text logged
+    (nothing can label the rest), and a --doc_index of the same dimension, scanned and matched to its text."""
+    subject = f"logged query vectors {logged.path}"
+    logged.verification = {**index_check.scan(logged.rows, "dot", subject), "teacher": "vectors only"}
+    sim = vector_teacher.similarity_of(logged.verification, args.teacher_similarity, subject)
+    vector_teacher.check_truncation(args.truncate_dim, logged.rows.dim, subject)
+    for what, texts in (("training", train), ("validation", dev)):
+        missing = logged.lookup(texts)[1]
+        if missing:
+            raise UsageError(
+                f"{len(missing)} of {len(texts)} {what} queries have no row in {logged.path} (e.g. "
+                f"{texts[missing[0]]!r}); a teacher known only by its vectors labels nothing else: log them, or "
+                "pass --teacher_query_ids naming the rows of those queries"
+            )
+    if index is not None:
+        if index.dim != logged.rows.dim:
+            raise UsageError(
+                f"--doc_index {index.path} holds {index.dim}-d vectors but {subject} are {logged.rows.dim}-d; "
+                "give the index of the same teacher (a Matryoshka index: the full vectors, cut with --truncate_dim)"
+            )
+        index_check.check_shape(index, index.dim, sim, "the logged teacher")
+        corpus = score_corpus[0] if score_corpus else None
+        index.verification = index_check.verify(index, None, corpus, sim, "", args.seed, args.allow_partial_index)
+    name = f"vectors-{logged.path.stem}"
+    logger.info(
+        "teacher known only by its vectors (%s): %d-d, %s; nothing of it is loaded", logged.path, logged.rows.dim, sim
+    )
+    return vector_teacher.VectorTeacher(name, logged.rows.dim, sim)
 
 
 def main(argv=None) -> dict:
@@ -145,8 +181,11 @@ def main(argv=None) -> dict:
     kept, plans = finished_runs(inputs.plans)
     if not plans:
         return {"runs": kept}
-    teacher, _ = encoders.load_model(args.teacher_model, device, path=inputs.teacher_path)
-    check_given(args, inputs, teacher)  # the user's index and logged vectors belong to this teacher, or exit 2
+    if inputs.vector_teacher is not None:  # checked in check_inputs; no model of the teacher exists here
+        teacher = inputs.vector_teacher
+    else:
+        teacher, _ = encoders.load_model(args.teacher_model, device, path=inputs.teacher_path)
+        check_given(args, inputs, teacher)  # the user's index and logged vectors belong to this teacher, or exit 2
     built = build_students(args, plans, teacher, device)  # first: bad layer ids fail before any labelling
     logger.info("%d training texts (%s), %d validation texts", len(inputs.train), inputs.sources, len(inputs.dev))
     targets, loss_settings, score = prepare_targets(args, inputs, teacher, world)
@@ -183,8 +222,14 @@ def build_students(args, plans: list[dict], teacher, device: str) -> list:
         "max_seq_length": args.max_seq_length,
         "data_dir": args.data_dir,
         "batch_size": args.label_batch_size,
+        "dim": args.truncate_dim,
     }
-    return [students.build_student(plan["init"], teacher, device, **settings) for plan in plans]
+    static_on = (
+        args.student_model_init_list[0]
+        if args.student_model_init == "static" and args.student_model_init_list
+        else None
+    )
+    return [students.build_student(plan["init"], teacher, device, static_on=static_on, **settings) for plan in plans]
 
 
 def run_config(args, argv, inputs: Inputs, device: str, world: int) -> dict:
@@ -193,6 +238,10 @@ def run_config(args, argv, inputs: Inputs, device: str, world: int) -> dict:
     config.update(
         teacher_path=str(inputs.teacher_path), train_text_sources=inputs.sources, device=device, world_size=world
     )
+    if inputs.vector_teacher is not None:
+        teacher = inputs.vector_teacher
+        config["teacher"] = {"vectors_only": True, "name": teacher.name, "dim": teacher.dim}
+        config["teacher"]["similarity"] = teacher.similarity_fn_name
     if inputs.doc_index is not None:
         config["doc_index"] = {"digest": inputs.doc_index.digest(), **inputs.doc_index.verification}
     if inputs.query_log is not None:
@@ -240,22 +289,28 @@ def prepare_targets(args, inputs: Inputs, teacher, world: int):
             args.label_devices,
         )
 
+    sim = encoders.similarity_name(teacher)
+
     def label(texts):
         if inputs.query_log is None:
-            return teacher_label(texts)
+            emb, cached = teacher_label(texts)
+            return vector_teacher.truncate(emb, args.truncate_dim, sim == "cosine"), cached
         emb, missing = inputs.query_log.lookup(texts)
         logger.info("%d of %d texts labelled by the logged vectors", len(texts) - len(missing), len(texts))
-        if not missing:
-            return emb, True
-        emb[missing], cached = teacher_label([texts[i] for i in missing])
-        return emb, cached
+        cached = True
+        if missing:  # a vectors-only teacher has none missing (check_vectors_only)
+            emb[missing], cached = teacher_label([texts[i] for i in missing])
+        return vector_teacher.truncate(emb, args.truncate_dim, sim == "cosine"), cached
 
     t0 = time.perf_counter()
     targets = trainer.teacher_targets(
         teacher, label, inputs.train, inputs.dev, inputs.triples, args.augment, args.seed
     )
     if inputs.doc_index is not None:  # the user's index: its stored vectors, nothing encoded
-        targets = targets._replace(docs=inputs.doc_index.all_vectors())
+        docs = vector_teacher.truncate(inputs.doc_index.all_vectors(), args.truncate_dim, sim == "cosine")
+        targets = targets._replace(docs=docs)
+        if args.teacher_symmetric:
+            targets = document_targets(targets, inputs.doc_index, inputs.score_corpus[0], docs)
     elif inputs.score_corpus is not None:
         corpus, file = inputs.score_corpus
         if (file.parent / "qrels").is_dir():
@@ -270,10 +325,26 @@ def prepare_targets(args, inputs: Inputs, teacher, world: int):
         args.loss,
         args.kl_top_k,
         args.kl_negatives,
-        encoders.similarity_name(teacher),
+        sim,
         args.kl_temperature,
         args.seed,
         args.margin_scale,
+    )
+
+
+def document_targets(targets, index, corpus: dict, docs):
+    """A symmetric teacher (one encoder, no prompts): each indexed document's text, labelled by its stored vector,
+    joins the training texts (nothing encoded by the teacher)."""
+    import numpy as np
+
+    rows = [r for r in index.rows_of(sorted(corpus)) if r is not None]
+    texts = [teacher_outputs.doc_text(corpus[index.ids[r]]) for r in rows]
+    keep = [i for i, t in enumerate(texts) if t]
+    logger.info("%d documents' text labelled by the index's stored vectors (--teacher_symmetric)", len(keep))
+    targets.facts["index_document_texts"] = len(keep)
+    return targets._replace(
+        texts=targets.texts + [texts[i] for i in keep],
+        labels=np.concatenate([targets.labels, np.asarray(docs)[[rows[i] for i in keep]]]),
     )
 
 
@@ -289,7 +360,13 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
     try:
         if rank == 0:  # one writer; first, so a crashed run still says what it was
             run_files.write_json(run_dir / "config.json", run["config"])
-        dim = teacher.get_embedding_dimension()
+        dim = args.truncate_dim or teacher.get_embedding_dimension()
+        if args.projection_init == "lstsq" and not run["resume"]:  # training starts where a linear map ends
+            n = min(len(targets.texts), PROJECTION_FIT_TEXTS)
+            fitted = students.fit_projection(student, targets.texts[:n], targets.labels[:n, :dim], prompt or "")
+            if fitted is not None:
+                logger.info("projection fitted by least squares on %d texts: mean cosine %.4f", n, fitted)
+                info["projection_fit_cosine"] = round(fitted, 4)
         loss = losses.make_loss(
             student,
             args.loss,

@@ -27,6 +27,7 @@ and what made the result), and the tables (labelled; label-free) in output/retri
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -40,7 +41,35 @@ logger = logging.getLogger("qdistill.retrieval")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
-    add("--teacher_model", default=cli.PAPER_TEACHER, help="HF id or folder; its document index is searched")
+    add(
+        "--teacher_model",
+        default=None,
+        help=f"HF id or folder; its document index is searched (default: {cli.PAPER_TEACHER}, unless the teacher\n"
+        "is given as vectors: --teacher_query_embeddings)",
+    )
+    add(
+        "--teacher_query_embeddings",
+        nargs="+",
+        default=None,
+        help="a teacher known only by its vectors (an embedding API, an LLM embedder): per dataset, the .npy of its\n"
+        "logged query vectors; with --teacher_query_ids and --doc_index per dataset, and no --teacher_model",
+    )
+    add("--teacher_query_ids", nargs="+", default=None, help="per dataset, the ids of those rows (one a line)")
+    add(
+        "--teacher_similarity",
+        choices=["cosine", "dot"],
+        default=None,
+        help="a vectors-only teacher's score function (default: cosine when every logged vector is unit length)",
+    )
+    add("--teacher_name", default="teacher-vectors", help="a vectors-only teacher's name in tables and folders")
+    add(
+        "--truncate_dim",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="Matryoshka: evaluate at these dimensions (the first d of every vector, renormalised for cosine),\n"
+        "the teacher at the same d; one table each",
+    )
     add("--models", nargs="*", default=[], help="student models (HF ids or folders such as output/RUN/final)")
     add("--datasets", nargs="+", required=True, help="BEIR names or folders; without qrels also a collection tsv")
     add("--data_dir", default=cli.DATA_DIR, help="where BEIR names are looked for / downloaded to")
@@ -117,6 +146,25 @@ def _validate(p, args) -> None:
         p.error("--export_index writes indexes this script builds; with --doc_index it builds none")
     if args.export_index and Path(args.export_index).exists() and not Path(args.export_index).is_dir():
         p.error(f"--export_index {args.export_index} is a file; give a folder (each dataset goes in DIR/<dataset>)")
+    args.vectors_only = bool(args.teacher_query_embeddings)
+    if args.vectors_only:
+        if args.teacher_model:
+            p.error(
+                "--teacher_query_embeddings stand in for the teacher; drop --teacher_model (a loaded teacher encodes "
+                "the queries itself)"
+            )
+        if not args.teacher_query_ids or not args.doc_index:
+            p.error("a teacher known by its vectors needs --teacher_query_ids and --doc_index, one per dataset")
+        if args.pseudo_queries:
+            p.error("--pseudo_queries have no logged teacher vectors; give a logged --queries file")
+        if args.export_index:
+            p.error("--export_index writes indexes the teacher builds; a teacher known by its vectors builds none")
+        args.teacher_model = args.teacher_name
+    else:
+        for flag in ("teacher_query_ids", "teacher_similarity"):
+            if getattr(args, flag):
+                p.error(f"--{flag} goes with --teacher_query_embeddings (a teacher known by its vectors)")
+        args.teacher_model = args.teacher_model or cli.PAPER_TEACHER
 
 
 def main(argv=None) -> dict:
@@ -125,18 +173,28 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     cli.start_run(args.log_level, args.seed, args.output_path)
     device = cli.pick_device(args.device)
-    cfg = cli.settings_from(EvalSettings, args)
+    dims = sorted(set(args.truncate_dim or [None]), key=lambda d: -(d or 1 << 30))  # full first, then smaller
+    cfg = cli.settings_from(EvalSettings, argparse.Namespace(**{**vars(args), "truncate_dim": dims[0]}))
     config = run_files.run_info(vars(args), device, argv, __file__)
     datasets = eval_data.check_datasets(cfg)  # first: a bad dataset is named before any model is looked up
+    for d in dims[1:]:  # every truncation checked against the logs before any work
+        eval_data.teacher_logs(dataclasses.replace(cfg, truncate_dim=d), datasets)
+    datasets = eval_data.teacher_logs(cfg, datasets)
     paths = evaluation.model_paths(cfg)
-    sources = {name: run_files.text_sources(path) for name, path in paths.items()}
+    sources = {name: path and run_files.text_sources(path) for name, path in paths.items()}
     models, datasets = evaluation.load_models(cfg, paths, device, datasets)
-    rows = [
-        row
-        for ds, queries in datasets
-        for row in evaluation.evaluate_dataset(cfg, ds, queries, paths, models, sources, config)
-    ]
-    rows, table = tables.evaluation_tables(rows, cfg.teacher_model, cfg.seed)
+    rows, parts = [], []
+    for d in dims:  # Matryoshka: one pass and one table per dimension, the teacher at the same d
+        at = dataclasses.replace(cfg, truncate_dim=d)
+        found = [
+            row
+            for ds, queries in datasets
+            for row in evaluation.evaluate_dataset(at, ds, queries, paths, models, sources, config)
+        ]
+        found, table = tables.evaluation_tables(found, cfg.teacher_model, cfg.seed)
+        rows += found
+        parts.append(f"## d = {d}\n\n{table}" if args.truncate_dim else table)
+    table = "\n".join(parts)
     run_files.write_text(evaluation.results_root(cfg) / "results.md", table)
     print(table)
     return {"rows": rows, "table": table}

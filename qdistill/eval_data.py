@@ -45,6 +45,12 @@ class EvalSettings:
     index_seed: int
     allow_partial_index: bool = False
     milvus_search_params: str | None = None
+    # a teacher known only by its vectors: each dataset's logged query vectors and their ids (vector_teacher.py)
+    teacher_query_embeddings: list[str] | None = None
+    teacher_query_ids: list[str] | None = None
+    teacher_similarity: str | None = None
+    vectors_only: bool = False
+    truncate_dim: int | None = None  # Matryoshka: the first d dimensions of every vector, one d per pass
 
 
 SELF_RETRIEVAL = {"arguana", "quora"}  # BEIR collections whose queries are documents (beir's ignore_identical_ids)
@@ -59,6 +65,7 @@ class Dataset(NamedTuple):
     corpus_sha256: str | None  # None: no corpus text (the documents are in a given --doc_index)
     queries_sha256: str
     doc_index: given_index.DocIndex | None = None  # the user's index, searched instead of one built here
+    teacher_log: object | None = None  # a vectors-only teacher: this dataset's logged query vectors (LoggedEncoder)
 
 
 def labelled_dataset(name, folder: Path, group, split, index=None) -> tuple[Dataset, int]:
@@ -222,4 +229,40 @@ def check_datasets(cfg) -> list[tuple[Dataset, dict | None]]:
     if (cfg.queries or cfg.pseudo_queries) and all(q is None for _, q in out):
         flag = "--queries" if cfg.queries else "--pseudo_queries"
         raise UsageError(f"{flag} is for label-free datasets, and every dataset here has qrels; add --label_free")
+    return out
+
+
+def teacher_logs(cfg, datasets: list[tuple[Dataset, dict | None]]) -> list[tuple[Dataset, dict | None]]:
+    """A vectors-only teacher: each dataset's --teacher_query_embeddings opened (every evaluated query's id in it,
+    every row finite), its index checked against it without re-encoding anything (vector_teacher), all before any
+    student loads. The teacher's score function is declared or read from the logs' norms, the same for all."""
+    from qdistill import vector_teacher
+
+    if not cfg.vectors_only:
+        return datasets
+    if len(cfg.teacher_query_embeddings) != len(datasets) or len(cfg.teacher_query_ids or []) != len(datasets):
+        raise UsageError(
+            f"a teacher known by its vectors needs one --teacher_query_embeddings and one --teacher_query_ids per "
+            f"dataset, in order: {len(datasets)} datasets, {len(cfg.teacher_query_embeddings)} vector files, "
+            f"{len(cfg.teacher_query_ids or [])} id files"
+        )
+    out, similarity = [], None
+    for (ds, queries), vectors, ids in zip(datasets, cfg.teacher_query_embeddings, cfg.teacher_query_ids):
+        if ds.doc_index is None:
+            raise UsageError(f"{ds.name}: a teacher known by its vectors is searched in your index; pass --doc_index")
+        if ds.split is None:
+            query_file = Path(cfg.queries) if cfg.queries else ds.folder / "queries.jsonl"
+            evaluated = queries
+        else:
+            query_file = ds.folder / "queries.jsonl"
+            evaluated = data.load_beir(ds.folder, ds.split, corpus_optional=True)[1]
+        log = vector_teacher.open_log(vectors, ids, query_file, evaluated, ds.name)
+        subject = f"logged query vectors {vectors}"
+        found = vector_teacher.similarity_of(log.verification, cfg.teacher_similarity, subject)
+        if similarity not in (None, found):
+            raise UsageError(f"the logs read as {similarity} and {found} teachers; declare --teacher_similarity")
+        similarity = found
+        vector_teacher.check_truncation(cfg.truncate_dim, min(log.rows.dim, ds.doc_index.dim), "logged vectors")
+        encoder = vector_teacher.LoggedEncoder(cfg.teacher_model, log, similarity)
+        out.append((ds._replace(teacher_log=encoder), queries))
     return out

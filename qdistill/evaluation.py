@@ -23,6 +23,7 @@ from qdistill import (
     run_files,
     search,
     teacher_outputs,
+    vector_teacher,
 )
 from qdistill.cli import UsageError
 from qdistill.eval_data import Dataset, EvalSettings, corpus_text, load_dataset, own_ids
@@ -37,9 +38,11 @@ RESULT_SCHEMA = 4
 
 
 def model_paths(cfg: EvalSettings) -> dict:
-    """{name: local folder} of the teacher (first) and each student, in order, each resolved once."""
+    """{name: local folder} of the teacher (first) and each student, in order, each resolved once; a teacher
+    known only by its vectors has none (each dataset's log stands in for it)."""
     names = dict.fromkeys([cfg.teacher_model, *cfg.models])
-    return {name: encoders.resolve_model_path(name, cfg.data_dir) for name in names}
+    vectors = cfg.teacher_model if cfg.vectors_only else None
+    return {name: None if name == vectors else encoders.resolve_model_path(name, cfg.data_dir) for name in names}
 
 
 def results_root(cfg: EvalSettings) -> Path:
@@ -54,8 +57,12 @@ def load_models(cfg: EvalSettings, paths: dict, device: str, datasets):
     for name in names[1:]:  # a damaged export fails here, before the teacher loads
         if onnx_export.is_export(paths[name]):
             onnx_export.check_export(paths[name])
-    teacher, _ = encoders.load_model(cfg.teacher_model, device, path=paths[cfg.teacher_model])
-    checked = [(ds._replace(doc_index=check_index(cfg, ds, teacher)), q) for ds, q in datasets]
+    if cfg.vectors_only:  # nothing of the teacher is loaded: each dataset's logged vectors answer for it
+        teacher = datasets[0][0].teacher_log
+        checked = [(ds._replace(doc_index=check_vectors_only(cfg, ds, q)), q) for ds, q in datasets]
+    else:
+        teacher, _ = encoders.load_model(cfg.teacher_model, device, path=paths[cfg.teacher_model])
+        checked = [(ds._replace(doc_index=check_index(cfg, ds, teacher)), q) for ds, q in datasets]
     models = {cfg.teacher_model: teacher}
     for name in names[1:]:
         exported = onnx_export.is_export(paths[name])
@@ -63,12 +70,31 @@ def load_models(cfg: EvalSettings, paths: dict, device: str, datasets):
             lean.LeanEncoder(paths[name]) if exported else encoders.load_model(name, device, path=paths[name])[0]
         )
         dim = models[name].get_embedding_dimension()
-        if dim != teacher.get_embedding_dimension():
+        if dim != teacher.get_embedding_dimension() and not (cfg.truncate_dim and dim >= cfg.truncate_dim):
             raise UsageError(
                 f"{name} gives {dim}-d embeddings but the teacher index is {teacher.get_embedding_dimension()}-d; "
                 "train it with distillation.py against this teacher"
             )
     return models, checked
+
+
+def check_vectors_only(cfg: EvalSettings, ds: Dataset, queries):
+    """A dataset's given index checked without a teacher: shape, every row scanned, the ids against the corpus,
+    and the logged queries against the index (vector_teacher.check_against_index); index_verified false."""
+    index, log = ds.doc_index, ds.teacher_log
+    sim = encoders.similarity_name(log)
+    if log.dim != index.dim and cfg.truncate_dim is None:
+        raise UsageError(
+            f"logged query vectors {log.log.path} are {log.dim}-d but the index {index.path} is {index.dim}-d; pass "
+            f"--truncate_dim {min(log.dim, index.dim)} if one holds Matryoshka-truncated vectors"
+        )
+    index_check.check_shape(index, index.dim, sim, cfg.teacher_model)  # the metric (dimensions: above)
+    corpus, _ = corpus_text(ds.folder, index)
+    record = index_check.verify(index, None, corpus, sim, cfg.teacher_model, cfg.seed, cfg.allow_partial_index)
+    evaluated = queries if queries is not None else load_dataset(ds)[2]
+    checked = vector_teacher.check_against_index(log.log, index, evaluated, sim, cfg.truncate_dim, cfg.seed)
+    index.verification = vector_teacher.vectors_only_index_record(record, checked)
+    return index
 
 
 def check_index(cfg: EvalSettings, ds: Dataset, teacher):
@@ -78,13 +104,18 @@ def check_index(cfg: EvalSettings, ds: Dataset, teacher):
     if index is None:
         return None
     sim = encoders.similarity_name(teacher)
-    index_check.check_shape(index, teacher.get_embedding_dimension(), sim, cfg.teacher_model)
+    full = teacher.get_embedding_dimension()
+    vector_teacher.check_truncation(cfg.truncate_dim, full, f"teacher {cfg.teacher_model}'s vectors")
+    # a Matryoshka index holds the first d dimensions: the fresh vectors are cut to it before they are compared
+    cut = index.dim if cfg.truncate_dim and index.dim == cfg.truncate_dim < full else None
+    index_check.check_shape(index, cut or full, sim, cfg.teacher_model)
     corpus, _ = corpus_text(ds.folder, index)
 
     def encode(ids):
         with encoders.max_length(teacher, cfg.corpus_max_seq_length):
             texts = [teacher_outputs.doc_text(corpus[i]) for i in ids]
-            return teacher.encode_document(texts, batch_size=cfg.corpus_batch_size, convert_to_numpy=True)
+            emb = teacher.encode_document(texts, batch_size=cfg.corpus_batch_size, convert_to_numpy=True)
+        return vector_teacher.truncate(emb, cut, sim == "cosine")
 
     index.verification = index_check.verify(
         index, encode, corpus, sim, cfg.teacher_model, cfg.seed, cfg.allow_partial_index
@@ -127,6 +158,8 @@ def evaluate_dataset(cfg: EvalSettings, ds: Dataset, queries, paths, models, sou
     names, out_root = list(paths), results_root(cfg)
     corpus, corpus_file, queries, qrels, data_stats, collection = load_dataset(ds, queries)
     own = own_ids(ds, queries, corpus, cfg.self_retrieval)
+    if ds.teacher_log is not None:  # a teacher known by its vectors: this dataset's log answers for it
+        models = {**models, cfg.teacher_model: ds.teacher_log}
     teacher = models[cfg.teacher_model]
     index, index_meta = document_side(cfg, ds, teacher, paths[cfg.teacher_model], corpus, corpus_file)
     sim = encoders.similarity_name(teacher)  # the teacher's own score function, not beir's cosine default
@@ -134,9 +167,14 @@ def evaluate_dataset(cfg: EvalSettings, ds: Dataset, queries, paths, models, sou
     label = settings["index"]
     records, pending = {}, []
     for name in names:
-        runtime = {"onnxruntime": __import__("onnxruntime").__version__} if onnx_export.is_export(paths[name]) else {}
-        key, key_digest = teacher_outputs.cache_key("retrieval", paths[name], {**settings, **runtime})
-        path = out_root / run_files.slug(name) / results.result_file(ds.name, label)
+        exported = paths[name] is not None and onnx_export.is_export(paths[name])
+        runtime = {"onnxruntime": __import__("onnxruntime").__version__} if exported else {}
+        # a teacher known by its vectors is its logged vectors and their ids, by content
+        made_by = paths[name] or ds.teacher_log.log.path
+        if paths[name] is None:
+            runtime["teacher_query_ids"] = ds.teacher_log.log.rows.ids.sha256
+        key, key_digest = teacher_outputs.cache_key("retrieval", made_by, {**settings, **runtime})
+        path = out_root / run_files.slug(name) / results.result_file(ds.name, label, cfg.truncate_dim)
         old = json.loads(path.read_text()) if path.exists() and not cfg.overwrite else {}
         if old.get("result_key") == key_digest and (not cfg.save_run or path.with_suffix(".trec").is_file()):
             logger.info("%s on %s: finished earlier with the same model, data and settings, reusing", name, ds.name)
@@ -154,7 +192,9 @@ def evaluate_dataset(cfg: EvalSettings, ds: Dataset, queries, paths, models, sou
             mark_training_text(record, teacher_record, sources[name], ds, queries, collection, cfg.seed)
         record["data_stats"] = data_stats
         if name in fresh:  # fresh results are written; reused ones stay as they are
-            run_files.write_json(out_root / run_files.slug(name) / results.result_file(ds.name, label), record)
+            run_files.write_json(
+                out_root / run_files.slug(name) / results.result_file(ds.name, label, cfg.truncate_dim), record
+            )
         rows.append({**record, "group": ds.group, "reused": name not in fresh})
     return rows
 
@@ -180,6 +220,8 @@ def result_settings(cfg: EvalSettings, ds: Dataset, index, index_meta: dict, sim
         # an approximate index: its settings as served, and the depth of the second search (@100 metrics)
         "served": index_meta.get("served") or None,
         "deep_search_k": max(cfg.k_values) + 1 if approximate else None,
+        "teacher": "vectors only" if cfg.vectors_only else "model",
+        "truncate_dim": cfg.truncate_dim,
     }
     if ds.doc_index is None and cfg.index != "flat":  # hnsw/ivfpq built here: with the seed and these settings
         settings.update(index_seed=cfg.index_seed, index_build=search.BUILD[cfg.index])
@@ -222,6 +264,7 @@ def encode_and_search(model, searcher, q_texts, q_ids, doc_ids, cfg, cosine, app
     t0 = time.perf_counter()
     q_emb = model.encode_query(q_texts, batch_size=cfg.query_batch_size, convert_to_numpy=True)
     enc_secs = time.perf_counter() - t0
+    q_emb = vector_teacher.truncate(q_emb, cfg.truncate_dim, cosine)
     q_emb = unit(q_emb) if cosine else np.asarray(q_emb, np.float32)
     t0 = time.perf_counter()
     found = retrieve(searcher, q_emb, q_ids, doc_ids, max(cfg.k_values))
@@ -244,10 +287,11 @@ def score(qrels, run: Searched, k_values, own) -> dict:
     return {"metrics": values, "own_id_queries": len(own), "identical_ids_dropped": dropped, "per_query": per_query}
 
 
-def searchers(index: given_index.DocIndex, kind: str, folder, seed: int, cosine: bool):
+def searchers(index: given_index.DocIndex, kind: str, folder, seed: int, cosine: bool, dim: int | None = None):
     """(search, exact search or None): a given index searched as built (approximate ones with exact search over
     their stored vectors beside, for their recall, where they store vectors); else exact search over the vectors
-    (chunk by chunk), or an hnsw/ivfpq index built from them once, with exact search beside it."""
+    (chunk by chunk), or an hnsw/ivfpq index built from them once, with exact search beside it. With `dim` below
+    the index's (Matryoshka), exact search over the stored rows cut to dim."""
 
     def served(q, k):
         return index.search(q, k, cosine)
@@ -255,6 +299,18 @@ def searchers(index: given_index.DocIndex, kind: str, folder, seed: int, cosine:
     def exact(q, k):  # over the stored rows of any index that keeps its vectors (chunks: faiss, .npy, Milvus)
         return search.exact_search(q, index.chunks(), min(k, len(index)), cosine)
 
+    if dim is not None and dim < index.dim:
+        if kind != "flat" or not index.exact or (index.searched_as_built and index.approximate):
+            raise UsageError(
+                f"--truncate_dim {dim}: the index {index.path} is searched as built at {index.dim}-d; truncation "
+                "searches stored vectors exactly: give an .npy, pyserini or flat faiss index and --index flat"
+            )
+
+        def cut(q, k):
+            rows = ((s, vector_teacher.truncate(b, dim, cosine)) for s, b in index.chunks())
+            return search.exact_search(q, rows, min(k, len(index)), cosine)
+
+        return cut, None
     if index.searched_as_built:
         return served, exact if index.approximate and index.exact else None
     if kind == "flat":
@@ -267,7 +323,7 @@ def evaluate_models(pending, models, queries, qrels, own, index, index_meta, cfg
     """{model name: record} for the models not evaluated before on this dataset; TREC runs on --save_run."""
     t0 = time.perf_counter()
     cosine = sim == "cosine"  # cosine teachers: inner product over unit vectors
-    searcher, exact = searchers(index, cfg.index, index_meta["folder"], cfg.index_seed, cosine)
+    searcher, exact = searchers(index, cfg.index, index_meta["folder"], cfg.index_seed, cosine, cfg.truncate_dim)
     approximate = index_meta["label"] != "flat"
     doc_ids = index.ids
     build_secs = time.perf_counter() - t0
@@ -330,7 +386,7 @@ def result_record(name, model, cfg: EvalSettings, sim, index_meta, key, key_dige
     """What a result file says about how it was made: the model and backend, the index, the key, the run."""
     return {
         "model": name,
-        "backend": lean.backend_name(model.meta) if isinstance(model, lean.LeanEncoder) else "torch",
+        "backend": backend(model),
         "teacher": cfg.teacher_model,
         "similarity": sim,
         "index": cfg.index,
@@ -340,6 +396,12 @@ def result_record(name, model, cfg: EvalSettings, sim, index_meta, key, key_dige
         "key": key,
         "config": config,
     }
+
+
+def backend(model) -> str:
+    if isinstance(model, vector_teacher.VectorTeacher):
+        return "logged vectors"
+    return lean.backend_name(model.meta) if isinstance(model, lean.LeanEncoder) else "torch"
 
 
 def write_trec(path: Path, name: str, q_ids, found) -> None:

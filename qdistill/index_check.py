@@ -147,7 +147,8 @@ def verify(index, encode_documents, corpus, similarity, teacher_name, seed, allo
     """{'index_verified', 'checked', ...}: every stored row scanned (scan), then documents re-encoded by
     `encode_documents` (the teacher, as its index would) on a stratified sample of rows and compared with what
     is stored: vectors, or codes through the index's own codec, or (neither) whether each finds itself. Refused
-    in one line when they disagree. Without corpus text only the scan runs: index_verified false, said so."""
+    in one line when they disagree. Without corpus text, or without a teacher to encode (encode_documents None),
+    only the scan and the id checks run: index_verified false, said so."""
     where = f"index at {index.path}"
     if not corpus:
         record = scan(index, similarity, where) if index.readable else {"rows_scanned": 0}
@@ -171,10 +172,14 @@ def verify(index, encode_documents, corpus, similarity, teacher_name, seed, allo
         )
     readable = index.readable
     record = scan(index, similarity, where) if readable else {"rows_scanned": 0}
+    record.update(corpus_docs_missing=missing, corpus_share_indexed=round(share, 4))
+    if encode_documents is None:  # a teacher known only by its vectors: nothing can be re-encoded
+        record["checked"] = _said(record, 0)
+        return {"index_verified": False, "reason": "no teacher model", **record}
     rows = sample_rows(corpus_rows, seed)
     sample = [index.ids[r] for r in rows]
     fresh = np.asarray(encode_documents(sample), np.float32)
-    record.update(sample=len(sample), corpus_docs_missing=missing, corpus_share_indexed=round(share, 4))
+    record["sample"] = len(sample)
     subject = f"{where} does not match teacher {teacher_name}"
     hint = "was it built with another model, prompt or max length, or are its ids in another order?"
     q = search.unit(fresh) if similarity == "cosine" else fresh

@@ -93,6 +93,7 @@ NOT_RECIPE = {
     "allow_partial_index",  # the index's content is in sources either way
     "teacher_query_embeddings",
     "teacher_query_ids",
+    "vectors_only",  # the teacher's fingerprint says it (the log's content)
 }
 
 
@@ -164,13 +165,43 @@ def add_flags(p) -> None:
 
 def _model_flags(p) -> None:
     add = p.add_argument_group("teacher and student").add_argument
-    add("--teacher_model", default=cli.PAPER_TEACHER, help="HF id or local SentenceTransformer folder")
+    add(
+        "--teacher_model",
+        default=None,
+        help=f"HF id or local SentenceTransformer folder (default: {cli.PAPER_TEACHER}; none when the teacher is\n"
+        "given as vectors: --teacher_query_embeddings without --teacher_model never loads a teacher)",
+    )
+    add(
+        "--teacher_similarity",
+        choices=["cosine", "dot"],
+        default=None,
+        help="a vectors-only teacher's score function (default: cosine when every logged vector is unit length)",
+    )
+    add(
+        "--teacher_symmetric",
+        action="store_true",
+        help="a vectors-only teacher encodes queries and documents alike (one encoder, no prompts): --doc_index's\n"
+        "stored vectors label the text of its documents (--score_corpus) as more training text",
+    )
+    add(
+        "--truncate_dim",
+        type=positive_int,
+        default=None,
+        help="Matryoshka: train on the first d dimensions of the teacher's vectors (renormalised for cosine)",
+    )
     add("--student_model_init", default="layer_reduction", choices=["layer_reduction", "pretrained", "static"])
-    add("--layers", type=int, nargs="+", help="teacher layer ids to keep, e.g. 0 11")
+    add("--layers", type=int, nargs="+", help="teacher layer ids to keep, e.g. 0 11 (a pretrained student's own)")
     add("--num_layers", type=positive_int, default=2, help="layers to keep when --layers is not given")
     add("--layer_strategy", default="top_bottom", choices=students.STRATEGIES)
     add("--student_model_init_list", nargs="+", default=[], help="pretrained students: one <run_name>/<student> each")
     add("--student_dropout", type=float, default=None, help="default: the recipe's (best: 0; paper: the teacher's)")
+    add(
+        "--projection_init",
+        default="lstsq",
+        choices=["lstsq", "random"],
+        help="a projected student's Dense layer (pretrained/static student of another width): the least-squares\n"
+        "map from its features to the labels, fitted on up to 8,192 training texts, or random",
+    )
     add(
         "--freeze_embeddings",
         action=argparse.BooleanOptionalAction,
@@ -271,6 +302,39 @@ def _training_flags(p) -> None:
     add("--label_devices", nargs="+", default=None, help="several devices: multi-process teacher labelling")
 
 
+def _validate_vectors_only(p, args) -> None:
+    """A teacher known only by its vectors: what needs its weights or its encoder is refused in one line."""
+    if args.student_model_init == "layer_reduction":
+        p.error(
+            "layer reduction keeps the teacher's own layers, and a teacher known only by its vectors has none here: "
+            "use --student_model_init pretrained (or static) --student_model_init_list MODEL"
+        )
+    if args.student_model_init == "static" and not args.student_model_init_list:
+        p.error(
+            "a static student of a vectors-only teacher needs a named model's tokenizer: --student_model_init_list M"
+        )
+    needs = {
+        "augment": "--augment (perturbed queries have no logged vector)",
+        "margin_triples": "--margin_triples (their passages need the teacher's encoder)",
+        "token_loss_weight": "--token_loss_weight (the teacher's token states)",
+        "align_loss_weight": "--align_loss_weight (the teacher's layers)",
+        "save_asymmetric": "--save_asymmetric (the teacher's document encoder)",
+    }
+    for flag, what in needs.items():
+        if getattr(args, flag):
+            p.error(f"{what} needs the teacher's model; drop it, or give --teacher_model")
+    corpora = [q for q in args.train_queries if q.startswith("corpus:")]
+    if corpora:
+        p.error(
+            f"{corpora[0]}: document spans have no logged teacher vector; drop it (a symmetric teacher's documents "
+            "can train through --teacher_symmetric --doc_index --score_corpus)"
+        )
+    if args.teacher_symmetric and not (args.doc_index and args.score_corpus):
+        p.error("--teacher_symmetric labels documents' text by the index: give --doc_index and --score_corpus")
+    if args.score_corpus and not args.doc_index:
+        p.error("--score_corpus without --doc_index would need the teacher to encode it; give its --doc_index")
+
+
 def _output_flags(p) -> None:
     add = p.add_argument_group("output").add_argument
     add("--output_path", default="output")
@@ -292,8 +356,22 @@ def validate(p, args) -> None:
     """Flag combinations that cannot work: argparse's exit 2 with one line, before anything runs."""
     if args.student_model_init == "pretrained" and not args.student_model_init_list:
         p.error("--student_model_init pretrained needs --student_model_init_list M1 [M2 ...]")
-    if args.student_model_init_list and args.student_model_init != "pretrained":
-        p.error("--student_model_init_list goes with --student_model_init pretrained")
+    args.vectors_only = bool(args.teacher_query_embeddings) and not args.teacher_model
+    if args.vectors_only:
+        _validate_vectors_only(p, args)
+    else:
+        if args.teacher_similarity or args.teacher_symmetric:
+            p.error("--teacher_similarity/--teacher_symmetric describe a teacher known only by its vectors")
+        args.teacher_model = args.teacher_model or cli.PAPER_TEACHER
+    if args.student_model_init_list and args.student_model_init == "layer_reduction":
+        p.error("--student_model_init_list goes with --student_model_init pretrained (or static on a named model)")
+    if args.truncate_dim and args.student_model_init == "layer_reduction":
+        p.error(
+            "--truncate_dim: a layer-reduced student gives the teacher's full width; train it on full vectors and "
+            "evaluate with evaluate_retrieval.py --truncate_dim, or use a pretrained student (projected to d)"
+        )
+    if args.student_model_init == "static" and len(args.student_model_init_list) > 1:
+        p.error("--student_model_init static takes one model's tokenizer and per-token table")
     if args.push_to_hub and not args.hub_model_id:
         p.error("--push_to_hub needs --hub_model_id")
     if set(args.loss) & set(losses.SCORE_TERMS) and not (args.score_corpus or args.doc_index or args.margin_triples):
@@ -305,8 +383,11 @@ def validate(p, args) -> None:
         p.error("--margin_triples scores against its own --triples_collection; drop --score_corpus/--doc_index")
     if args.doc_ids and not args.doc_index:
         p.error("--doc_ids goes with --doc_index (the index whose rows they name)")
-    if args.doc_index and not set(args.loss) & set(losses.SCORE_TERMS):
-        p.error("--doc_index serves the score terms; add kl or margin_mse to --loss, e.g. cosine:1.0,kl:1.0")
+    if args.doc_index and not set(args.loss) & set(losses.SCORE_TERMS) and not args.teacher_symmetric:
+        p.error(
+            "--doc_index serves the score terms (add kl or margin_mse to --loss, e.g. cosine:1.0,kl:1.0) or, for a "
+            "symmetric vectors-only teacher, --teacher_symmetric"
+        )
     if args.teacher_query_ids and not args.teacher_query_embeddings:
         p.error("--teacher_query_ids goes with --teacher_query_embeddings (the vectors whose rows they name)")
     if args.margin_triples and not args.triples_collection:

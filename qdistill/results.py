@@ -33,11 +33,12 @@ NAMES = {
 }
 
 
-def result_file(dataset: str, index: str) -> str:
+def result_file(dataset: str, index: str, dim: int | None = None) -> str:
     """The file name of a result: <dataset>.json for exact search, <dataset>.<index>.json for approximate ones
-    (hnsw/ivfpq built here, given-<type> for a given approximate index), so results over different index kinds
-    never overwrite each other."""
-    return f"{dataset}.json" if index == "flat" else f"{dataset}.{index}.json"
+    (hnsw/ivfpq built here, given-<type> for a given approximate index), <dataset>[.<index>].d<dim>.json at a
+    Matryoshka truncation, so results over different index kinds or dimensions never overwrite each other."""
+    name = dataset if index == "flat" else f"{dataset}.{index}"
+    return f"{name}.d{dim}.json" if dim else f"{name}.json"
 
 
 def made_alike(settings: dict) -> dict:

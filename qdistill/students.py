@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -137,12 +138,23 @@ def freeze_token_embeddings(student) -> None:
     embeddings.requires_grad_(False)
 
 
-def pretrained_student(name: str, teacher, device: str, data_dir: str):
-    """A small pretrained model as student, with a trainable Dense projection to the teacher's dimension."""
+def pretrained_student(name: str, teacher, device: str, data_dir: str, dim: int | None = None, layers=None):
+    """A small pretrained model as student (only its `layers`, if given), with a trainable Dense projection to the
+    teacher's dimension (or `dim`, a Matryoshka truncation of it)."""
+    student, _ = encoders.load_model(name, device=device, data_dir=data_dir)
+    if layers:
+        total = num_teacher_layers(student)
+        if max(layers) >= total:
+            raise UsageError(f"--layers {' '.join(map(str, layers))}: {name} has layers 0..{total - 1}")
+        student = layer_reduced_student(student, sorted(layers))
+    return project(student, teacher, dim or teacher.get_embedding_dimension(), device, name)
+
+
+def project(student, teacher, t_dim: int, device: str, name: str):
+    """The student with a Dense projection to t_dim where its own width differs, normalised like the teacher."""
     from sentence_transformers import models
 
-    student, _ = encoders.load_model(name, device=device, data_dir=data_dir)
-    s_dim, t_dim = student.get_embedding_dimension(), teacher.get_embedding_dimension()
+    s_dim = student.get_embedding_dimension()
     if s_dim != t_dim:
         logger.info("student %s is %d-d, teacher %d-d: adding a Dense projection", name, s_dim, t_dim)
         student.append(models.Dense(s_dim, t_dim, bias=True, activation_function=torch.nn.Identity()).to(device))
@@ -150,6 +162,31 @@ def pretrained_student(name: str, teacher, device: str, data_dir: str):
             student.append(models.Normalize())
     student.similarity_fn_name = teacher.similarity_fn_name
     return student
+
+
+def fit_projection(student, texts: list[str], labels: np.ndarray, prompt: str = "", batch_size: int = 256):
+    """Start a student's Dense projection at the least-squares map from its features to the labels (the frozen
+    student + linear map baseline), so training begins where that baseline ends. Returns the fit's mean cosine,
+    or None when the student has no projection."""
+    from sentence_transformers import models
+
+    dense = [m for m in student if isinstance(m, models.Dense)]
+    if not dense or not texts:
+        return None
+    feats = []
+    hook = dense[-1].register_forward_pre_hook(lambda m, a: feats.append(a[0]["sentence_embedding"].detach().cpu()))
+    try:
+        student.encode(texts, batch_size=batch_size, convert_to_numpy=True, prompt=prompt)
+    finally:
+        hook.remove()
+    x = torch.cat(feats).double()
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.float64)
+    w = torch.linalg.lstsq(x, y).solution  # (in + 1, out)
+    with torch.no_grad():
+        dense[-1].linear.weight.copy_(w[:-1].T.float())
+        dense[-1].linear.bias.copy_(w[-1].float())
+    return float(torch.nn.functional.cosine_similarity(x @ w, y).mean())
 
 
 def static_student(teacher, device: str, batch_size: int = 512):
@@ -227,8 +264,11 @@ def build_student(
     max_seq_length=128,
     data_dir=".",
     batch_size=256,
+    static_on=None,
+    dim=None,
 ):
-    """(student, info): init is layer_reduction, static, or a pretrained model's HF id/path.
+    """(student, info): init is layer_reduction, static (the teacher's per-token table, or `static_on`'s projected
+    to the teacher's dimension), or a pretrained model's HF id/path (only its `layers`, if given).
 
     Layer ids are checked against the teacher here, so a caller can fail fast before any labelling.
     """
@@ -237,10 +277,21 @@ def build_student(
         keep = sorted(layers) if layers else choose_layers(total, num_layers, strategy)
         student = layer_reduced_student(teacher, keep)
         info = {"student_init": init, "layers": keep, "teacher_layers": total}
+    elif init == "static" and static_on:  # another model's tokenizer and table, projected to the teacher's space
+        table_of, _ = encoders.load_model(static_on, device=device, data_dir=data_dir)
+        student = project(
+            static_student(table_of, device, batch_size),
+            teacher,
+            dim or teacher.get_embedding_dimension(),
+            device,
+            static_on,
+        )
+        info = {"student_init": "static", "static_on": static_on}
     elif init == "static":
         student, info = static_student(teacher, device, batch_size), {"student_init": "static"}
     else:
-        student, info = pretrained_student(init, teacher, device, data_dir), {"student_init": init}
+        student = pretrained_student(init, teacher, device, data_dir, dim, layers)
+        info = {"student_init": init, **({"layers": sorted(layers)} if layers else {})}
     if freeze_embeddings == "if_any":  # the recipe's default: a table student (static) has nothing apart to freeze
         freeze_embeddings = getattr(student[0], "auto_model", None) is not None
     if freeze_embeddings:
