@@ -367,6 +367,7 @@ def run_plan(args, run, student, teacher, targets, loss_settings, score, sources
             if fitted is not None:
                 logger.info("projection fitted by least squares on %d texts: mean cosine %.4f", n, fitted)
                 info["projection_fit_cosine"] = round(fitted, 4)
+        student = students.fold_static_projection(student)  # a static table's projection merged into the table
         loss = losses.make_loss(
             student,
             args.loss,

@@ -6,12 +6,15 @@ speedup per variant (reference time / variant time), reported as median and rang
     python evaluate_speed.py --models sentence-transformers/all-MiniLM-L6-v2 output/RUN/final \\
         --queries scifact --devices cpu cuda --batch_sizes 1 8 32 128
     python evaluate_speed.py --models T S --queries $DATA_DIR/scifact --quantize none int8 --precision fp32 fp16
+    # a teacher that cannot run here (an embedding API, an LLM embedder): its batch-1 latency as you measured it
+    python evaluate_speed.py --models output/RUN/final --queries $DATA_DIR/scifact --teacher_latency_ms 180
 
-The first model is the reference (the teacher). Timed: end to end (tokenization included) and the model
-forward alone on pre-tokenized input, for torch (`encode_query`) and for the ONNX Runtime export through the
-lean query path (`--backend onnx`; exports are cached under output/onnx/). Each speedup is given twice:
-against the teacher on the same backend and precision, and against the teacher as users run it today
-(torch fp32 `encode_query`). Outputs output/speed/<run_name>.{json,md}.
+The first model is the reference (the teacher), unless --teacher_latency_ms gives the teacher's latency as a
+number (labelled as given, never as measured here): then every model is a student, compared with that number.
+Timed: end to end (tokenization included) and the model forward alone on pre-tokenized input, for torch
+(`encode_query`) and for the ONNX Runtime export through the lean query path (`--backend onnx`; exports are
+cached under output/onnx/). Each speedup is given twice: against the teacher on the same backend and precision,
+and against the teacher as users run it today (torch fp32 `encode_query`). Outputs output/speed/<run_name>.{json,md}.
 """
 
 from __future__ import annotations
@@ -39,6 +42,13 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     add = p.add_argument
     add("--models", nargs="+", required=True, help="the reference (teacher) first, then students")
+    add(
+        "--teacher_latency_ms",
+        type=cli.positive,
+        default=None,
+        help="a teacher that cannot run here: its per-query latency at batch 1 as you measured it (an API's\n"
+        "round trip, an LLM embedder's); every --models entry is then a student timed against it",
+    )
     add("--queries", required=True, help="BEIR name/folder (its queries) or a query file")
     add("--data_dir", default=cli.DATA_DIR)
     add("--num_queries", type=positive_int, default=300, help="queries timed per round (seeded sample)")
@@ -261,6 +271,21 @@ def device_rows(variants, facts, texts, device, batch_sizes, reference, repeats,
     return rows
 
 
+def given_teacher(rows: list[dict], ms: float) -> str:
+    """Batch-1 end-to-end rows compared with a teacher latency the user gave (never measured here): the ratio is
+    stored as speedup_vs_given_teacher, and the note says where the number came from."""
+    said = []
+    for r in rows:
+        if r["batch_size"] == 1 and r["mode"] == "end_to_end" and r["backend"] != "tokenizer only":
+            r["speedup_vs_given_teacher"] = {
+                "teacher_ms": ms,
+                "source": "given by the user",
+                "ratio": ms / r["p50_ms"],
+            }
+            said.append(f"{r['model']} {r['backend']} {r['variant']} {ms / r['p50_ms']:.1f}x")
+    return f"teacher latency {ms:g} ms at batch 1 given by the user (not measured here): " + "; ".join(said)
+
+
 def add_export(variants: dict, name: str, enc, ref_emb) -> None:
     """An export's rows: its variant (onnx fp32/int8, or the static table in numpy) and the tokenizer-only floor."""
     variant = enc.meta["variant"]
@@ -322,10 +347,12 @@ def main(argv=None) -> dict:
         for name, p in paths.items()
         if onnx_export.is_export(p) and onnx_export.check_export(p)
     }
-    if args.models[0] in exports:
+    if args.models[0] in exports and args.teacher_latency_ms is None:
         raise UsageError(f"the reference {args.models[0]} is an export; give the teacher's torch model first")
     base = {name: encoders.load_model(name, "cpu", path=paths[name])[0] for name in args.models if name not in exports}
-    token_stats = token_lengths(base[args.models[0]].tokenizer, texts)
+    first = base.get(args.models[0])
+    token_stats = token_lengths(first.tokenizer, texts) if first is not None else None
+    reference = None if args.teacher_latency_ms else args.models[0]
     if any(v == "int8" for _, v in plan):
         notes.append(INT8_NOTE)
     rows = []
@@ -333,8 +360,10 @@ def main(argv=None) -> dict:
         variants = device_variants(args, device, plan, base, exports, paths, texts)
         facts = {name: model_facts(model) for name, model in {**base, **exports}.items()}
         rows += device_rows(
-            variants, facts, texts, device, args.batch_sizes, args.models[0], args.repeats, max(args.warmup, 1)
+            variants, facts, texts, device, args.batch_sizes, reference, args.repeats, max(args.warmup, 1)
         )
+    if args.teacher_latency_ms:
+        notes.append(given_teacher(rows, args.teacher_latency_ms))
     result = {
         "config": run_files.run_info(vars(args), argv=argv, script=__file__),
         "num_threads": args.num_threads,

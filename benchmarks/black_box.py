@@ -32,12 +32,15 @@ DATASETS = ["cranfield", "cacm", "npl", "nfcorpus", "scifact"]  # small corpora 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("stage", choices=["teacher", "students"])
+    p.add_argument("stage", choices=["teacher", "students", "train"], help="train: the students, not evaluated")
     p.add_argument("--teacher_model", default=TEACHER)
     p.add_argument("--data_dir", default=cli.DATA_DIR)
     p.add_argument("--datasets", nargs="+", default=DATASETS)
     p.add_argument("--num_train", type=positive_int, default=30_000, help="MS MARCO train queries in the log")
     p.add_argument("--output_path", default="output")
+    p.add_argument("--students", nargs="+", default=None, help="only these runs (default: all)")
+    p.add_argument("--epochs", type=cli.positive, default=3.0)
+    p.add_argument("--truncate_dim", type=positive_int, nargs="+", default=[768, 256, 128])
     return p.parse_args(argv)
 
 
@@ -92,11 +95,126 @@ def play_teacher(args) -> None:
     (out / "done.json").write_text(json.dumps({"teacher": args.teacher_model, "datasets": args.datasets}))
 
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+NPY_HANDOVER = ("cranfield", "cacm", "npl")  # handed over as .npy + ids; the others as the pyserini folders
+# (run name, extra distillation.py flags, training logs): all from the provider's vectors, mpnet never loaded
+STUDENTS = [
+    ("minilm-L6", ["--student_model_init", "pretrained", "--student_model_init_list", MINILM], ["msmarco-train"]),
+    (
+        "minilm-L2",
+        ["--student_model_init", "pretrained", "--student_model_init_list", MINILM, "--layers", "0", "5"],
+        ["msmarco-train"],
+    ),
+    (
+        "static",
+        ["--student_model_init", "static", "--student_model_init_list", MINILM, "--learning_rate", "1e-2"],
+        ["msmarco-train"],
+    ),
+    (
+        "minilm-L6-nfcorpus-queries",
+        ["--student_model_init", "pretrained", "--student_model_init_list", MINILM],
+        ["msmarco-train", "nfcorpus-train"],
+    ),
+    (
+        "minilm-L6-nfcorpus-docs",
+        ["--student_model_init", "pretrained", "--student_model_init_list", MINILM, "--teacher_symmetric"],
+        ["msmarco-train"],
+    ),
+]
+
+
+def handover(given: Path, datasets: list[str]) -> dict[str, list[str]]:
+    """{dataset: its --doc_index flags}: the provider's exported folders, some rewritten as .npy + ids (read back
+    from the faiss file, nothing encoded), as a user would hold them."""
+    import faiss
+
+    flags = {}
+    for name in datasets:
+        folder = given / "index" / name
+        if name not in NPY_HANDOVER:
+            flags[name] = ["--doc_index", str(folder)]
+            continue
+        npy, ids = given / "npy" / f"{name}.npy", given / "npy" / f"{name}.ids"
+        if not npy.exists():
+            index = faiss.read_index(str(folder / "index"))
+            npy.parent.mkdir(parents=True, exist_ok=True)
+            with run_files.atomic_file(ids) as tmp:
+                tmp.write_text((folder / "docid").read_text())
+            with run_files.atomic_file(npy) as tmp, open(tmp, "wb") as f:
+                np.save(f, index.reconstruct_n(0, index.ntotal))
+        flags[name] = ["--doc_index", str(npy), "--doc_ids", str(ids)]
+    return flags
+
+
+def joined_log(given: Path) -> tuple[Path, Path]:
+    """One log of every logged training query (.npy + ids), as a user's log would hold them together."""
+    names = ["msmarco-train", "nfcorpus-train", "nfcorpus-dev"]
+    npy, ids = given / "log" / "all.npy", given / "log" / "all.ids"
+    if not npy.exists():
+        with run_files.atomic_file(ids) as tmp:
+            tmp.write_text("".join((given / "log" / f"{n}.ids").read_text() for n in names))
+        with run_files.atomic_file(npy) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.concatenate([np.load(given / "log" / f"{n}.npy") for n in names]))
+    return npy, ids
+
+
+def train_students(args, given: Path, out: Path, only: list[str] | None) -> dict[str, str]:
+    """{run: final/ folder}: each student trained by distillation.py from the log alone (finished runs kept)."""
+    import distillation
+
+    npy, ids = joined_log(given)
+    finals = {}
+    for name, flags, logs in STUDENTS:
+        if only and name not in only:
+            continue
+        argv = ["--train_queries", *[str(given / "log" / f"{n}.tsv") for n in logs]]
+        argv += ["--teacher_query_embeddings", str(npy), "--teacher_query_ids", str(ids), *flags]
+        argv += ["--dev_queries", str(given / "log" / "nfcorpus-dev.tsv")] if "nfcorpus-train" in logs else []
+        if "--teacher_symmetric" in flags:
+            argv += [
+                "--doc_index",
+                str(given / "index" / "nfcorpus"),
+                "--score_corpus",
+                str(args.data_dir + "/nfcorpus"),
+            ]
+        argv += ["--num_train_epochs", str(args.epochs), "--output_path", str(out), "--run_name", name]
+        argv += ["--skip_finished", "--log_level", "info"]
+        logger.info("distillation.py %s", " ".join(argv))
+        run = distillation.main(argv)["runs"][0]
+        finals[name] = run["final_path"]
+    return finals
+
+
+def evaluate_students(args, given: Path, out: Path, finals: dict[str, str], dims: list[int]) -> dict:
+    """evaluate_retrieval.py with the teacher as its logged vectors and each collection's handed-over index."""
+    import evaluate_retrieval
+
+    index = handover(given, args.datasets)
+    argv = ["--models", *finals.values(), "--datasets", *[str(Path(args.data_dir) / d) for d in args.datasets]]
+    for flag in ("--doc_index", "--doc_ids"):
+        values = [index[d][index[d].index(flag) + 1] if flag in index[d] else "-" for d in args.datasets]
+        argv += [flag, *values]
+    argv += ["--teacher_query_embeddings", *[str(given / "eval" / f"{d}.npy") for d in args.datasets]]
+    argv += ["--teacher_query_ids", *[str(given / "eval" / f"{d}.ids") for d in args.datasets]]
+    argv += ["--teacher_name", "mpnet-as-vectors", "--output_path", str(out), "--log_level", "info"]
+    argv += ["--truncate_dim", *map(str, dims)] if dims else []
+    logger.info("evaluate_retrieval.py %s", " ".join(argv))
+    return evaluate_retrieval.main(argv)
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.setup_logging("info")
     if args.stage == "teacher":
         play_teacher(args)
+        return
+    given, out = Path(args.output_path) / "bench-blackbox" / "given", Path(args.output_path) / "bench-blackbox"
+    ready = (given / "done.json").is_file() or (args.stage == "train" and (given / "log" / "all.ids").parent.is_dir())
+    if not ready:
+        raise cli.UsageError(f"{given} is not complete; run `python -m benchmarks.black_box teacher` first")
+    finals = train_students(args, given, out, args.students)
+    if args.stage == "students":
+        evaluate_students(args, given, out, finals, args.truncate_dim)
 
 
 if __name__ == "__main__":

@@ -164,6 +164,24 @@ def project(student, teacher, t_dim: int, device: str, name: str):
     return student
 
 
+def fold_static_projection(student):
+    """A static table followed by a Dense projection, as one table in the teacher's space: the mean of projected
+    rows is the projected mean (bias included), so the student answers the same and exports as a plain table."""
+    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers.sentence_transformer.modules import StaticEmbedding
+
+    mods = list(student)
+    if not (len(mods) > 1 and isinstance(mods[0], StaticEmbedding) and isinstance(mods[1], models.Dense)):
+        return student
+    with torch.no_grad():
+        table = mods[1].linear(mods[0].embedding.weight.float())
+    folded = StaticEmbedding(mods[0].tokenizer, embedding_weights=table.cpu())
+    out = SentenceTransformer(modules=[folded, *mods[2:]], device=str(student.device))
+    out.similarity_fn_name, out.prompts = student.similarity_fn_name, dict(student.prompts)
+    out.default_prompt_name = student.default_prompt_name
+    return out
+
+
 def fit_projection(student, texts: list[str], labels: np.ndarray, prompt: str = "", batch_size: int = 256):
     """Start a student's Dense projection at the least-squares map from its features to the labels (the frozen
     student + linear map baseline), so training begins where that baseline ends. Returns the fit's mean cosine,
@@ -279,13 +297,11 @@ def build_student(
         info = {"student_init": init, "layers": keep, "teacher_layers": total}
     elif init == "static" and static_on:  # another model's tokenizer and table, projected to the teacher's space
         table_of, _ = encoders.load_model(static_on, device=device, data_dir=data_dir)
-        student = project(
-            static_student(table_of, device, batch_size),
-            teacher,
-            dim or teacher.get_embedding_dimension(),
-            device,
-            static_on,
-        )
+        # the table's raw mean, then the projection: linear, so fold_static_projection can merge it into the table
+        from sentence_transformers import SentenceTransformer
+
+        student = SentenceTransformer(modules=[static_student(table_of, device, batch_size)[0]], device=device)
+        student = project(student, teacher, dim or teacher.get_embedding_dimension(), device, static_on)
         info = {"student_init": "static", "static_on": static_on}
     elif init == "static":
         student, info = static_student(teacher, device, batch_size), {"student_init": "static"}

@@ -218,3 +218,60 @@ def test_bad_vector_input_is_one_line(stand, tmp_path, capsys):
                 ids,
             ]
         )
+
+
+def test_served_as_the_rest(stand, tmp_path):
+    """A projected student and a static student of a vectors-only teacher export (projection inside the graph; the
+    static one folded into its table), evaluate from the export against the logged vectors, and are timed against a
+    teacher latency given as a number, labelled so."""
+    import evaluate_speed
+    import serving
+    from qdistill import lean
+
+    runs = {
+        "proj": distill_vectors(stand, tmp_path / "out", "--run_name", "proj"),
+        "static": distill_vectors(
+            stand,
+            tmp_path / "out",
+            "--run_name",
+            "static",
+            "--student_model_init",
+            "static",
+            "--learning_rate",
+            "0.05",
+        ),
+    }
+    queries = str(stand["root"] / "train.tsv")
+    exports = []
+    for name, run in runs.items():
+        written = serving.main(
+            ["--model", run["final_path"], "--queries", queries, "--output_path", str(tmp_path / name), "--no_int8"]
+        )
+        variant = next(iter(written))
+        assert written[variant]["cosine_to_torch"] >= 0.9999 and written[variant]["dim"] == 32
+        exports.append(str(tmp_path / name / variant))
+    assert Path(exports[1]).name == "static" and lean.LeanEncoder(exports[1]).table.shape[1] == 32
+    out = vectors_eval(stand, tmp_path / "eval", models=[runs["proj"]["final_path"], *exports])
+    rows = {r["model"]: r for r in out["rows"]}
+    assert rows[exports[0]]["metrics"]["NDCG@10"] == pytest.approx(
+        rows[runs["proj"]["final_path"]]["metrics"]["NDCG@10"], abs=1e-3
+    )
+    speed = evaluate_speed.main(
+        ["--models", runs["proj"]["final_path"], *exports, "--queries", queries, "--teacher_latency_ms", "250"]
+        + [
+            "--batch_sizes",
+            "1",
+            "--repeats",
+            "2",
+            "--warmup",
+            "2",
+            "--num_queries",
+            "10",
+            "--output_path",
+            str(tmp_path),
+        ]
+    )
+    given = [r for r in speed["results"] if "speedup_vs_given_teacher" in r]
+    assert len(given) == 3 and all(r["speedup_vs_given_teacher"]["source"] == "given by the user" for r in given)
+    assert all("speedup" not in r for r in speed["results"])  # nothing measured as the teacher here
+    assert any("given by the user (not measured here)" in n for n in speed["notes"])
