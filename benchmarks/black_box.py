@@ -32,7 +32,12 @@ DATASETS = ["cranfield", "cacm", "npl", "nfcorpus", "scifact"]  # small corpora 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("stage", choices=["teacher", "students", "train"], help="train: the students, not evaluated")
+    p.add_argument(
+        "stage",
+        choices=["teacher", "train", "students", "loaded"],
+        help="teacher: play the provider; train: the students only; students: train and evaluate; loaded: the\n"
+        "static student again with the teacher loaded as today (same labels), compared with the vectors-only run",
+    )
     p.add_argument("--teacher_model", default=TEACHER)
     p.add_argument("--data_dir", default=cli.DATA_DIR)
     p.add_argument("--datasets", nargs="+", default=DATASETS)
@@ -98,18 +103,18 @@ def play_teacher(args) -> None:
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 NPY_HANDOVER = ("cranfield", "cacm", "npl")  # handed over as .npy + ids; the others as the pyserini folders
 # (run name, extra distillation.py flags, training logs): all from the provider's vectors, mpnet never loaded
-STUDENTS = [
-    ("minilm-L6", ["--student_model_init", "pretrained", "--student_model_init_list", MINILM], ["msmarco-train"]),
-    (
-        "minilm-L2",
-        ["--student_model_init", "pretrained", "--student_model_init_list", MINILM, "--layers", "0", "5"],
-        ["msmarco-train"],
-    ),
+STUDENTS = [  # cheapest first
     (
         "static",
         ["--student_model_init", "static", "--student_model_init_list", MINILM, "--learning_rate", "1e-2"],
         ["msmarco-train"],
     ),
+    (
+        "minilm-L2",
+        ["--student_model_init", "pretrained", "--student_model_init_list", MINILM, "--layers", "0", "5"],
+        ["msmarco-train"],
+    ),
+    ("minilm-L6", ["--student_model_init", "pretrained", "--student_model_init_list", MINILM], ["msmarco-train"]),
     (
         "minilm-L6-nfcorpus-queries",
         ["--student_model_init", "pretrained", "--student_model_init_list", MINILM],
@@ -202,6 +207,38 @@ def evaluate_students(args, given: Path, out: Path, finals: dict[str, str], dims
     return evaluate_retrieval.main(argv)
 
 
+def loaded_run(args, given: Path, out: Path) -> dict:
+    """The `static` student trained and evaluated with the teacher loaded (labels from the label cache the
+    provider filled, the same vectors), beside its vectors-only run: the numbers must agree."""
+    import distillation
+    import evaluate_retrieval
+
+    name, flags, logs = next(s for s in STUDENTS if s[0] == "static")
+    argv = ["--teacher_model", args.teacher_model, "--train_queries", *[str(given / "log" / f"{n}.tsv") for n in logs]]
+    argv += [*flags, "--num_train_epochs", str(args.epochs), "--output_path", str(out / "loaded"), "--run_name", name]
+    argv += ["--data_dir", args.data_dir, "--skip_finished", "--log_level", "info"]
+    final = distillation.main(argv)["runs"][0]["final_path"]
+    datasets = [str(Path(args.data_dir) / d) for d in args.datasets]
+    loaded = evaluate_retrieval.main(
+        ["--teacher_model", args.teacher_model, "--models", final, "--datasets", *datasets]
+        + ["--output_path", args.output_path, "--data_dir", args.data_dir, "--log_level", "info"]
+    )
+    vectors = evaluate_students(args, given, out, {name: str(out / name / "final")}, [])
+    pick = {("loaded", r["model"] == args.teacher_model, r["dataset"]): r for r in loaded["rows"]}
+    pick.update({("vectors", r["model"] == "mpnet-as-vectors", r["dataset"]): r for r in vectors["rows"]})
+    names = [Path(d).name for d in datasets]
+    compare = {
+        d: {
+            who: {side: pick[(side, who == "teacher", d)]["metrics"]["NDCG@10"] for side in ("loaded", "vectors")}
+            for who in ("teacher", "student")
+        }
+        for d in names
+    }
+    run_files.write_json(out / "loaded-vs-vectors.json", compare)
+    logger.info("nDCG@10 loaded vs vectors only: %s", json.dumps(compare, indent=1))
+    return compare
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.setup_logging("info")
@@ -212,6 +249,9 @@ def main(argv=None):
     ready = (given / "done.json").is_file() or (args.stage == "train" and (given / "log" / "all.ids").parent.is_dir())
     if not ready:
         raise cli.UsageError(f"{given} is not complete; run `python -m benchmarks.black_box teacher` first")
+    if args.stage == "loaded":
+        loaded_run(args, given, out)
+        return
     finals = train_students(args, given, out, args.students)
     if args.stage == "students":
         evaluate_students(args, given, out, finals, args.truncate_dim)
