@@ -223,7 +223,7 @@ def static_student(teacher, device: str, batch_size: int = 512):
     specials = [i for i in (tok.cls_token_id, tok.sep_token_id) if i is not None]
     rows = []
     with torch.inference_mode():
-        for start in tqdm(range(0, vocab, batch_size), desc="static student: teacher per-token outputs"):
+        for start in tqdm(range(0, vocab, batch_size), desc="static student: per-token outputs of its table's model"):
             ids = torch.arange(start, min(start + batch_size, vocab))
             # [CLS] token [SEP], as the teacher sees a one-token query
             input_ids = torch.stack([torch.tensor([*specials[:1], int(i), *specials[1:]]) for i in ids]).to(device)

@@ -14,6 +14,7 @@ from sentence_transformers import SentenceTransformer
 import distillation
 import evaluate_retrieval as er
 from qdistill import encoders, search
+from qdistill.cli import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,39 @@ def test_truncation_matches_the_loaded_teacher_at_the_same_d(stand, tmp_path):
     assert abs(vec[("teacher-vectors", 16)]["metrics"]["NDCG@10"] - t16["metrics"]["NDCG@10"]) < 1e-4
     assert vec[("teacher-vectors", 8)]["metrics"] != vec[("teacher-vectors", 32)]["metrics"]
     assert (tmp_path / "v/retrieval/teacher-vectors/teacher-vectors/beir.d16.json").is_file()
+
+
+def test_a_matryoshka_index_with_full_logged_vectors(stand, tmp_path):
+    """An index holding the teacher's vectors cut to 16 dimensions (renormalised, as an API's MRL output) with the
+    full 32-d log: --truncate_dim 16 cuts the queries to meet it, and gives the loaded teacher's numbers at d = 16;
+    without the flag, one line names it. Label-free too: agreement rows, no metrics."""
+    root = stand["root"]
+    import faiss
+
+    full = faiss.read_index(str(root / "export/beir/index"))
+    np.save(tmp_path / "d16.npy", search.unit(full.reconstruct_n(0, full.ntotal)[:, :16]))
+    shutil.copy(root / "export/beir/docid", tmp_path / "d16.ids")
+    argv = ["--datasets", str(stand["beir"]), "--doc_index", str(tmp_path / "d16.npy"), "--doc_ids"]
+    argv += [str(tmp_path / "d16.ids"), "--teacher_query_embeddings", str(root / "eval.npy")]
+    argv += [
+        "--teacher_query_ids",
+        str(root / "eval.ids"),
+        "--output_path",
+        str(tmp_path / "o"),
+        "--log_level",
+        "error",
+    ]
+    cut = {r["model"]: r for r in er.main([*argv, "--truncate_dim", "16"])["rows"]}["teacher-vectors"]
+    loaded = er.main(
+        ["--teacher_model", stand["teacher"], "--datasets", str(stand["beir"]), "--truncate_dim", "16"]
+        + ["--output_path", str(root / "out"), "--log_level", "error"]
+    )
+    t16 = {r["model"]: r for r in loaded["rows"]}[stand["teacher"]]
+    assert abs(cut["metrics"]["NDCG@10"] - t16["metrics"]["NDCG@10"]) < 1e-4
+    with pytest.raises(UsageError, match="pass --truncate_dim 16"):
+        er.main(argv)
+    free = er.main([*argv, "--truncate_dim", "16", "--label_free"])
+    assert all("metrics" not in r for r in free["rows"])
 
 
 def distill_vectors(stand, out, *extra):
