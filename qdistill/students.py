@@ -187,23 +187,27 @@ def fit_projection(student, texts: list[str], labels: np.ndarray, prompt: str = 
     student + linear map baseline), so training begins where that baseline ends. Returns the fit's mean cosine,
     or None when the student has no projection."""
     from sentence_transformers import models
+    from sentence_transformers.util import batch_to_device
 
-    dense = [m for m in student if isinstance(m, models.Dense)]
+    mods = list(student)
+    dense = [i for i, m in enumerate(mods) if isinstance(m, models.Dense)]
     if not dense or not texts:
         return None
-    feats = []
-    hook = dense[-1].register_forward_pre_hook(lambda m, a: feats.append(a[0]["sentence_embedding"].detach().cpu()))
-    try:
-        student.encode(texts, batch_size=batch_size, convert_to_numpy=True, prompt=prompt)
-    finally:
-        hook.remove()
+    head, feats = mods[: dense[-1]], []
+    with torch.inference_mode():  # in the texts' order (encode() sorts them by length)
+        for start in range(0, len(texts), batch_size):
+            features = student.tokenize([prompt + t for t in texts[start : start + batch_size]])
+            features = batch_to_device(features, student.device)
+            for module in head:
+                features = module(features)
+            feats.append(features["sentence_embedding"].float().cpu())
     x = torch.cat(feats).double()
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.float64)
     w = torch.linalg.lstsq(x, y).solution  # (in + 1, out)
     with torch.no_grad():
-        dense[-1].linear.weight.copy_(w[:-1].T.float())
-        dense[-1].linear.bias.copy_(w[-1].float())
+        mods[dense[-1]].linear.weight.copy_(w[:-1].T.float())
+        mods[dense[-1]].linear.bias.copy_(w[-1].float())
     return float(torch.nn.functional.cosine_similarity(x @ w, y).mean())
 
 

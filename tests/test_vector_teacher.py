@@ -309,3 +309,19 @@ def test_served_as_the_rest(stand, tmp_path):
     assert len(given) == 3 and all(r["speedup_vs_given_teacher"]["source"] == "given by the user" for r in given)
     assert all("speedup" not in r for r in speed["results"])  # nothing measured as the teacher here
     assert any("given by the user (not measured here)" in n for n in speed["notes"])
+
+
+def test_the_projection_starts_at_the_least_squares_map(stand):
+    """Labels that are an exact linear map of the student's features (texts of mixed lengths, so any reordering
+    shows) are fitted exactly: the projected student then reproduces them."""
+    from qdistill import students
+    from qdistill.vector_teacher import VectorTeacher
+
+    base = SentenceTransformer(stand["student"], device="cpu")
+    texts = [("word " * (1 + i % 13)) + f"text {i}" for i in range(300)]
+    feats = base.encode(texts, convert_to_numpy=True)  # the 16-d student's own (normalised) outputs
+    rng = np.random.default_rng(0)
+    labels = feats @ rng.normal(size=(16, 32)) + rng.normal(size=32)
+    student = students.project(base, VectorTeacher("t", 32, "dot"), 32, "cpu", "s")
+    assert students.fit_projection(student, texts, labels) > 0.9999
+    assert np.allclose(student.encode(texts, convert_to_numpy=True), labels, atol=1e-3)
