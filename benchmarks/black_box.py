@@ -34,9 +34,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "stage",
-        choices=["teacher", "train", "students", "loaded"],
+        choices=["teacher", "train", "students", "loaded", "speed"],
         help="teacher: play the provider; train: the students only; students: train and evaluate; loaded: the\n"
-        "static student again with the teacher loaded as today (same labels), compared with the vectors-only run",
+        "static student again with the teacher loaded as today (same labels), compared with the vectors-only run;\n"
+        "speed: each student exported (serving.py) and timed at batch 1 beside mpnet (run it alone on the machine)",
     )
     p.add_argument("--teacher_model", default=TEACHER)
     p.add_argument("--data_dir", default=cli.DATA_DIR)
@@ -190,6 +191,33 @@ def train_students(args, given: Path, out: Path, only: list[str] | None) -> dict
     return finals
 
 
+FLOOR_TEXTS = 6000  # the issue's floor: MiniLM frozen, a least-squares map fitted on 6,000 MS MARCO train queries
+
+
+def floor_student(given: Path, out: Path) -> str:
+    """all-MiniLM-L6-v2 left frozen with only a least-squares linear map to the teacher's space (the floor the
+    trained students must beat), saved as a model folder; nothing is trained."""
+    from qdistill import query_log, students, vector_teacher
+
+    final = out / "floor-lstsq" / "final"
+    if (final / "config.json").is_file():
+        return str(final)
+    log = query_log.QueryLog(
+        given / "log" / "msmarco-train.npy", given / "log" / "msmarco-train.ids", [given / "log" / "msmarco-train.tsv"]
+    )
+    texts = list(data.read_queries(given / "log" / "msmarco-train.tsv").values())[:FLOOR_TEXTS]
+    labels, missing = log.lookup(texts)
+    assert not missing
+    teacher = vector_teacher.VectorTeacher("mpnet-as-vectors", log.rows.dim, "cosine")
+    student, _ = encoders.load_model(MINILM, "cpu")
+    student = students.project(student, teacher, log.rows.dim, "cpu", MINILM)
+    fit = students.fit_projection(student, texts, labels)
+    logger.info("floor: all-MiniLM-L6-v2 frozen + least-squares map on %d queries, fit cosine %.4f", len(texts), fit)
+    with run_files.atomic_dir(final) as tmp:
+        student.save(str(tmp))
+    return str(final)
+
+
 def evaluate_students(args, given: Path, out: Path, finals: dict[str, str], dims: list[int]) -> dict:
     """evaluate_retrieval.py with the teacher as its logged vectors and each collection's handed-over index."""
     import evaluate_retrieval
@@ -239,6 +267,29 @@ def loaded_run(args, given: Path, out: Path) -> dict:
     return compare
 
 
+SPEED_RUNS = ["minilm-L6", "minilm-L2", "static"]
+
+
+def speed(args, out: Path) -> dict:
+    """Batch-1 latency of mpnet (torch, as run today) and of each student (torch, and its export: ONNX Runtime fp32
+    for transformers, the numpy table for the static one), side by side in one evaluate_speed.py run."""
+    import evaluate_speed
+    import serving
+
+    queries = str(Path(args.data_dir) / "scifact")
+    models = [args.teacher_model]
+    for name in SPEED_RUNS:
+        final = out / name / "final"
+        written = serving.main(
+            ["--model", str(final), "--queries", queries, "--output_path", str(out / name / "export")]
+        )
+        models += [str(final), *[str(out / name / "export" / v) for v in written if v != "int8"]]
+    return evaluate_speed.main(
+        ["--models", *models, "--queries", queries, "--batch_sizes", "1", "--num_threads", "2"]
+        + ["--data_dir", args.data_dir, "--output_path", args.output_path, "--run_name", "black-box"]
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
     cli.setup_logging("info")
@@ -252,8 +303,12 @@ def main(argv=None):
     if args.stage == "loaded":
         loaded_run(args, given, out)
         return
+    if args.stage == "speed":
+        speed(args, out)
+        return
     finals = train_students(args, given, out, args.students)
     if args.stage == "students":
+        finals = {"floor-lstsq": floor_student(given, out), **finals}
         evaluate_students(args, given, out, finals, args.truncate_dim)
 
 
