@@ -280,10 +280,8 @@ def speed(args, out: Path) -> dict:
     models = [args.teacher_model]
     for name in SPEED_RUNS:
         final = out / name / "final"
-        written = serving.main(
-            ["--model", str(final), "--queries", queries, "--output_path", str(out / name / "export")]
-        )
-        models += [str(final), *[str(out / name / "export" / v) for v in written if v != "int8"]]
+        argv = ["--model", str(final), "--queries", queries, "--output_path", str(out / name / "export"), "--no_int8"]
+        models += [str(final), *[str(out / name / "export" / v) for v in serving.main(argv)]]
     return evaluate_speed.main(
         ["--models", *models, "--queries", queries, "--batch_sizes", "1", "--num_threads", "2"]
         + ["--data_dir", args.data_dir, "--output_path", args.output_path, "--run_name", "black-box"]
