@@ -270,7 +270,7 @@ def loaded_run(args, given: Path, out: Path) -> dict:
     return compare
 
 
-SPEED_RUNS = ["minilm-L6", "minilm-L2", "static"]
+SPEED_RUNS = ["minilm-L6-nfcorpus-queries", "minilm-L2", "static"]
 
 
 def speed(args, out: Path) -> dict:
@@ -282,9 +282,17 @@ def speed(args, out: Path) -> dict:
     queries = str(Path(args.data_dir) / "scifact")
     models = [args.teacher_model]
     for name in SPEED_RUNS:
-        final = out / name / "final"
-        argv = ["--model", str(final), "--queries", queries, "--output_path", str(out / name / "export"), "--no_int8"]
-        models += [str(final), *[str(out / name / "export" / v) for v in serving.main(argv)]]
+        final = next((out / name).glob("**/final"))  # pretrained runs: <run>/<student>/final
+        argv = [
+            "--model",
+            str(final),
+            "--queries",
+            queries,
+            "--output_path",
+            str(final.parent / "export"),
+            "--no_int8",
+        ]
+        models += [str(final), *[str(final.parent / "export" / v) for v in serving.main(argv)]]
     return evaluate_speed.main(
         ["--models", *models, "--queries", queries, "--batch_sizes", "1", "--num_threads", "2"]
         + ["--data_dir", args.data_dir, "--output_path", args.output_path, "--run_name", "black-box"]
