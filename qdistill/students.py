@@ -196,7 +196,7 @@ def fit_projection(student, texts: list[str], labels: np.ndarray, prompt: str = 
     head, feats = mods[: dense[-1]], []
     with torch.inference_mode():  # in the texts' order (encode() sorts them by length)
         for start in range(0, len(texts), batch_size):
-            features = student.tokenize([prompt + t for t in texts[start : start + batch_size]])
+            features = student.preprocess([prompt + t for t in texts[start : start + batch_size]])
             features = batch_to_device(features, student.device)
             for module in head:
                 features = module(features)
