@@ -177,9 +177,7 @@ def main(argv=None) -> dict:
     cfg = cli.settings_from(EvalSettings, argparse.Namespace(**{**vars(args), "truncate_dim": dims[0]}))
     config = run_files.run_info(vars(args), device, argv, __file__)
     datasets = eval_data.check_datasets(cfg)  # first: a bad dataset is named before any model is looked up
-    for d in dims[1:]:  # every truncation checked against the logs before any work
-        eval_data.teacher_logs(dataclasses.replace(cfg, truncate_dim=d), datasets)
-    datasets = eval_data.teacher_logs(cfg, datasets)
+    datasets = eval_data.teacher_logs(cfg, datasets)  # the largest d is checked: the smaller ones fit too
     paths = evaluation.model_paths(cfg)
     sources = {name: path and run_files.text_sources(path) for name, path in paths.items()}
     models, datasets = evaluation.load_models(cfg, paths, device, datasets)
