@@ -105,7 +105,7 @@ def check_inputs(args, device: str, world: int = 1) -> Inputs:
                 "spec": cli.redact(str(args.doc_index)),
                 "index_digest": index.digest(),
                 "index_id_set": index.id_set_digest(),
-                "role": "score index",
+                "role": "documents labelled by the index" if args.teacher_symmetric else "score index",
             }
         )
     logged = None
