@@ -37,9 +37,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "stage",
-        choices=["teacher", "train", "students", "loaded", "speed"],
+        choices=["teacher", "train", "students", "evaluate", "loaded", "speed"],
         help="teacher: play the provider; train: the students only; students: train and evaluate; loaded: the\n"
         "static student again with the teacher loaded as today (same labels), compared with the vectors-only run;\n"
+        "evaluate: the students already trained, as they are;\n"
         "speed: each student exported (serving.py) and timed at batch 1 beside mpnet (run it alone on the machine)",
     )
     p.add_argument("--teacher_model", default=TEACHER)
@@ -313,8 +314,11 @@ def main(argv=None):
     if args.stage == "speed":
         speed(args, out)
         return
-    finals = train_students(args, given, out, args.students)
-    if args.stage == "students":
+    if args.stage == "evaluate":
+        finals = {name: str(next((out / name).glob("**/final"))) for name, _, _ in STUDENTS if (out / name).is_dir()}
+    else:
+        finals = train_students(args, given, out, args.students)
+    if args.stage in ("students", "evaluate"):
         finals = {"floor-lstsq": floor_student(given, out), **finals}
         evaluate_students(args, given, out, finals, args.truncate_dim)
 
