@@ -58,7 +58,12 @@ def write_log(folder: Path, name: str, queries: dict[str, str], vectors: np.ndar
     """A user's log: the query file, the provider's vectors and their ids, row for row."""
     folder.mkdir(parents=True, exist_ok=True)
     with run_files.atomic_file(folder / f"{name}.tsv") as tmp:
-        tmp.write_text("".join(f"{i}\t{' '.join(t.split())}\n" for i, t in queries.items()))
+        # texts as they are (a tab or line break collapsed): the loaded teacher then finds them in its label cache
+        tmp.write_text(
+            "".join(
+                f"{i}\t{' '.join(t.split()) if set(t) & set(chr(9) + chr(10)) else t}\n" for i, t in queries.items()
+            )
+        )
     with run_files.atomic_file(folder / f"{name}.ids") as tmp:
         tmp.write_text("".join(f"{i}\n" for i in queries))
     with run_files.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
