@@ -54,16 +54,16 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def one_line(text: str) -> str:
+    return " ".join(text.split()) if "\t" in text or "\n" in text else text
+
+
 def write_log(folder: Path, name: str, queries: dict[str, str], vectors: np.ndarray) -> None:
     """A user's log: the query file, the provider's vectors and their ids, row for row."""
     folder.mkdir(parents=True, exist_ok=True)
     with run_files.atomic_file(folder / f"{name}.tsv") as tmp:
         # texts as they are (a tab or line break collapsed): the loaded teacher then finds them in its label cache
-        tmp.write_text(
-            "".join(
-                f"{i}\t{' '.join(t.split()) if set(t) & set(chr(9) + chr(10)) else t}\n" for i, t in queries.items()
-            )
-        )
+        tmp.write_text("".join(f"{i}\t{one_line(t)}\n" for i, t in queries.items()))
     with run_files.atomic_file(folder / f"{name}.ids") as tmp:
         tmp.write_text("".join(f"{i}\n" for i in queries))
     with run_files.atomic_file(folder / f"{name}.npy") as tmp, open(tmp, "wb") as f:
