@@ -138,6 +138,19 @@ STUDENTS = [  # cheapest first
         + ["--teacher_symmetric"],
         ["msmarco-train"],
     ),
+    # the documents as a larger share of the text (6,000 log queries + 1,398 documents, more epochs)
+    (
+        "minilm-L2-cranfield-docs-6k",
+        ["--student_model_init", "pretrained", "--student_model_init_list", MINILM, "--layers", "0", "5"]
+        + ["--teacher_symmetric", "--max_train_queries", "6000", "--num_train_epochs", "6"],
+        ["msmarco-train"],
+    ),
+    (
+        "minilm-L6-cranfield-docs-6k",
+        ["--student_model_init", "pretrained", "--student_model_init_list", MINILM]
+        + ["--teacher_symmetric", "--max_train_queries", "6000", "--num_train_epochs", "4"],
+        ["msmarco-train"],
+    ),
 ]
 
 
@@ -186,12 +199,12 @@ def train_students(args, given: Path, out: Path, only: list[str] | None) -> dict
         if only and name not in only:
             continue
         argv = ["--train_queries", *[str(given / "log" / f"{n}.tsv") for n in logs]]
-        argv += ["--teacher_query_embeddings", str(npy), "--teacher_query_ids", str(ids), *flags]
+        argv += ["--teacher_query_embeddings", str(npy), "--teacher_query_ids", str(ids)]
         argv += ["--dev_queries", str(given / "log" / "nfcorpus-dev.tsv")] if "nfcorpus-train" in logs else []
         if "--teacher_symmetric" in flags:
             argv += ["--doc_index", str(given / "index" / SYMMETRIC), "--score_corpus", f"{args.data_dir}/{SYMMETRIC}"]
         argv += ["--num_train_epochs", str(args.epochs), "--output_path", str(out), "--run_name", name]
-        argv += ["--skip_finished", "--log_level", "info"]
+        argv += ["--skip_finished", "--log_level", "info", *flags]  # a run's own flags last: they override
         logger.info("distillation.py %s", " ".join(argv))
         run = distillation.main(argv)["runs"][0]
         finals[name] = run["final_path"]
