@@ -257,6 +257,14 @@ def train_one(
         metrics["dev_cosine"],
         run_dir / "final",
     )
+    if not (metrics["dev_cosine"] > metrics["initial_dev_cosine"]):  # NaN-safe: a diverged run says so
+        logger.warning(
+            "%s: validation cosine fell from %.3f to %.3f: training diverged; lower --learning_rate (a pretrained "
+            "6-layer student into another model's space diverged at 1e-3 here)",
+            run_dir.name,
+            metrics["initial_dev_cosine"],
+            metrics["dev_cosine"],
+        )
     return metrics
 
 
