@@ -143,8 +143,7 @@ def check_vectors_only(args, logged, index, train, dev, score_corpus) -> vector_
     function (declared, or cosine from unit norms), the truncation, every training and validation text logged
     (nothing can label the rest), and a --doc_index of the same dimension, scanned and matched to its text."""
     subject = f"logged query vectors {logged.path}"
-    logged.verification = {**index_check.scan(logged.rows, "dot", subject), "teacher": "vectors only"}
-    sim = vector_teacher.similarity_of(logged.verification, args.teacher_similarity, subject)
+    sim = vector_teacher.scan_log(logged, args.teacher_similarity)
     vector_teacher.check_truncation(args.truncate_dim, logged.rows.dim, subject)
     for what, texts in (("training", train), ("validation", dev)):
         missing = logged.lookup(texts)[1]

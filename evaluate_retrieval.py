@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
     cli.start_run(args.log_level, args.seed, args.output_path)
     device = cli.pick_device(args.device)
     dims = sorted(set(args.truncate_dim or [None]), key=lambda d: -(d or 1 << 30))  # full first, then smaller
-    cfg = cli.settings_from(EvalSettings, argparse.Namespace(**{**vars(args), "truncate_dim": dims[0]}))
+    cfg = dataclasses.replace(cli.settings_from(EvalSettings, args), truncate_dim=dims[0])
     config = run_files.run_info(vars(args), device, argv, __file__)
     datasets = eval_data.check_datasets(cfg)  # first: a bad dataset is named before any model is looked up
     datasets = eval_data.teacher_logs(cfg, datasets)  # the largest d is checked: the smaller ones fit too

@@ -6,8 +6,8 @@ evaluation set's queries, and each collection's document index (pyserini folders
 then works from those files alone, with no teacher model: it runs distillation.py and evaluate_retrieval.py in
 vectors-only mode (mpnet is never loaded) and writes the retention table, zero-shot and in-domain apart.
 
-    python -m benchmarks.black_box teacher --data_dir ../shared/data   # mpnet ~51 queries/s, 2.5-5 docs/s here
-    python -m benchmarks.black_box students --data_dir ../shared/data
+    python -m benchmarks.black_box teacher --data_dir $DATA_DIR    # mpnet ~51 queries/s, 1-6 docs/s on 2 cores
+    python -m benchmarks.black_box train --data_dir $DATA_DIR      # then evaluate, loaded, speed (alone)
 
 Outputs: output/bench-blackbox/given/ (what the provider hands over: log/, eval/, index/), and the runs and results
 of the students under output/bench-blackbox/.
@@ -154,16 +154,16 @@ STUDENTS = [  # cheapest first
 ]
 
 
-def handover(given: Path, datasets: list[str]) -> dict[str, list[str]]:
-    """{dataset: its --doc_index flags}: the provider's exported folders, some rewritten as .npy + ids (read back
-    from the faiss file, nothing encoded), as a user would hold them."""
+def handover(given: Path, datasets: list[str]) -> dict[str, tuple[str, str]]:
+    """{dataset: (its --doc_index, its --doc_ids or - )}: the provider's exported folders, some rewritten as .npy +
+    ids (read back from the faiss file, nothing encoded), as a user would hold them."""
     import faiss
 
     flags = {}
     for name in datasets:
         folder = given / "index" / name
         if name not in NPY_HANDOVER:
-            flags[name] = ["--doc_index", str(folder)]
+            flags[name] = (str(folder), "-")
             continue
         npy, ids = given / "npy" / f"{name}.npy", given / "npy" / f"{name}.ids"
         if not npy.exists():
@@ -173,7 +173,7 @@ def handover(given: Path, datasets: list[str]) -> dict[str, list[str]]:
                 tmp.write_text((folder / "docid").read_text())
             with run_files.atomic_file(npy) as tmp, open(tmp, "wb") as f:
                 np.save(f, index.reconstruct_n(0, index.ntotal))
-        flags[name] = ["--doc_index", str(npy), "--doc_ids", str(ids)]
+        flags[name] = (str(npy), str(ids))
     return flags
 
 
@@ -244,9 +244,7 @@ def evaluate_students(args, given: Path, out: Path, finals: dict[str, str], dims
 
     index = handover(given, args.datasets)
     argv = ["--models", *finals.values(), "--datasets", *[str(Path(args.data_dir) / d) for d in args.datasets]]
-    for flag in ("--doc_index", "--doc_ids"):
-        values = [index[d][index[d].index(flag) + 1] if flag in index[d] else "-" for d in args.datasets]
-        argv += [flag, *values]
+    argv += ["--doc_index", *[index[d][0] for d in args.datasets], "--doc_ids", *[index[d][1] for d in args.datasets]]
     argv += ["--teacher_query_embeddings", *[str(given / "eval" / f"{d}.npy") for d in args.datasets]]
     argv += ["--teacher_query_ids", *[str(given / "eval" / f"{d}.ids") for d in args.datasets]]
     argv += ["--teacher_name", "mpnet-as-vectors", "--output_path", str(out), "--log_level", "info"]

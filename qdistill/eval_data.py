@@ -234,8 +234,10 @@ def check_datasets(cfg) -> list[tuple[Dataset, dict | None]]:
 
 def teacher_logs(cfg, datasets: list[tuple[Dataset, dict | None]]) -> list[tuple[Dataset, dict | None]]:
     """A vectors-only teacher: each dataset's --teacher_query_embeddings opened (every evaluated query's id in it,
-    every row finite), its index checked against it without re-encoding anything (vector_teacher), all before any
-    student loads. The teacher's score function is declared or read from the logs' norms, the same for all."""
+    every row finite) and its index checked without re-encoding anything: dimensions, metric, every row scanned,
+    the ids against the corpus, the logged queries against the index (vector_teacher.check_against_index);
+    index_verified false. All before any student loads. The teacher's score function is declared or read from the
+    logs' norms, the same for all."""
     from qdistill import vector_teacher
 
     if not cfg.vectors_only:
@@ -257,12 +259,24 @@ def teacher_logs(cfg, datasets: list[tuple[Dataset, dict | None]]) -> list[tuple
             query_file = ds.folder / "queries.jsonl"
             evaluated = data.load_beir(ds.folder, ds.split, corpus_optional=True)[1]
         log = vector_teacher.open_log(vectors, ids, query_file, evaluated, ds.name)
-        subject = f"logged query vectors {vectors}"
-        found = vector_teacher.similarity_of(log.verification, cfg.teacher_similarity, subject)
+        found = vector_teacher.scan_log(log, cfg.teacher_similarity)
         if similarity not in (None, found):
             raise UsageError(f"the logs read as {similarity} and {found} teachers; declare --teacher_similarity")
         similarity = found
-        vector_teacher.check_truncation(cfg.truncate_dim, min(log.rows.dim, ds.doc_index.dim), "logged vectors")
+        index = ds.doc_index
+        vector_teacher.check_truncation(cfg.truncate_dim, min(log.rows.dim, index.dim), "logged vectors")
+        if log.rows.dim != index.dim and cfg.truncate_dim is None:
+            raise UsageError(
+                f"logged query vectors {vectors} are {log.rows.dim}-d but the index {index.path} is {index.dim}-d; "
+                f"pass --truncate_dim {min(log.rows.dim, index.dim)} if one holds Matryoshka-truncated vectors"
+            )
+        index_check.check_shape(index, index.dim, similarity, cfg.teacher_model)  # the metric (dimensions: above)
+        corpus, _ = corpus_text(ds.folder, index)
+        record = index_check.verify(
+            index, None, corpus, similarity, cfg.teacher_model, cfg.seed, cfg.allow_partial_index
+        )
+        checked = vector_teacher.check_against_index(log, index, evaluated, similarity, cfg.truncate_dim, cfg.seed)
+        index.verification = vector_teacher.vectors_only_index_record(record, checked)
         encoder = vector_teacher.LoggedEncoder(cfg.teacher_model, log, similarity)
         out.append((ds._replace(teacher_log=encoder), queries))
     return out

@@ -57,9 +57,8 @@ def load_models(cfg: EvalSettings, paths: dict, device: str, datasets):
     for name in names[1:]:  # a damaged export fails here, before the teacher loads
         if onnx_export.is_export(paths[name]):
             onnx_export.check_export(paths[name])
-    if cfg.vectors_only:  # nothing of the teacher is loaded: each dataset's logged vectors answer for it
-        teacher = datasets[0][0].teacher_log
-        checked = [(ds._replace(doc_index=check_vectors_only(cfg, ds, q)), q) for ds, q in datasets]
+    if cfg.vectors_only:  # nothing of the teacher is loaded: each dataset's logged vectors (checked) answer for it
+        teacher, checked = datasets[0][0].teacher_log, datasets
     else:
         teacher, _ = encoders.load_model(cfg.teacher_model, device, path=paths[cfg.teacher_model])
         checked = [(ds._replace(doc_index=check_index(cfg, ds, teacher)), q) for ds, q in datasets]
@@ -76,25 +75,6 @@ def load_models(cfg: EvalSettings, paths: dict, device: str, datasets):
                 "train it with distillation.py against this teacher"
             )
     return models, checked
-
-
-def check_vectors_only(cfg: EvalSettings, ds: Dataset, queries):
-    """A dataset's given index checked without a teacher: shape, every row scanned, the ids against the corpus,
-    and the logged queries against the index (vector_teacher.check_against_index); index_verified false."""
-    index, log = ds.doc_index, ds.teacher_log
-    sim = encoders.similarity_name(log)
-    if log.dim != index.dim and cfg.truncate_dim is None:
-        raise UsageError(
-            f"logged query vectors {log.log.path} are {log.dim}-d but the index {index.path} is {index.dim}-d; pass "
-            f"--truncate_dim {min(log.dim, index.dim)} if one holds Matryoshka-truncated vectors"
-        )
-    index_check.check_shape(index, index.dim, sim, cfg.teacher_model)  # the metric (dimensions: above)
-    corpus, _ = corpus_text(ds.folder, index)
-    record = index_check.verify(index, None, corpus, sim, cfg.teacher_model, cfg.seed, cfg.allow_partial_index)
-    evaluated = queries if queries is not None else load_dataset(ds)[2]
-    checked = vector_teacher.check_against_index(log.log, index, evaluated, sim, cfg.truncate_dim, cfg.seed)
-    index.verification = vector_teacher.vectors_only_index_record(record, checked)
-    return index
 
 
 def check_index(cfg: EvalSettings, ds: Dataset, teacher):

@@ -89,8 +89,7 @@ class LoggedEncoder(VectorTeacher):
 
 
 def open_log(vectors: str | Path, ids: str | Path, query_file: Path, queries: dict[str, str], subject: str):
-    """A dataset's logged query vectors (QueryLog), every evaluated query's id in it and every row finite; the
-    scan's record is kept on the log."""
+    """A dataset's logged query vectors (QueryLog), every evaluated query's id in it (scan_log reads its rows)."""
     from qdistill.query_log import QueryLog
 
     log = QueryLog(Path(vectors), Path(ids), [query_file])
@@ -101,8 +100,15 @@ def open_log(vectors: str | Path, ids: str | Path, query_file: Path, queries: di
             f"{subject}: {len(missing)} of the {len(queries)} evaluated queries have no row in {vectors} "
             f"(e.g. id {missing[0]!r}); log the teacher's vectors of every query evaluated"
         )
-    log.verification = index_check.scan(log.rows, "dot", f"logged query vectors {vectors}")
     return log
+
+
+def scan_log(log, declared: str | None) -> str:
+    """Every logged row read (finite; norms recorded on log.verification) and the teacher's score function:
+    declared, or read from those norms (similarity_of)."""
+    subject = f"logged query vectors {log.path}"
+    log.verification = {**index_check.scan(log.rows, "dot", subject), "teacher": "vectors only"}
+    return similarity_of(log.verification, declared, subject)
 
 
 def check_against_index(log, index, queries: dict[str, str], similarity: str, dim, seed: int) -> dict:
